@@ -1,0 +1,1 @@
+//! Conformance harness: starts real mvps-te processes and drives real NBD clients.

@@ -1,0 +1,17 @@
+//! mvps: a log-structured, transactional virtual block device served over NBD.
+//!
+//! Layers, from the wire inwards:
+//! - [`nbd`]: the NBD protocol (handshake, transmission), nothing else.
+//! - [`engine`]: sessions, the buffer store (WAL), layers, manifests, checkpoints.
+//! - [`store`]: the narrow object-store trait and its local-directory implementation.
+//! - [`s3`]: the S3 implementation of that trait.
+//! - [`auth`]: JWT export names.
+
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod limits;
+pub mod nbd;
+pub mod s3;
+pub mod server;
+pub mod store;

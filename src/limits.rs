@@ -1,0 +1,50 @@
+//! Every limit the server enforces, in one place. Each says what it bounds and why.
+
+/// Largest READ or WRITE payload we accept. The NBD spec asks servers to accept at least
+/// 2^25 bytes without treating it as a denial of service; we advertise exactly that.
+pub const REQUEST_PAYLOAD_BYTES_MAX: u32 = 1 << 25;
+
+/// Largest effect length for TRIM / WRITE_ZEROES in one request. These carry no payload, so a
+/// large value costs only index entries (extents), not memory per byte.
+pub const REQUEST_EFFECT_BYTES_MAX: u64 = u32::MAX as u64;
+
+/// Option payloads longer than this are refused (the spec's NBD_MAX_STRING is 4096; a JWT
+/// export name plus GO framing fits well inside).
+pub const OPTION_LENGTH_MAX: u32 = 8192;
+
+/// Longest export name (JWT) we accept.
+pub const EXPORT_NAME_LENGTH_MAX: usize = 4096;
+
+/// How many options one handshake may send before we judge it a denial of service.
+pub const OPTIONS_COUNT_MAX: u32 = 64;
+
+/// Requests one connection may have in flight (read but not yet replied). The reader
+/// thread stops reading the socket past this, which is the client's backpressure.
+pub const CONNECTION_IN_FLIGHT_MAX: usize = 64;
+
+/// Payload bytes one connection may have in flight (WRITE payloads held plus READ buffers).
+pub const CONNECTION_IN_FLIGHT_BYTES_MAX: u64 = 128 << 20;
+
+/// Worker threads per session (shared by all connections to one image).
+pub const SESSION_WORKER_THREADS: usize = 16;
+
+/// Simultaneous client connections to one server process.
+pub const CONNECTIONS_MAX: usize = 1024;
+
+/// Page sizes allowed in tokens: 2^9 ..= 2^16.
+pub const PAGE_SIZE_BITS_MIN: u32 = 9;
+pub const PAGE_SIZE_BITS_MAX: u32 = 16;
+
+/// Pages written into one layer blob by a single checkpoint. Bigger buffers checkpoint as
+/// several layers in one manifest. Bounds temp-file size and per-upload time.
+pub const CHECKPOINT_LAYER_PAGES_MAX: u64 = 262_144;
+
+/// The WAL is rewritten when at least this many bytes are dead and dead bytes outnumber live ones.
+pub const WAL_REWRITE_DEAD_BYTES_MIN: u64 = 64 << 20;
+
+/// Handshake must complete within this long, or the connection is dropped.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
+
+const _: () = assert!(PAGE_SIZE_BITS_MAX <= 16 && PAGE_SIZE_BITS_MIN >= 9);
+const _: () = assert!((1u32 << PAGE_SIZE_BITS_MAX) <= REQUEST_PAYLOAD_BYTES_MAX);
+const _: () = assert!(REQUEST_PAYLOAD_BYTES_MAX as u64 <= CONNECTION_IN_FLIGHT_BYTES_MAX);

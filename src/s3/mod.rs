@@ -1,0 +1,1 @@
+//! S3 image store (see issue: S3 image store).
