@@ -1,1 +1,83 @@
-fn main(){}
+//! mvps-te: the transaction engine (the NBD server).
+
+use mvps::config::{self, Config};
+use mvps::engine::{BufferStore, SessionConfig};
+use mvps::server::{self, exports::EngineExports, Listener};
+use mvps::store::{local::LocalStore, ImageStore};
+use std::sync::Arc;
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let filter = match level.to_ascii_lowercase().as_str() {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => return Err(format!("--log-level {other:?}: use error, warn, info, debug or trace")),
+    };
+    let cfg = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .build();
+    simplelog::WriteLogger::init(filter, cfg, std::io::stderr()).map_err(|e| e.to_string())
+}
+
+fn open_image_store(c: &Config) -> Result<Arc<dyn ImageStore>, String> {
+    match c.image_store.as_str() {
+        "local" => {
+            let path = c.image_store_local_path();
+            let s = LocalStore::open(&path)
+                .map_err(|e| format!("local image store {}: {e}", path.display()))?;
+            Ok(Arc::new(s))
+        }
+        "s3" => Err("--image-store s3 is not available in this build yet; use --image-store local".into()),
+        other => Err(format!("--image-store {other:?}: use local or s3")),
+    }
+}
+
+fn run(c: Config) -> Result<(), String> {
+    init_logging(&c.log_level)?;
+    let secret = c
+        .jwt_secret
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or("no JWT secret: set MVPS_TE_JWT_SECRET (or --jwt-secret)")?;
+    if c.checkpoint_interval_ms == 0 {
+        return Err("--checkpoint-interval-ms must be at least 1".into());
+    }
+    let store = open_image_store(&c)?;
+    let session_cfg = SessionConfig {
+        checkpoint_interval_ms: c.checkpoint_interval_ms,
+        checkpoint_interval_jitter_ms: c.checkpoint_interval_jitter_ms,
+        write_throttle_threshold_pages: c.write_throttle_threshold_pages,
+        disable_image_store_write: c.disable_image_store_write,
+    };
+    let buffer_path = c.buffer_store_path();
+    let buffer = Arc::new(BufferStore::open(&buffer_path, store.clone(), session_cfg)?);
+    let listener = Listener::bind(&c.listen)?;
+    log::info!(
+        "mvps-te {} listening on {}; image store {}; buffer store {}",
+        env!("CARGO_PKG_VERSION"),
+        listener.describe(),
+        store.describe(),
+        buffer_path.display()
+    );
+    let exports = Arc::new(EngineExports::new(buffer.clone(), secret.into_bytes()));
+    server::serve(listener, exports);
+    buffer.shutdown();
+    log::info!("stopped cleanly");
+    Ok(())
+}
+
+fn main() {
+    let c: Config = config::parse_or_exit("MVPS_TE_", config::FLAGS);
+    if c.version {
+        println!("mvps-te {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    if let Err(e) = run(c) {
+        eprintln!("mvps-te: error: {e}");
+        std::process::exit(1);
+    }
+}

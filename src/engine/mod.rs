@@ -1,1 +1,58 @@
-//! Engine.
+//! The engine: sessions (one per open image), the buffer store (WALs), layers, manifests and
+//! checkpoints. Storage-agnostic: it reaches the object store only through `store::ImageStore`.
+
+pub mod buffer;
+pub mod checkpoint;
+pub mod checksum;
+pub mod extent;
+pub mod layer;
+pub mod manifest;
+pub mod open;
+pub mod session;
+pub mod wal;
+
+use std::fmt;
+
+pub use buffer::BufferStore;
+pub use session::{Session, SessionConfig};
+
+/// Errors of the engine layer; each names the image it concerns.
+#[derive(Debug)]
+pub enum Error {
+    /// Local I/O on the buffer store failed.
+    Io { image: String, op: &'static str, source: std::io::Error },
+    /// The image store failed (after its own retries).
+    Store { image: String, source: crate::store::Error },
+    /// A manifest could not be read or is invalid.
+    Manifest { image: String, source: manifest::ManifestError },
+    /// Another buffer store wrote a newer manifest: this one no longer owns the image.
+    Fenced { image: String },
+    /// The image cannot be opened as asked (page size mismatch, foreign WAL, ...).
+    Refused { image: String, why: String },
+    /// A request the engine cannot serve (out of range after validation, too large).
+    Invalid { image: String, why: String },
+    /// The server is shutting down or the session closed.
+    ShuttingDown { image: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { image, op, source } => write!(f, "image {image}: {op}: {source}"),
+            Error::Store { image, source } => write!(f, "image {image}: {source}"),
+            Error::Manifest { image, source } => write!(f, "image {image}: {source}"),
+            Error::Fenced { image } => write!(
+                f,
+                "image {image}: fenced: another buffer store wrote a newer manifest; this server \
+                 no longer writes the image (its WAL is kept for inspection)"
+            ),
+            Error::Refused { image, why } => write!(f, "image {image}: {why}"),
+            Error::Invalid { image, why } => write!(f, "image {image}: {why}"),
+            Error::ShuttingDown { image } => write!(f, "image {image}: shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;

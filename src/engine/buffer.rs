@@ -1,0 +1,100 @@
+//! The buffer store directory: locked by one process, one WAL per image, and the registry of
+//! open sessions.
+
+use super::session::{Session, SessionConfig};
+use super::{Error, Result};
+use crate::store::ImageStore;
+use fs2::FileExt;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub const LOCK_FILE: &str = "mvps-buffer-store.lock";
+pub const TMP_DIR: &str = "tmp";
+
+pub struct BufferStore {
+    pub dir: PathBuf,
+    _lock: File,
+    pub store: Arc<dyn ImageStore>,
+    pub cfg: SessionConfig,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl BufferStore {
+    /// Locks `dir` for this process. A second process on the same directory gets an error.
+    pub fn open(dir: &Path, store: Arc<dyn ImageStore>, cfg: SessionConfig) -> std::result::Result<BufferStore, String> {
+        let d = dir.display();
+        fs::create_dir_all(dir.join(TMP_DIR)).map_err(|e| format!("buffer store {d}: {e}"))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|e| format!("buffer store {d}: cannot open lock file: {e}"))?;
+        lock.try_lock_exclusive().map_err(|_| {
+            format!("buffer store {d} is in use by another mvps-te process (lock file {LOCK_FILE})")
+        })?;
+        for e in fs::read_dir(dir.join(TMP_DIR)).map_err(|e| format!("buffer store {d}: {e}"))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(BufferStore { dir: dir.to_path_buf(), _lock: lock, store, cfg, sessions: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn wal_path(&self, image_id: &str) -> PathBuf {
+        self.dir.join(format!("{image_id}.wal"))
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.join(TMP_DIR)
+    }
+
+    /// The session of `image_id`, opened if needed, with one more connection attached.
+    /// The caller must call `Session::detach` when its connection ends.
+    pub fn attach(self: &Arc<Self>, image_id: &str, page_size_bits: u32) -> Result<Arc<Session>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(s) = sessions.get(image_id) {
+            if s.page_size_bits != page_size_bits {
+                return Err(Error::Refused {
+                    image: image_id.into(),
+                    why: format!(
+                        "token page_size_bits {page_size_bits} does not match the image's {}",
+                        s.page_size_bits
+                    ),
+                });
+            }
+            s.check_usable()?;
+            s.attach();
+            return Ok(s.clone());
+        }
+        // Opening reads the manifest and replays the WAL; holding the registry lock meanwhile
+        // keeps two connections from opening the same image twice.
+        let s = Session::open(self.clone(), image_id, page_size_bits)?;
+        s.attach();
+        sessions.insert(image_id.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Removes `s` from the registry if it has no connections and nothing left to checkpoint.
+    /// Returns true if it was removed (the caller then stops its background work).
+    pub fn try_close_idle(&self, s: &Session) -> bool {
+        let mut sessions = self.sessions.lock().unwrap();
+        if s.connection_count() == 0 && s.buffer_is_empty() {
+            sessions.remove(&s.image_id);
+            s.mark_closed();
+            return true;
+        }
+        false
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Shutdown: stop background work, make every WAL durable.
+    pub fn shutdown(&self) {
+        for s in self.sessions() {
+            s.shutdown();
+        }
+    }
+}

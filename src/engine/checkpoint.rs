@@ -1,0 +1,273 @@
+//! The checkpoint loop (DESIGN §7): snapshot the committed buffered pages, write them as layer
+//! blobs, publish manifest g+1 (conditional create), and only then drop the checkpointed
+//! entries from the index. Afterwards the WAL is rewritten if it is mostly dead.
+//!
+//! Crash cases: a crash before the manifest is created leaves orphan blobs (the GC collects
+//! them) and the WAL unchanged; after it, recovery skips WAL changes with a change count at or
+//! below the manifest's.
+
+use super::extent::{Extent, ExtentValue};
+use super::layer::{write_layer, SourceExtent};
+use super::manifest::{self, LayerRef, Manifest};
+use super::open::{now_unix, open_layer};
+use super::session::{BufVal, Session};
+use super::wal::{self, Kind, Record, WalFile, FLAG_SELF_COMMIT, RECORD_HEADER_SIZE};
+use super::{Error, Result};
+use crate::limits::{CHECKPOINT_LAYER_PAGES_MAX, WAL_REWRITE_DEAD_BYTES_MIN};
+use crate::store::keys;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Backoff after a failed checkpoint: doubles from MIN up to MAX.
+const RETRY_BACKOFF_MIN_MS: u64 = 500;
+const RETRY_BACKOFF_MAX_MS: u64 = 30_000;
+
+pub fn start_thread(s: &Arc<Session>) {
+    let weak = Arc::downgrade(s);
+    let name = format!("ckpt-{}", s.image_id);
+    let h = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(weak))
+        .expect("spawn checkpoint thread");
+    *s.checkpoint_thread.lock().unwrap() = Some(h);
+}
+
+fn next_delay_ms(s: &Session, failures: u32) -> u64 {
+    let cfg = &s.buffer.cfg;
+    if failures > 0 {
+        return (RETRY_BACKOFF_MIN_MS << failures.min(10)).min(RETRY_BACKOFF_MAX_MS);
+    }
+    let jitter = if cfg.checkpoint_interval_jitter_ms > 0 {
+        (keys::random_u128() as u64) % (cfg.checkpoint_interval_jitter_ms + 1)
+    } else {
+        0
+    };
+    cfg.checkpoint_interval_ms + jitter
+}
+
+fn run(weak: Weak<Session>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(s) = weak.upgrade() else { return };
+        let delay = Duration::from_millis(next_delay_ms(&s, failures));
+        {
+            let (m, c) = &s.wake;
+            let mut woken = m.lock().unwrap();
+            if !*woken {
+                woken = c.wait_timeout(woken, delay).unwrap().0;
+            }
+            *woken = false;
+        }
+        if s.closed.load(Ordering::Acquire) || s.fenced.load(Ordering::Acquire) {
+            return;
+        }
+        match s.checkpoint() {
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                log::error!("{e} (checkpoint attempt {failures} failed; will retry)");
+                continue;
+            }
+        }
+        if s.connection_count() == 0 && s.buffer.try_close_idle(&s) {
+            log::info!("image {}: idle, closed", s.image_id);
+            return;
+        }
+    }
+}
+
+struct Snapshot {
+    extents: Vec<Extent<BufVal>>,
+    wal: Arc<std::fs::File>,
+    change_count: u64,
+    base: Manifest,
+}
+
+impl Session {
+    /// One checkpoint. Returns the number of pages moved out of the buffer.
+    pub fn checkpoint(&self) -> Result<u64> {
+        if self.buffer.cfg.disable_image_store_write {
+            return Ok(0);
+        }
+        self.check_usable()?;
+        let Some(snap) = self.snapshot() else { return Ok(0) };
+        let refs = self.upload_layers(&snap)?;
+        let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
+        let mut next = snap.base.clone();
+        next.generation += 1;
+        next.change_count = snap.change_count;
+        next.layers.extend(refs.iter().cloned());
+        next.created_at_unix = now_unix();
+        let created = manifest::create(self.buffer.store.as_ref(), &next)
+            .map_err(|source| Error::Manifest { image: self.image_id.clone(), source })?;
+        if !created {
+            self.fenced.store(true, Ordering::Release);
+            log::error!(
+                "image {}: fenced: generation {} was written by another buffer store. This \
+                 server stops writing the image; its WAL stays in the buffer store for \
+                 inspection. Serve the image from the new owner only.",
+                self.image_id,
+                next.generation
+            );
+            return Err(Error::Fenced { image: self.image_id.clone() });
+        }
+        let mut opened = Vec::with_capacity(refs.len());
+        for r in &refs {
+            opened.push(Arc::new(open_layer(&self.buffer, &self.image_id, &r.blob_id)?));
+        }
+        {
+            let mut w = self.writer.lock().unwrap();
+            let mut v = self.view.write().unwrap();
+            for l in opened {
+                v.layers.insert(0, l);
+            }
+            v.index.retain(|val| val.change > snap.change_count);
+            w.manifest = Some(next.clone());
+        }
+        log::info!(
+            "image {}: checkpoint: {pages} pages in {} layer(s), manifest generation {}, change {}",
+            self.image_id,
+            refs.len(),
+            next.generation,
+            next.change_count
+        );
+        let (m, c) = &self.drained;
+        *m.lock().unwrap() += 1;
+        c.notify_all();
+        self.maybe_rewrite_wal()?;
+        Ok(pages)
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        let w = self.writer.lock().unwrap();
+        let v = self.view.read().unwrap();
+        if v.index.is_empty() {
+            return None;
+        }
+        let base = w.manifest.clone()?;
+        Some(Snapshot {
+            extents: v.index.iter().collect(),
+            wal: v.wal_file.clone(),
+            change_count: w.change_count,
+            base,
+        })
+    }
+
+    /// Writes the snapshot as layer blobs of at most CHECKPOINT_LAYER_PAGES_MAX pages each.
+    fn upload_layers(&self, snap: &Snapshot) -> Result<Vec<LayerRef>> {
+        let mut refs = Vec::new();
+        let mut group: Vec<&Extent<BufVal>> = Vec::new();
+        let mut group_pages = 0;
+        for e in &snap.extents {
+            group.push(e);
+            group_pages += e.len;
+            if group_pages >= CHECKPOINT_LAYER_PAGES_MAX {
+                refs.push(self.upload_layer(snap, &group)?);
+                group.clear();
+                group_pages = 0;
+            }
+        }
+        if !group.is_empty() {
+            refs.push(self.upload_layer(snap, &group)?);
+        }
+        Ok(refs)
+    }
+
+    fn upload_layer(&self, snap: &Snapshot, group: &[&Extent<BufVal>]) -> Result<LayerRef> {
+        let bits = self.page_size_bits;
+        let sources: Vec<SourceExtent> = group
+            .iter()
+            .map(|e| {
+                if e.value.is_zero() {
+                    SourceExtent::Zero { start: e.start, len: e.len }
+                } else {
+                    SourceExtent::Data { start: e.start, len: e.len }
+                }
+            })
+            .collect();
+        let blob_id = keys::new_blob_id();
+        let tmp = self.buffer.tmp_dir().join(&blob_id);
+        let mut next_extent = 0;
+        let written = write_layer(&tmp, bits, &sources, |start, n, buf| {
+            // Extents are visited in order; find the one holding `start`.
+            while group[next_extent].end() <= start {
+                next_extent += 1;
+            }
+            let e = group[next_extent];
+            let off = e.value.advance(start - e.start).offset;
+            debug_assert!(start + n <= e.end());
+            snap.wal.read_exact_at(buf, off)
+        });
+        let (size_bytes, data_pages) = match written {
+            Ok(x) => x,
+            Err(source) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Io { image: self.image_id.clone(), op: "write layer", source });
+            }
+        };
+        let put = self.buffer.store.put_file(&keys::blob_key(&blob_id), &tmp);
+        let _ = std::fs::remove_file(&tmp);
+        put.map_err(|source| Error::Store { image: self.image_id.clone(), source })?;
+        Ok(LayerRef { blob_id, size_bytes, data_pages })
+    }
+
+    /// Rewrites the WAL with only its live records when dead bytes dominate (or it is all
+    /// dead). Writers wait meanwhile; readers keep reading the old file through their handle.
+    fn maybe_rewrite_wal(&self) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        let live: Vec<Extent<BufVal>> = self.view.read().unwrap().index.iter().collect();
+        let live_bytes: u64 = live
+            .iter()
+            .map(|e| RECORD_HEADER_SIZE + if e.value.is_zero() { 0 } else { e.len << self.page_size_bits })
+            .sum();
+        let used = w.wal.end - wal::HEADER_SIZE;
+        let dead = used.saturating_sub(live_bytes);
+        let all_dead = live.is_empty() && used > 0;
+        if !(all_dead || (dead >= WAL_REWRITE_DEAD_BYTES_MIN && dead > live_bytes)) {
+            return Ok(());
+        }
+        let old = w.wal.file.clone();
+        let mut body: Vec<u8> = Vec::new();
+        let mut new_offsets = Vec::with_capacity(live.len());
+        let mut seq = w.next_seq;
+        for e in &live {
+            let mut payload = Vec::new();
+            if !e.value.is_zero() {
+                payload.resize((e.len << self.page_size_bits) as usize, 0);
+                old.read_exact_at(&mut payload, e.value.offset).map_err(self.io_err("read WAL"))?;
+            }
+            let rec = Record {
+                kind: if e.value.is_zero() { Kind::Zero } else { Kind::Data },
+                flags: FLAG_SELF_COMMIT,
+                seq,
+                txn_id: 0,
+                change_count: e.value.change,
+                first_page: e.start,
+                page_count: e.len,
+                payload_len: payload.len() as u32,
+            };
+            seq += 1;
+            body.extend_from_slice(&wal::encode_record(&rec, &payload));
+            new_offsets.push(wal::HEADER_SIZE + body.len() as u64);
+            body.extend_from_slice(&payload);
+        }
+        let header = wal::encode_header(&w.wal.header);
+        let path = w.wal.path.clone();
+        wal::write_new_file(&path, &header, &[&body]).map_err(self.io_err("rewrite WAL"))?;
+        let (fresh, _) = WalFile::open(&path).map_err(self.io_err("reopen WAL"))?;
+        let mut v = self.view.write().unwrap();
+        for (e, off) in live.iter().zip(new_offsets) {
+            let offset = if e.value.is_zero() { BufVal::ZERO } else { off };
+            v.index.insert(e.start, e.len, BufVal { offset, ..e.value });
+        }
+        v.wal_file = fresh.file.clone();
+        w.next_seq = seq;
+        w.wal = fresh;
+        drop(v);
+        self.mark_all_durable();
+        log::info!("image {}: WAL rewritten: {} live bytes kept, {dead} dead bytes dropped", self.image_id, live_bytes);
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! Layer blobs: an immutable, sorted set of page extents (data or zeros). Format in
+//! docs/FORMAT.md §Layer blob.
+//!
+//! ```text
+//! header (64 bytes, little-endian)
+//!   0 magic "MVPSLAYR"   8 format_version u32   12 page_size_bits u32
+//!  16 extent_count u64  24 data_page_count u64  32 index_len u64   40 data_offset u64
+//!  48 reserved [u8; 12]                         60 crc32c u32 of bytes 0..60
+//! index (index_len bytes, at offset 64)
+//!   extent_count × { first_page u64, page_count u64, kind u32 (1 data, 2 zero),
+//!                    reserved u32, data_page u64 (first page's index in the data section) }
+//!   data_page_count × crc32c u32 (one per data page)
+//!   crc32c u32 of the index bytes before it
+//! data (at data_offset): data_page_count pages, in extent order
+//! ```
+//! The index sits before the data so a remote reader gets header and index with one ranged
+//! read of the first `data_offset` bytes.
+
+use super::checksum::{crc32c, CRC32C};
+use super::extent::{Extent, ExtentMap, ExtentValue};
+use crate::store::{self, BlobReader};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+pub const LAYER_MAGIC: &[u8; 8] = b"MVPSLAYR";
+pub const LAYER_FORMAT_VERSION: u32 = 1;
+pub const HEADER_SIZE: u64 = 64;
+const EXTENT_ENTRY_SIZE: u64 = 32;
+const KIND_DATA: u32 = 1;
+const KIND_ZERO: u32 = 2;
+
+/// Where a page of a layer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerVal {
+    /// Index of the page in the data section.
+    Data(u64),
+    Zero,
+}
+
+impl ExtentValue for LayerVal {
+    fn advance(&self, pages: u64) -> Self {
+        match self {
+            LayerVal::Data(i) => LayerVal::Data(i + pages),
+            LayerVal::Zero => LayerVal::Zero,
+        }
+    }
+}
+
+/// What a checkpoint writes: extents in ascending page order; data extents have their bytes.
+pub enum SourceExtent {
+    Data { start: u64, len: u64 },
+    Zero { start: u64, len: u64 },
+}
+
+/// Writes a layer file at `path`. `read_pages(start, len, buf)` fills the data of one data
+/// extent. Returns (size in bytes, data page count). The file is fsynced.
+pub fn write_layer(
+    path: &Path,
+    page_size_bits: u32,
+    extents: &[SourceExtent],
+    mut read_pages: impl FnMut(u64, u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<(u64, u64)> {
+    let page_size = 1usize << page_size_bits;
+    let data_pages: u64 =
+        extents.iter().map(|e| if let SourceExtent::Data { len, .. } = e { *len } else { 0 }).sum();
+    let index_len = extents.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
+    let data_offset = HEADER_SIZE + index_len;
+    let file = File::create(path)?;
+    let mut w = BufWriter::with_capacity(1 << 20, &file);
+    // Data first (after a placeholder for header + index), collecting page CRCs as we go.
+    w.write_all(&vec![0u8; data_offset as usize])?;
+    let mut crcs = Vec::with_capacity(data_pages as usize);
+    let mut entries = Vec::with_capacity(extents.len() * EXTENT_ENTRY_SIZE as usize);
+    let mut next_data_page = 0u64;
+    let mut buf = Vec::new();
+    for e in extents {
+        let (start, len, kind) = match e {
+            SourceExtent::Data { start, len } => (*start, *len, KIND_DATA),
+            SourceExtent::Zero { start, len } => (*start, *len, KIND_ZERO),
+        };
+        entries.extend_from_slice(&start.to_le_bytes());
+        entries.extend_from_slice(&len.to_le_bytes());
+        entries.extend_from_slice(&kind.to_le_bytes());
+        entries.extend_from_slice(&0u32.to_le_bytes());
+        entries.extend_from_slice(&next_data_page.to_le_bytes());
+        if kind == KIND_DATA {
+            // Read in bounded chunks: an extent can be large.
+            let chunk_pages = (8u64 << 20 >> page_size_bits).max(1);
+            let mut done = 0;
+            while done < len {
+                let n = chunk_pages.min(len - done);
+                buf.resize((n as usize) * page_size, 0);
+                read_pages(start + done, n, &mut buf)?;
+                for page in buf.chunks(page_size) {
+                    crcs.push(crc32c(page));
+                }
+                w.write_all(&buf)?;
+                done += n;
+            }
+            next_data_page += len;
+        }
+    }
+    w.flush()?;
+    drop(w);
+    let mut index = entries;
+    for c in &crcs {
+        index.extend_from_slice(&c.to_le_bytes());
+    }
+    let icrc = crc32c(&index);
+    index.extend_from_slice(&icrc.to_le_bytes());
+    debug_assert_eq!(index.len() as u64, index_len);
+    let mut head = encode_header(page_size_bits, extents.len() as u64, data_pages, index_len);
+    head.extend_from_slice(&index);
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&head, 0)?;
+    file.sync_all()?;
+    Ok((data_offset + (data_pages << page_size_bits), data_pages))
+}
+
+fn encode_header(bits: u32, extent_count: u64, data_pages: u64, index_len: u64) -> Vec<u8> {
+    let mut h = vec![0u8; HEADER_SIZE as usize];
+    h[0..8].copy_from_slice(LAYER_MAGIC);
+    h[8..12].copy_from_slice(&LAYER_FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&bits.to_le_bytes());
+    h[16..24].copy_from_slice(&extent_count.to_le_bytes());
+    h[24..32].copy_from_slice(&data_pages.to_le_bytes());
+    h[32..40].copy_from_slice(&index_len.to_le_bytes());
+    h[40..48].copy_from_slice(&(HEADER_SIZE + index_len).to_le_bytes());
+    let crc = CRC32C.checksum(&h[..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// An opened layer: its index in memory, its data read on demand.
+pub struct Layer {
+    pub blob_id: String,
+    pub page_size_bits: u32,
+    pub index: ExtentMap<LayerVal>,
+    crcs: Vec<u32>,
+    data_offset: u64,
+    reader: Box<dyn BlobReader>,
+}
+
+fn corrupt(blob_id: &str, what: &str) -> store::Error {
+    store::Error::Remote { key: blob_id.to_string(), message: format!("corrupt layer: {what}") }
+}
+
+impl Layer {
+    /// Reads and verifies header and index.
+    pub fn open(blob_id: &str, reader: Box<dyn BlobReader>) -> store::Result<Layer> {
+        let mut h = [0u8; HEADER_SIZE as usize];
+        if reader.size_bytes() < HEADER_SIZE {
+            return Err(corrupt(blob_id, "shorter than its header"));
+        }
+        reader.read_at(0, &mut h)?;
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        if &h[0..8] != LAYER_MAGIC {
+            return Err(corrupt(blob_id, "bad magic"));
+        }
+        if u32::from_le_bytes(h[60..64].try_into().unwrap()) != CRC32C.checksum(&h[..60]) {
+            return Err(corrupt(blob_id, "header checksum mismatch"));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != LAYER_FORMAT_VERSION {
+            return Err(corrupt(blob_id, &format!("format version {version} is not supported")));
+        }
+        let bits = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let (extents, data_pages, index_len) = (u64_at(&h, 16), u64_at(&h, 24), u64_at(&h, 32));
+        let data_offset = u64_at(&h, 40);
+        let expect = extents.checked_mul(EXTENT_ENTRY_SIZE).and_then(|x| x.checked_add(data_pages * 4 + 4));
+        if expect != Some(index_len)
+            || data_offset != HEADER_SIZE + index_len
+            || data_offset + (data_pages << bits) != reader.size_bytes()
+        {
+            return Err(corrupt(blob_id, "sizes in header do not match the blob"));
+        }
+        let mut index = vec![0u8; index_len as usize];
+        reader.read_at(HEADER_SIZE, &mut index)?;
+        let body = &index[..index.len() - 4];
+        if u32::from_le_bytes(index[index.len() - 4..].try_into().unwrap()) != crc32c(body) {
+            return Err(corrupt(blob_id, "index checksum mismatch"));
+        }
+        let mut map = ExtentMap::new();
+        for e in body[..(extents * EXTENT_ENTRY_SIZE) as usize].chunks(EXTENT_ENTRY_SIZE as usize) {
+            let (start, len) = (u64_at(e, 0), u64_at(e, 8));
+            let val = match u32::from_le_bytes(e[16..20].try_into().unwrap()) {
+                KIND_DATA => LayerVal::Data(u64_at(e, 24)),
+                KIND_ZERO => LayerVal::Zero,
+                k => return Err(corrupt(blob_id, &format!("unknown extent kind {k}"))),
+            };
+            if let LayerVal::Data(i) = val {
+                if i.checked_add(len).is_none_or(|x| x > data_pages) {
+                    return Err(corrupt(blob_id, "extent points past the data"));
+                }
+            }
+            map.insert(start, len, val);
+        }
+        let crcs = body[(extents * EXTENT_ENTRY_SIZE) as usize..]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Ok(Layer { blob_id: blob_id.to_string(), page_size_bits: bits, index: map, crcs, data_offset, reader })
+    }
+
+    pub fn lookup(&self, start: u64, len: u64) -> Vec<Extent<LayerVal>> {
+        self.index.lookup(start, len)
+    }
+
+    /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums.
+    pub fn read_data(&self, data_page: u64, buf: &mut [u8]) -> store::Result<()> {
+        let ps = 1usize << self.page_size_bits;
+        self.reader.read_at(self.data_offset + (data_page << self.page_size_bits), buf)?;
+        for (i, page) in buf.chunks(ps).enumerate() {
+            let want = self.crcs[data_page as usize + i];
+            if crc32c(page) != want {
+                let page_no = data_page + i as u64;
+                return Err(corrupt(&self.blob_id, &format!("checksum mismatch in data page {page_no}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+    use crate::store::ImageStore;
+
+    #[test]
+    fn write_open_read_and_detect_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s")).unwrap();
+        let path = dir.path().join("layer");
+        let exts = vec![
+            SourceExtent::Data { start: 2, len: 3 },
+            SourceExtent::Zero { start: 10, len: 100 },
+            SourceExtent::Data { start: 200, len: 1 },
+        ];
+        let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf| {
+            for (i, p) in buf.chunks_mut(512).enumerate() {
+                p.fill((start + i as u64) as u8);
+            }
+            assert!(n > 0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(pages, 4);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        store.put_file("blobs/l", &path).unwrap();
+        let layer = Layer::open("l", store.open_blob("blobs/l").unwrap()).unwrap();
+        let l = layer.lookup(0, 300);
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0].value, LayerVal::Data(0));
+        assert_eq!(l[1].value, LayerVal::Zero);
+        assert_eq!(l[2].value, LayerVal::Data(3));
+        let mut buf = vec![0u8; 1024];
+        layer.read_data(1, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 3) && buf[512..].iter().all(|&b| b == 4));
+        // Flip one data byte: reads of that page fail with a checksum error.
+        let mut raw = std::fs::read(&path).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 0xff;
+        store.put("blobs/bad", &raw).unwrap();
+        let bad = Layer::open("bad", store.open_blob("blobs/bad").unwrap()).unwrap();
+        let mut page = vec![0u8; 512];
+        assert!(bad.read_data(3, &mut page).unwrap_err().to_string().contains("checksum"));
+        raw[70] ^= 0xff;
+        store.put("blobs/bad2", &raw).unwrap();
+        assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());
+    }
+}

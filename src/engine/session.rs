@@ -1,0 +1,480 @@
+//! A session: one open image, shared by all of its connections. It owns the image's WAL, the
+//! in-memory index of buffered pages, the opened layers, and the checkpoint thread.
+//!
+//! Locks, always taken in this order: `writer` (serializes every change), then `view` (what
+//! reads see). Reads take only `view`, briefly, to resolve pages to locations; the I/O happens
+//! after the lock is released. That is safe because nothing is overwritten in place: WAL
+//! records are append-only (a rewrite makes a new file) and layers are immutable.
+
+use super::buffer::BufferStore;
+use super::extent::{gaps, ExtentMap, ExtentValue};
+use super::layer::{Layer, LayerVal};
+use super::manifest::Manifest;
+use super::wal::{Kind, Record, WalFile, FLAG_SELF_COMMIT};
+use super::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub checkpoint_interval_ms: u64,
+    pub checkpoint_interval_jitter_ms: u64,
+    pub write_throttle_threshold_pages: u64,
+    pub disable_image_store_write: bool,
+}
+
+/// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
+/// slowed, never failed, so a store outage cannot turn into client errors here.
+pub const THROTTLE_WAIT_MAX_MS: u64 = 2_000;
+
+/// Where a buffered page lives: at `offset` in the current WAL file, or zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufVal {
+    /// The change count of the transaction that wrote it.
+    pub change: u64,
+    /// WAL byte offset of the page, or `ZERO`.
+    pub offset: u64,
+    pub page_size_bits: u8,
+}
+
+impl BufVal {
+    pub const ZERO: u64 = u64::MAX;
+    pub fn is_zero(&self) -> bool {
+        self.offset == Self::ZERO
+    }
+}
+
+impl ExtentValue for BufVal {
+    fn advance(&self, pages: u64) -> Self {
+        if self.is_zero() {
+            *self
+        } else {
+            BufVal { offset: self.offset + (pages << self.page_size_bits), ..*self }
+        }
+    }
+}
+
+/// State only the writer touches.
+pub struct WriterState {
+    pub wal: WalFile,
+    pub next_seq: u64,
+    pub next_txn_id: u64,
+    pub change_count: u64,
+    /// The newest manifest we wrote or resumed from (None: never written, uploads disabled).
+    pub manifest: Option<Manifest>,
+}
+
+/// What reads see.
+pub struct View {
+    pub wal_file: Arc<File>,
+    pub index: ExtentMap<BufVal>,
+    /// Newest first.
+    pub layers: Vec<Arc<Layer>>,
+}
+
+/// One change to pages, as written to the WAL.
+pub enum PageOp<'a> {
+    Data { first_page: u64, data: &'a [u8] },
+    Zero { first_page: u64, count: u64 },
+}
+
+pub struct Session {
+    pub image_id: String,
+    pub page_size_bits: u32,
+    pub(super) buffer: Arc<BufferStore>,
+    pub(super) writer: Mutex<WriterState>,
+    pub(super) view: RwLock<View>,
+    /// Group commit: appends done, and appends known durable.
+    write_seq: AtomicU64,
+    durable_seq: AtomicU64,
+    sync_lock: Mutex<()>,
+    pub(super) fenced: AtomicBool,
+    pub(super) closed: AtomicBool,
+    connections: AtomicUsize,
+    /// Wakes the checkpoint thread early (buffer filling up, last client gone, shutdown).
+    pub(super) wake: (Mutex<bool>, Condvar),
+    /// Signalled after each checkpoint, for throttled writers.
+    pub(super) drained: (Mutex<u64>, Condvar),
+    pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Serves the requests of every connection to this image.
+    pub workers: Mutex<threadpool::ThreadPool>,
+}
+
+/// A resolved piece of a read: `len` pages starting at `start` come from `src`.
+enum Src {
+    Wal(u64),
+    Layer(Arc<Layer>, u64),
+    Zero,
+}
+
+impl Session {
+    pub(super) fn new(
+        buffer: Arc<BufferStore>,
+        image_id: &str,
+        page_size_bits: u32,
+        writer: WriterState,
+        view: View,
+    ) -> Session {
+        Session {
+            image_id: image_id.to_string(),
+            page_size_bits,
+            buffer,
+            writer: Mutex::new(writer),
+            view: RwLock::new(view),
+            write_seq: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            wake: (Mutex::new(false), Condvar::new()),
+            drained: (Mutex::new(0), Condvar::new()),
+            checkpoint_thread: Mutex::new(None),
+            workers: Mutex::new(
+                threadpool::Builder::new()
+                    .num_threads(crate::limits::SESSION_WORKER_THREADS)
+                    .thread_name(format!("io-{image_id}"))
+                    .build(),
+            ),
+        }
+    }
+
+    pub fn page_size(&self) -> u64 {
+        1 << self.page_size_bits
+    }
+
+    pub(super) fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io { image: self.image_id.clone(), op, source }
+    }
+
+    pub fn check_usable(&self) -> Result<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(Error::Fenced { image: self.image_id.clone() });
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown { image: self.image_id.clone() });
+        }
+        Ok(())
+    }
+
+    pub fn attach(&self) {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn detach(&self) {
+        if self.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake_checkpoint();
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub fn buffer_is_empty(&self) -> bool {
+        self.view.read().unwrap().index.is_empty()
+    }
+
+    pub fn buffered_pages(&self) -> u64 {
+        self.view.read().unwrap().index.pages()
+    }
+
+    pub(super) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake_checkpoint();
+    }
+
+    pub fn wake_checkpoint(&self) {
+        let (m, c) = &self.wake;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Reads `buf.len()` bytes at byte `offset` (any alignment). The range is pre-validated.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_usable()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let ps = self.page_size();
+        let first = offset / ps;
+        let last = (offset + buf.len() as u64 - 1) / ps;
+        let n = last - first + 1;
+        if offset % ps == 0 && buf.len() as u64 % ps == 0 {
+            return self.read_pages(first, n, buf);
+        }
+        let mut scratch = vec![0u8; (n * ps) as usize];
+        self.read_pages(first, n, &mut scratch)?;
+        let skip = (offset - first * ps) as usize;
+        buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Reads whole pages `[first, first+n)` into `buf` (exactly `n` pages long).
+    pub fn read_pages(&self, first: u64, n: u64, buf: &mut [u8]) -> Result<()> {
+        let (pieces, wal) = self.resolve(first, n);
+        let bits = self.page_size_bits;
+        for (start, len, src) in pieces {
+            let at = ((start - first) << bits) as usize;
+            let out = &mut buf[at..at + (len << bits) as usize];
+            match src {
+                Src::Zero => out.fill(0),
+                Src::Wal(off) => wal.read_exact_at(out, off).map_err(self.io_err("read WAL"))?,
+                Src::Layer(layer, data_page) => layer
+                    .read_data(data_page, out)
+                    .map_err(|source| Error::Store { image: self.image_id.clone(), source })?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps pages to their newest location: buffer, then layers newest first, then zeros.
+    fn resolve(&self, first: u64, n: u64) -> (Vec<(u64, u64, Src)>, Arc<File>) {
+        let view = self.view.read().unwrap();
+        let mut pieces = Vec::new();
+        let found = view.index.lookup(first, n);
+        for e in &found {
+            let src = if e.value.is_zero() { Src::Zero } else { Src::Wal(e.value.offset) };
+            pieces.push((e.start, e.len, src));
+        }
+        let mut todo = gaps(first, n, &found);
+        for layer in &view.layers {
+            if todo.is_empty() {
+                break;
+            }
+            let mut next = Vec::new();
+            for (s, l) in todo {
+                let found = layer.lookup(s, l);
+                for e in &found {
+                    let src = match e.value {
+                        LayerVal::Zero => Src::Zero,
+                        LayerVal::Data(i) => Src::Layer(layer.clone(), i),
+                    };
+                    pieces.push((e.start, e.len, src));
+                }
+                next.extend(gaps(s, l, &found));
+            }
+            todo = next;
+        }
+        for (s, l) in todo {
+            pieces.push((s, l, Src::Zero));
+        }
+        (pieces, view.wal_file.clone())
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Writes `data` at byte `offset` (any alignment); one committed change.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.throttle();
+        let mut w = self.writer.lock().unwrap();
+        self.check_usable()?;
+        let ps = self.page_size();
+        if offset % ps == 0 && data.len() as u64 % ps == 0 {
+            let op = PageOp::Data { first_page: offset / ps, data };
+            return self.commit_ops(&mut w, &[op]);
+        }
+        let merged = self.merge_partial(offset, data)?;
+        let op = PageOp::Data { first_page: offset / ps, data: &merged };
+        self.commit_ops(&mut w, &[op])
+    }
+
+    /// Whole pages covering `[offset, offset+data.len())` with `data` laid over current contents.
+    fn merge_partial(&self, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let ps = self.page_size();
+        let first = offset / ps;
+        let last = (offset + data.len() as u64 - 1) / ps;
+        let mut pages = vec![0u8; ((last - first + 1) * ps) as usize];
+        // Only the edge pages need their old contents; the middle is overwritten.
+        self.read_pages(first, 1, &mut pages[..ps as usize])?;
+        if last != first {
+            let at = ((last - first) * ps) as usize;
+            self.read_pages(last, 1, &mut pages[at..])?;
+        }
+        let skip = (offset - first * ps) as usize;
+        pages[skip..skip + data.len()].copy_from_slice(data);
+        Ok(pages)
+    }
+
+    /// Zeros `[offset, offset+len)`: whole pages become zero extents (no data written) unless
+    /// `allocate` (NBD_CMD_FLAG_NO_HOLE), partial edge pages are read-modify-written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> Result<()> {
+        self.check_usable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.throttle();
+        let ps = self.page_size();
+        let end = offset + len;
+        let inner_first = offset.div_ceil(ps);
+        let inner_end = end / ps;
+        let mut w = self.writer.lock().unwrap();
+        self.check_usable()?;
+        let mut edges = Vec::new();
+        if inner_first > inner_end {
+            // Entirely inside one page.
+            edges.push((offset, self.merge_partial(offset, &vec![0u8; len as usize])?));
+        } else {
+            if offset % ps != 0 {
+                let head = inner_first * ps - offset;
+                edges.push((offset, self.merge_partial(offset, &vec![0u8; head as usize])?));
+            }
+            if end % ps != 0 && end / ps >= inner_first {
+                let tail_start = inner_end * ps;
+                let tail = vec![0u8; (end - tail_start) as usize];
+                edges.push((tail_start, self.merge_partial(tail_start, &tail)?));
+            }
+        }
+        let mut ops: Vec<PageOp> =
+            edges.iter().map(|(o, d)| PageOp::Data { first_page: o / ps, data: d }).collect();
+        let zero_chunk;
+        if inner_end > inner_first {
+            let count = inner_end - inner_first;
+            if allocate {
+                // Bounded scratch: write real zero pages in chunks of at most 8 MiB.
+                let chunk_pages = (8u64 << 20) / ps;
+                zero_chunk = vec![0u8; (chunk_pages.min(count) * ps) as usize];
+                let mut p = inner_first;
+                while p < inner_end {
+                    let n = chunk_pages.min(inner_end - p);
+                    ops.push(PageOp::Data { first_page: p, data: &zero_chunk[..(n * ps) as usize] });
+                    p += n;
+                }
+            } else {
+                ops.push(PageOp::Zero { first_page: inner_first, count });
+            }
+        }
+        self.commit_ops(&mut w, &ops)
+    }
+
+    /// Appends `ops` to the WAL as one committed change and publishes them to readers.
+    /// One op is a self-committing record; several are a transaction plus a commit record.
+    pub(super) fn commit_ops(&self, w: &mut WriterState, ops: &[PageOp]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let change = w.change_count + 1;
+        let single = ops.len() == 1;
+        let txn_id = w.next_txn_id;
+        w.next_txn_id += 1;
+        let mut placed = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (kind, first_page, count, data): (Kind, u64, u64, &[u8]) = match op {
+                PageOp::Data { first_page, data } => {
+                    (Kind::Data, *first_page, data.len() as u64 >> self.page_size_bits, data)
+                }
+                PageOp::Zero { first_page, count } => (Kind::Zero, *first_page, *count, &[]),
+            };
+            let rec = Record {
+                kind,
+                flags: if single { FLAG_SELF_COMMIT } else { 0 },
+                seq: w.next_seq,
+                txn_id,
+                change_count: if single { change } else { 0 },
+                first_page,
+                page_count: count,
+                payload_len: data.len() as u32,
+            };
+            w.next_seq += 1;
+            let off = w.wal.append(&rec, data).map_err(self.io_err("append to WAL"))?;
+            placed.push((first_page, count, (kind == Kind::Data).then_some(off)));
+        }
+        if !single {
+            let rec = Record {
+                kind: Kind::Commit,
+                flags: 0,
+                seq: w.next_seq,
+                txn_id,
+                change_count: change,
+                first_page: 0,
+                page_count: 0,
+                payload_len: 0,
+            };
+            w.next_seq += 1;
+            w.wal.append(&rec, &[]).map_err(self.io_err("append commit to WAL"))?;
+        }
+        w.change_count = change;
+        self.write_seq.fetch_add(1, Ordering::AcqRel);
+        let bits = self.page_size_bits as u8;
+        let mut view = self.view.write().unwrap();
+        for (first, count, off) in placed {
+            let offset = off.unwrap_or(BufVal::ZERO);
+            view.index.insert(first, count, BufVal { change, offset, page_size_bits: bits });
+        }
+        let pages = view.index.pages();
+        drop(view);
+        if pages > self.buffer.cfg.write_throttle_threshold_pages / 2 {
+            self.wake_checkpoint();
+        }
+        Ok(())
+    }
+
+    /// Slows writers while the buffer is over its threshold and uploads can drain it.
+    fn throttle(&self) {
+        let cfg = &self.buffer.cfg;
+        if cfg.disable_image_store_write || self.buffered_pages() <= cfg.write_throttle_threshold_pages {
+            return;
+        }
+        self.wake_checkpoint();
+        let deadline = Instant::now() + Duration::from_millis(THROTTLE_WAIT_MAX_MS);
+        let (m, c) = &self.drained;
+        let mut g = m.lock().unwrap();
+        while self.buffered_pages() > cfg.write_throttle_threshold_pages {
+            let now = Instant::now();
+            if now >= deadline || self.closed.load(Ordering::Acquire) {
+                break;
+            }
+            g = c.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    // ---------------------------------------------------------------- durability
+
+    /// Makes every write replied so far durable (group commit: concurrent callers share one
+    /// `fdatasync`).
+    pub fn flush(&self) -> Result<()> {
+        self.check_usable()?;
+        let target = self.write_seq.load(Ordering::Acquire);
+        if self.durable_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _g = self.sync_lock.lock().unwrap();
+        if self.durable_seq.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        // Read the counter before taking the file: every append it counts is in this file or
+        // was copied into a (fsynced) rewritten one.
+        let covered = self.write_seq.load(Ordering::Acquire);
+        let file = self.view.read().unwrap().wal_file.clone();
+        file.sync_data().map_err(self.io_err("fdatasync WAL"))?;
+        self.durable_seq.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Marks all appends so far durable (after a WAL rewrite, which fsyncs the new file).
+    pub(super) fn mark_all_durable(&self) {
+        self.durable_seq.fetch_max(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
+    }
+
+    /// Server shutdown: stop the checkpoint thread and make the WAL durable.
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake_checkpoint();
+        if let Some(h) = self.checkpoint_thread.lock().unwrap().take() {
+            let _ = h.join();
+        }
+        let file = self.view.read().unwrap().wal_file.clone();
+        if let Err(e) = file.sync_all() {
+            log::error!("image {}: fsync WAL at shutdown: {e}", self.image_id);
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The transmission phase: one reader thread per connection parses requests, validates them
+//! (`validate`), and hands valid ones to the export's worker pool; replies are written under
+//! one lock per socket and may come out of order, as the spec allows.
+//!
+//! Invalid requests get an error reply (a WRITE's payload is drained first); only a bad
+//! request magic or an I/O failure ends the connection.
+
+use super::consts::*;
+use super::stream::Stream;
+use super::{errno_for, Export};
+use crate::limits::{CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, REQUEST_PAYLOAD_BYTES_MAX};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
+
+pub const REQUEST_SIZE: usize = 28;
+pub const SIMPLE_REPLY_SIZE: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+pub fn parse_request(b: &[u8; REQUEST_SIZE]) -> Option<Request> {
+    if u32::from_be_bytes(b[0..4].try_into().unwrap()) != NBD_REQUEST_MAGIC {
+        return None;
+    }
+    Some(Request {
+        flags: u16::from_be_bytes(b[4..6].try_into().unwrap()),
+        kind: u16::from_be_bytes(b[6..8].try_into().unwrap()),
+        cookie: u64::from_be_bytes(b[8..16].try_into().unwrap()),
+        offset: u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        length: u32::from_be_bytes(b[24..28].try_into().unwrap()),
+    })
+}
+
+pub fn simple_reply_header(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_SIZE] {
+    let mut h = [0u8; SIMPLE_REPLY_SIZE];
+    h[0..4].copy_from_slice(&NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&error.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h
+}
+
+/// Checks a request against the export size and our limits. `Err` is the NBD error to reply.
+pub fn validate(r: &Request, size: u64) -> Result<(), u32> {
+    let allowed_flags = match r.kind {
+        NBD_CMD_READ => NBD_CMD_FLAG_FUA,
+        NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
+        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
+        NBD_CMD_FLUSH | NBD_CMD_DISC => 0,
+        _ => return Err(NBD_EINVAL),
+    };
+    if r.flags & !allowed_flags != 0 {
+        return Err(NBD_EINVAL);
+    }
+    let len = r.length as u64;
+    let in_range = r.offset.checked_add(len).is_some_and(|end| end <= size);
+    match r.kind {
+        NBD_CMD_READ | NBD_CMD_WRITE if r.length > REQUEST_PAYLOAD_BYTES_MAX => Err(NBD_EOVERFLOW),
+        NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES if !in_range => Err(NBD_ENOSPC),
+        NBD_CMD_READ | NBD_CMD_TRIM if !in_range => Err(NBD_EINVAL),
+        _ => Ok(()),
+    }
+}
+
+/// Bounds what one connection holds in flight: request count and payload bytes.
+struct InFlight {
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn acquire(&self, bytes: u64) {
+        let mut g = self.state.lock().unwrap();
+        // A single request larger than the byte budget still goes through, alone.
+        while g.0 >= CONNECTION_IN_FLIGHT_MAX
+            || (g.0 > 0 && g.1 + bytes > CONNECTION_IN_FLIGHT_BYTES_MAX)
+        {
+            g = self.cv.wait(g).unwrap();
+        }
+        g.0 += 1;
+        g.1 += bytes;
+    }
+    fn release(&self, bytes: u64) {
+        let mut g = self.state.lock().unwrap();
+        g.0 -= 1;
+        g.1 -= bytes;
+        self.cv.notify_all();
+    }
+    fn wait_idle(&self) {
+        let mut g = self.state.lock().unwrap();
+        while g.0 > 0 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+}
+
+struct Conn {
+    export: Box<dyn Export>,
+    out: Mutex<Stream>,
+    in_flight: InFlight,
+}
+
+impl Conn {
+    fn reply(&self, bytes: &[u8]) {
+        let s = self.out.lock().unwrap();
+        if let Err(e) = { &*s }.write_all(bytes) {
+            log::debug!("{}: reply not sent: {e}", self.export.label());
+        }
+    }
+    fn reply_error(&self, r: &Request, err: u32) {
+        log::debug!(
+            "{}: {} offset {} length {}: {}",
+            self.export.label(),
+            name_of_cmd(r.kind),
+            r.offset,
+            r.length,
+            name_of_error(err)
+        );
+        self.reply(&simple_reply_header(err, r.cookie));
+    }
+}
+
+/// Serves requests until the client disconnects, sends NBD_CMD_DISC, or breaks framing.
+/// Returns after every in-flight request has been replied to.
+pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Result<()> {
+    let conn = Arc::new(Conn {
+        export,
+        out: Mutex::new(output),
+        in_flight: InFlight { state: Mutex::new((0, 0)), cv: Condvar::new() },
+    });
+    let r = read_loop(input, &conn);
+    conn.in_flight.wait_idle();
+    r
+}
+
+fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
+    let size = conn.export.info().size;
+    loop {
+        let mut h = [0u8; REQUEST_SIZE];
+        match { input }.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let Some(r) = parse_request(&h) else {
+            log::warn!("{}: bad request magic; closing the connection", conn.export.label());
+            return Ok(());
+        };
+        if let Err(err) = validate(&r, size) {
+            if r.kind == NBD_CMD_WRITE {
+                io::copy(&mut { input }.take(r.length as u64), &mut io::sink())?;
+            }
+            conn.reply_error(&r, err);
+            continue;
+        }
+        if r.kind == NBD_CMD_DISC {
+            return Ok(());
+        }
+        let bytes = if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) { r.length as u64 } else { 0 };
+        conn.in_flight.acquire(bytes);
+        let payload = if r.kind == NBD_CMD_WRITE {
+            let mut p = vec![0u8; r.length as usize];
+            if let Err(e) = { input }.read_exact(&mut p) {
+                conn.in_flight.release(bytes);
+                return Err(e);
+            }
+            p
+        } else {
+            Vec::new()
+        };
+        let c = conn.clone();
+        conn.export.spawn(Box::new(move || {
+            execute(&c, &r, payload);
+            c.in_flight.release(bytes);
+        }));
+    }
+}
+
+fn execute(conn: &Conn, r: &Request, payload: Vec<u8>) {
+    let e = &conn.export;
+    let fua = r.flags & NBD_CMD_FLAG_FUA != 0;
+    let result = match r.kind {
+        NBD_CMD_READ => {
+            let mut buf = vec![0u8; SIMPLE_REPLY_SIZE + r.length as usize];
+            match e.read(r.offset, &mut buf[SIMPLE_REPLY_SIZE..]) {
+                Ok(()) => {
+                    buf[..SIMPLE_REPLY_SIZE].copy_from_slice(&simple_reply_header(0, r.cookie));
+                    conn.reply(&buf);
+                    return;
+                }
+                Err(err) => Err(err),
+            }
+        }
+        NBD_CMD_WRITE => e.write(r.offset, &payload, fua),
+        NBD_CMD_FLUSH => e.flush(),
+        NBD_CMD_TRIM => e.trim(r.offset, r.length as u64, fua),
+        NBD_CMD_WRITE_ZEROES => {
+            e.write_zeroes(r.offset, r.length as u64, r.flags & NBD_CMD_FLAG_NO_HOLE != 0, fua)
+        }
+        _ => unreachable!("validate() admits only the commands above"),
+    };
+    match result {
+        Ok(()) => conn.reply(&simple_reply_header(0, r.cookie)),
+        Err(err) => {
+            log::warn!("{}: {} failed: {err}", e.label(), name_of_cmd(r.kind));
+            conn.reply_error(r, errno_for(&err));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
+        Request { flags, kind, cookie: 1, offset, length }
+    }
+
+    #[test]
+    fn validation() {
+        let size = 1 << 20;
+        assert_eq!(validate(&req(NBD_CMD_READ, 0, 0, 4096), size), Ok(()));
+        assert_eq!(validate(&req(NBD_CMD_READ, 0, size - 1, 2), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_READ, 0, u64::MAX, 2), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_WRITE, 0, size, 1), size), Err(NBD_ENOSPC));
+        assert_eq!(validate(&req(NBD_CMD_WRITE, 0, 0, (1 << 25) + 1), size), Err(NBD_EOVERFLOW));
+        assert_eq!(validate(&req(NBD_CMD_WRITE_ZEROES, 0, 0, u32::MAX), size), Err(NBD_ENOSPC));
+        assert_eq!(validate(&req(NBD_CMD_TRIM, 0, 0, u32::MAX), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(99, 0, 0, 0), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_FLUSH, NBD_CMD_FLAG_FUA, 0, 0), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Ok(()));
+        assert_eq!(validate(&req(NBD_CMD_MVPS_BEGIN_TXN, 0, 0, 0), size), Err(NBD_EINVAL));
+    }
+
+    #[test]
+    fn request_parse() {
+        let mut b = [0u8; REQUEST_SIZE];
+        b[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+        b[6..8].copy_from_slice(&NBD_CMD_WRITE.to_be_bytes());
+        b[24..28].copy_from_slice(&512u32.to_be_bytes());
+        let r = parse_request(&b).unwrap();
+        assert_eq!((r.kind, r.length), (NBD_CMD_WRITE, 512));
+        b[0] = 0;
+        assert!(parse_request(&b).is_none());
+    }
+}

@@ -1,0 +1,110 @@
+//! Glue between the protocol and the engine: export names are tokens, verified here; an open
+//! export is one connection attached to the image's session.
+
+use crate::auth::{self, Claims};
+use crate::engine::{self, BufferStore, Session};
+use crate::nbd::consts::*;
+use crate::nbd::{Export, ExportInfo, Exports, Refusal};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub struct EngineExports {
+    pub buffer: Arc<BufferStore>,
+    pub secret: Vec<u8>,
+    next_conn: AtomicU64,
+}
+
+impl EngineExports {
+    pub fn new(buffer: Arc<BufferStore>, secret: Vec<u8>) -> EngineExports {
+        EngineExports { buffer, secret, next_conn: AtomicU64::new(1) }
+    }
+
+    fn verify(&self, name: &[u8]) -> Result<Claims, Refusal> {
+        let token = std::str::from_utf8(name).map_err(|_| Refusal {
+            reply: NBD_REP_ERR_POLICY,
+            message: "export name is not a token".into(),
+        })?;
+        auth::verify(token, &self.secret).map_err(|e| Refusal {
+            reply: NBD_REP_ERR_POLICY,
+            message: format!("token refused: {e}"),
+        })
+    }
+}
+
+fn info_of(c: &Claims) -> ExportInfo {
+    ExportInfo { size: c.image_size, preferred_block_size: 1 << c.page_size_bits }
+}
+
+impl Exports for EngineExports {
+    fn describe(&self, name: &[u8]) -> Result<ExportInfo, Refusal> {
+        let c = self.verify(name)?;
+        Ok(info_of(&c))
+    }
+
+    fn open(&self, name: &[u8], peer: &str) -> Result<Box<dyn Export>, Refusal> {
+        let claims = self.verify(name).inspect_err(|r| log::warn!("{peer}: {}", r.message))?;
+        let session = self.buffer.attach(&claims.image_id, claims.page_size_bits).map_err(|e| {
+            log::error!("{peer}: cannot open: {e}");
+            let reply = match e {
+                engine::Error::ShuttingDown { .. } => NBD_REP_ERR_SHUTDOWN,
+                engine::Error::Refused { .. } | engine::Error::Fenced { .. } => NBD_REP_ERR_POLICY,
+                _ => NBD_REP_ERR_UNKNOWN,
+            };
+            Refusal { reply, message: e.to_string() }
+        })?;
+        let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let label = format!("image {} conn {n}", claims.image_id);
+        log::info!("{label}: connected from {peer}, size {}", claims.image_size);
+        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label }))
+    }
+}
+
+/// One connection's handle on a session.
+pub struct ConnectionExport {
+    info: ExportInfo,
+    session: Arc<Session>,
+    label: String,
+}
+
+impl Drop for ConnectionExport {
+    fn drop(&mut self) {
+        log::info!("{}: disconnected", self.label);
+        self.session.detach();
+    }
+}
+
+impl Export for ConnectionExport {
+    fn info(&self) -> ExportInfo {
+        self.info
+    }
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> engine::Result<()> {
+        self.session.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> engine::Result<()> {
+        self.session.write(offset, data)?;
+        if fua {
+            self.session.flush()?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> engine::Result<()> {
+        self.session.write_zeroes(offset, len, no_hole)?;
+        if fua {
+            self.session.flush()?;
+        }
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> engine::Result<()> {
+        // Trimmed pages read as zeros (DESIGN §2), so TRIM is a hole-punching zero.
+        self.write_zeroes(offset, len, false, fua)
+    }
+    fn flush(&self) -> engine::Result<()> {
+        self.session.flush()
+    }
+    fn spawn(&self, job: Box<dyn FnOnce() + Send>) {
+        self.session.workers.lock().unwrap().execute(job);
+    }
+}
