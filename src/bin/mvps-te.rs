@@ -52,6 +52,7 @@ fn run(c: Config) -> Result<(), String> {
         checkpoint_interval_jitter_ms: c.checkpoint_interval_jitter_ms,
         write_throttle_threshold_pages: c.write_throttle_threshold_pages,
         disable_image_store_write: c.disable_image_store_write,
+        wal_rewrite_dead_bytes_min: mvps::limits::WAL_REWRITE_DEAD_BYTES_MIN,
     };
     let buffer_path = c.buffer_store_path();
     let buffer = Arc::new(BufferStore::open(&buffer_path, store.clone(), session_cfg)?);

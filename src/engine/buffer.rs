@@ -93,7 +93,8 @@ impl BufferStore {
 
     /// Shutdown: stop background work, make every WAL durable.
     pub fn shutdown(&self) {
-        for s in self.sessions() {
+        let sessions: Vec<_> = self.sessions.lock().unwrap().drain().map(|(_, s)| s).collect();
+        for s in sessions {
             s.shutdown();
         }
     }

@@ -13,7 +13,7 @@ use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session};
 use super::wal::{self, Kind, Record, WalFile, FLAG_SELF_COMMIT, RECORD_HEADER_SIZE};
 use super::{Error, Result};
-use crate::limits::{CHECKPOINT_LAYER_PAGES_MAX, WAL_REWRITE_DEAD_BYTES_MIN};
+use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -225,7 +225,7 @@ impl Session {
         let used = w.wal.end - wal::HEADER_SIZE;
         let dead = used.saturating_sub(live_bytes);
         let all_dead = live.is_empty() && used > 0;
-        if !(all_dead || (dead >= WAL_REWRITE_DEAD_BYTES_MIN && dead > live_bytes)) {
+        if !(all_dead || (dead >= self.buffer.cfg.wal_rewrite_dead_bytes_min && dead > live_bytes)) {
             return Ok(());
         }
         let old = w.wal.file.clone();

@@ -11,6 +11,9 @@ pub mod open;
 pub mod session;
 pub mod wal;
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::fmt;
 
 pub use buffer::BufferStore;

@@ -24,6 +24,8 @@ pub struct SessionConfig {
     pub checkpoint_interval_jitter_ms: u64,
     pub write_throttle_threshold_pages: u64,
     pub disable_image_store_write: bool,
+    /// Rewrite the WAL once this many bytes are dead (and dead outnumber live).
+    pub wal_rewrite_dead_bytes_min: u64,
 }
 
 /// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
