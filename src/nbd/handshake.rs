@@ -217,7 +217,8 @@ mod tests {
 
     #[test]
     fn info_request_parsing() {
-        let (n, r) = parse_info_request(&req(b"abc", &[3, 0])).unwrap();
+        let good = req(b"abc", &[3, 0]);
+        let (n, r) = parse_info_request(&good).unwrap();
         assert_eq!(n, b"abc");
         assert_eq!(r, vec![3, 0]);
         assert!(parse_info_request(&[0, 0, 0]).is_err());
