@@ -1,0 +1,252 @@
+//! The only code that talks HTTP (ureq). It sends signed [`Request`]s, reads bounded
+//! responses, and retries per [`super::retry`]. It knows nothing about what the requests
+//! mean: each caller passes an `accept` function that turns a response into its result (or
+//! into an [`Error`], which may itself be retryable, like an `<Error>` inside a 200).
+
+use super::error::Error;
+use super::request::Request;
+use super::retry;
+use rusty_s3::{Bucket, Credentials, Method};
+use std::io::Read;
+use std::time::Duration;
+
+/// Longest wait for a TCP (and TLS) connection, DNS included. A healthy endpoint answers in
+/// milliseconds; past this the attempt counts as a connection error and is retried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest silence while reading a response (headers or body): a stalled connection is
+/// abandoned after this and the request retried. Long enough for S3 to assemble a large
+/// multipart object on CompleteMultipartUpload, which it answers only when done.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest stall while sending a request body (the peer's TCP window stays shut).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Idle keep-alive connections kept per endpoint: enough for the multipart upload threads
+/// plus concurrent readers without reconnecting, few enough not to hoard sockets.
+pub const IDLE_CONNECTIONS_MAX: usize = 32;
+
+/// Bytes of an error response we read; S3 error documents are well under 1 KiB, and a
+/// proxy's HTML page is not worth more.
+pub const ERROR_BODY_BYTES_MAX: u64 = 64 << 10;
+
+/// Sent as `User-Agent`, so the store's logs say who we are.
+pub const USER_AGENT: &str = concat!("mvps/", env!("CARGO_PKG_VERSION"));
+
+/// A response, read in full (bounded by the caller's limit).
+#[derive(Debug, Clone, Default)]
+pub struct Response {
+    pub status: u16,
+    pub etag: Option<String>,
+    pub content_length: Option<u64>,
+    pub content_range: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Why a request finally failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The error of the last attempt.
+    pub last: Error,
+    /// Attempts made (≥ 1).
+    pub attempts: u32,
+    /// The last error was retryable but we ran out of attempts.
+    pub exhausted: bool,
+    /// Some attempt may have been carried out by the server although we saw it fail.
+    pub maybe_applied: bool,
+}
+
+/// An S3 bucket endpoint with credentials and a connection pool. Cheap to share (`Arc`).
+pub struct Client {
+    agent: ureq::Agent,
+    bucket: Bucket,
+    credentials: Credentials,
+    endpoint: String,
+}
+
+impl Client {
+    pub fn new(bucket: Bucket, credentials: Credentials, endpoint: String) -> Client {
+        let config = ureq::Agent::config_builder()
+            // Statuses are answers we classify ourselves (412 is an outcome, not a failure).
+            .http_status_as_error(false)
+            // S3 redirects mean "wrong region"; following them would hide that.
+            .max_redirects(0)
+            .timeout_resolve(Some(CONNECT_TIMEOUT))
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(READ_TIMEOUT))
+            .timeout_per_write(Some(WRITE_TIMEOUT))
+            .max_idle_connections(IDLE_CONNECTIONS_MAX)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS_MAX)
+            .user_agent(USER_AGENT)
+            // Ranged reads must come back byte-exact, never re-encoded.
+            .accept_encoding("identity")
+            .build();
+        Client {
+            agent: ureq::Agent::new_with_config(config),
+            bucket,
+            credentials,
+            endpoint,
+        }
+    }
+
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sends a request until `accept` takes a response, a non-retryable error occurs, or
+    /// [`retry::REQUEST_ATTEMPTS_MAX`] attempts have failed. `sign` builds the request
+    /// afresh for each attempt (new signature time); `body_limit` bounds a success body.
+    pub fn call<T>(
+        &self,
+        what: &str,
+        sign: impl Fn(&Bucket, &Credentials) -> Request,
+        body: &[u8],
+        body_limit: u64,
+        accept: impl FnMut(Response) -> Result<T, Error>,
+    ) -> Result<T, Failure> {
+        self.call_tracked(what, sign, body, body_limit, accept)
+            .map(|(v, _)| v)
+    }
+
+    /// [`Client::call`], also telling whether an earlier failed attempt may have been
+    /// carried out by the server (so a later "already exists" may be our own doing).
+    pub fn call_tracked<T>(
+        &self,
+        what: &str,
+        sign: impl Fn(&Bucket, &Credentials) -> Request,
+        body: &[u8],
+        body_limit: u64,
+        mut accept: impl FnMut(Response) -> Result<T, Error>,
+    ) -> Result<(T, bool), Failure> {
+        let mut maybe_applied = false;
+        for attempt in 1..=retry::REQUEST_ATTEMPTS_MAX {
+            let request = sign(&self.bucket, &self.credentials);
+            let err = match self.send_once(&request, body, body_limit) {
+                Ok(response) => match accept(response) {
+                    Ok(v) => return Ok((v, maybe_applied)),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            maybe_applied |= retry::may_have_been_applied(&err);
+            let retryable = retry::is_retryable(&err);
+            if !retryable || attempt == retry::REQUEST_ATTEMPTS_MAX {
+                let exhausted = retryable;
+                return Err(Failure {
+                    last: err,
+                    attempts: attempt,
+                    exhausted,
+                    maybe_applied,
+                });
+            }
+            let wait = retry::jittered_backoff(attempt);
+            log::warn!(
+                "s3 {what}: attempt {attempt}/{} failed: {err}; retrying in {} ms",
+                retry::REQUEST_ATTEMPTS_MAX,
+                wait.as_millis()
+            );
+            std::thread::sleep(wait);
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// One attempt: send, then read the whole (bounded) body.
+    fn send_once(&self, r: &Request, body: &[u8], body_limit: u64) -> Result<Response, Error> {
+        let a = &self.agent;
+        let sent = match r.method {
+            Method::Get => headers(a.get(&r.url), &r.headers).call(),
+            Method::Head => headers(a.head(&r.url), &r.headers).call(),
+            Method::Delete => headers(a.delete(&r.url), &r.headers).call(),
+            Method::Put => headers(a.put(&r.url), &r.headers).send(body),
+            Method::Post => headers(a.post(&r.url), &r.headers).send(body),
+        };
+        let response = sent.map_err(|e| transport_error(r.method, &self.endpoint, e))?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let mut out = Response {
+            status: response.status().as_u16(),
+            etag: header("etag"),
+            content_length: header("content-length").and_then(|v| v.parse().ok()),
+            content_range: header("content-range"),
+            body: Vec::new(),
+        };
+        if r.method == Method::Head {
+            return Ok(out);
+        }
+        let limit = if out.is_success() {
+            body_limit
+        } else {
+            ERROR_BODY_BYTES_MAX
+        };
+        // Trust Content-Length only as a hint for the allocation, never past the limit.
+        out.body
+            .reserve(out.content_length.unwrap_or(0).min(limit) as usize);
+        let mut reader = response
+            .into_body()
+            .into_reader()
+            .take(limit.saturating_add(1));
+        reader
+            .read_to_end(&mut out.body)
+            .map_err(|e| Error::Transport {
+                retryable: true,
+                message: format!("reading body: {e}"),
+            })?;
+        if out.body.len() as u64 > limit {
+            if out.is_success() {
+                let message = format!("response body larger than the {limit} bytes expected");
+                return Err(Error::Parse {
+                    what: "oversized",
+                    message,
+                });
+            }
+            out.body.truncate(limit as usize);
+        }
+        Ok(out)
+    }
+}
+
+fn headers<B>(
+    mut rb: ureq::RequestBuilder<B>,
+    headers: &[(&'static str, String)],
+) -> ureq::RequestBuilder<B> {
+    for (name, value) in headers {
+        rb = rb.header(*name, value.as_str());
+    }
+    rb
+}
+
+/// Classifies a failure to get any response. Timeouts, refused/reset connections, DNS and
+/// protocol errors may pass; a bad URL or a TLS certificate problem will not.
+fn transport_error(method: Method, endpoint: &str, e: ureq::Error) -> Error {
+    let retryable = matches!(
+        e,
+        ureq::Error::Timeout(_)
+            | ureq::Error::Io(_)
+            | ureq::Error::HostNotFound
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::Protocol(_)
+    );
+    Error::Transport {
+        retryable,
+        message: format!("{method} to {endpoint}: {e}"),
+    }
+}

@@ -1,0 +1,466 @@
+//! Pure request building: key checks, the bucket URL style, and one signed [`Request`] per S3
+//! operation. Nothing here sends anything; [`super::client`] does.
+//!
+//! Requests are presigned URLs (rusty-s3): the signature, the credential scope and the
+//! signed header names travel in the query string, and the headers we chose to sign
+//! (`If-None-Match`) must be sent exactly as signed. Each attempt of a retried request is
+//! signed afresh, so a URL never outlives [`PRESIGN_EXPIRES`].
+//!
+//! rusty-s3 takes the signing time as a `jiff::Timestamp`, a crate we do not depend on, so
+//! these builders sign with the current time; rusty-s3's own tests pin its signatures to
+//! AWS's published examples, and ours check everything around them (URL style, query,
+//! headers).
+
+use rusty_s3::actions::ObjectIdentifier;
+use rusty_s3::{Bucket, Credentials, Method, S3Action, UrlStyle};
+use std::time::Duration;
+
+/// Lifetime of a presigned URL. Each attempt is signed just before it is sent, so this only
+/// has to cover clock skew between us and the store plus the time to start the request.
+pub const PRESIGN_EXPIRES: Duration = Duration::from_secs(15 * 60);
+
+/// Keys one DeleteObjects request may carry (the S3 API limit).
+pub const DELETE_BATCH_KEYS_MAX: usize = 1000;
+
+/// Keys one ListObjectsV2 page returns at most (the S3 API limit; larger values are clamped).
+pub const LIST_PAGE_KEYS_MAX: u16 = 1000;
+
+/// Longest key S3 accepts, in bytes (store prefix included).
+pub const KEY_BYTES_MAX: usize = 1024;
+
+/// Default AWS region when `AWS_REGION` is unset.
+pub const REGION_DEFAULT: &str = "us-east-1";
+
+/// One signed request, ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    /// Headers to send with it; the signed ones among them must not be altered.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Keys are made of safe path components only: no `..`, no `.`, no empty component, no
+/// absolute path, nothing but `[A-Za-z0-9._-]`, and no component starting with `.tmp`.
+/// These are exactly the local store's rules (`store::local`), so a key valid on one store
+/// is valid on the other; they also keep `..` out of URL paths, which HTTP stacks normalize.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= KEY_BYTES_MAX && key.split('/').all(is_valid_component)
+}
+
+fn is_valid_component(c: &str) -> bool {
+    !c.is_empty()
+        && c != "."
+        && c != ".."
+        && !c.starts_with(".tmp")
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A listing prefix: empty, or whole valid components, each followed by `/`, then possibly
+/// the start of one more component (`images/`, `blobs/01H`, `images/x.mvps-image/`).
+pub fn is_valid_list_prefix(prefix: &str) -> bool {
+    if prefix.is_empty() {
+        return true;
+    }
+    let (dirs, last) = match prefix.rfind('/') {
+        Some(i) => (&prefix[..i], &prefix[i + 1..]),
+        None => ("", prefix),
+    };
+    // With a '/', everything before the last one must be whole components ("/" alone is
+    // an empty component).
+    let dirs_ok = !prefix.contains('/') || dirs.split('/').all(is_valid_component);
+    let last_ok = last.is_empty() || is_valid_component(last);
+    prefix.len() <= KEY_BYTES_MAX && dirs_ok && last_ok
+}
+
+/// The store prefix inside the bucket: empty, or valid components ending in `/`. A prefix
+/// given without the trailing `/` gets one (`test` → `test/`), so that keys land in a folder
+/// rather than being glued to the prefix (`testimages/…`).
+pub fn normalize_store_prefix(prefix: &str) -> Result<String, String> {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if !is_valid_key(trimmed) {
+        return Err(format!(
+            "S3 prefix {prefix:?}: only [A-Za-z0-9._-] components separated by '/' are allowed"
+        ));
+    }
+    Ok(format!("{trimmed}/"))
+}
+
+/// S3 bucket names: 3 to 63 lowercase letters, digits, dots and hyphens (AWS's rules for new
+/// buckets), starting and ending with a letter or digit. Checked before a name goes into a
+/// host name or a URL path.
+pub fn is_valid_bucket_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b".-".contains(c))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// The endpoint used when none is configured: AWS's regional endpoint.
+pub fn aws_endpoint(region: &str) -> String {
+    format!("https://s3.{region}.amazonaws.com")
+}
+
+/// The bucket handle: a configured endpoint (MinIO, SeaweedFS, R2, …) is addressed
+/// path-style (`http://host:port/bucket/key`), because such stores rarely have wildcard DNS;
+/// AWS is addressed virtual-hosted style (`https://bucket.s3.region.amazonaws.com/key`),
+/// which AWS requires for new buckets. Returns the bucket and the endpoint, for messages.
+pub fn bucket(
+    endpoint: Option<&str>,
+    region: &str,
+    name: &str,
+) -> Result<(Bucket, String), String> {
+    if !is_valid_bucket_name(name) {
+        return Err(format!(
+            "S3 bucket name {name:?}: expected 3 to 63 lowercase letters, digits, '.' or '-'"
+        ));
+    }
+    let (endpoint, style) = match endpoint {
+        Some(e) => (e.trim_end_matches('/').to_string(), UrlStyle::Path),
+        None => (aws_endpoint(region), UrlStyle::VirtualHost),
+    };
+    let url = endpoint
+        .parse()
+        .map_err(|e| format!("S3_ENDPOINT {endpoint:?}: {e}"))?;
+    let b = Bucket::new(url, style, name.to_string(), region.to_string())
+        .map_err(|e| format!("S3 endpoint {endpoint:?} with bucket {name:?}: {e}"))?;
+    Ok((b, endpoint))
+}
+
+fn sign<'a>(
+    action: &impl S3Action<'a>,
+    method: Method,
+    headers: Vec<(&'static str, String)>,
+) -> Request {
+    Request {
+        method,
+        url: action.sign(PRESIGN_EXPIRES).to_string(),
+        headers,
+    }
+}
+
+/// GET of a whole object, or of `len` bytes at `offset` (`len > 0`).
+pub fn get(b: &Bucket, c: &Credentials, full_key: &str, range: Option<(u64, u64)>) -> Request {
+    let action = b.get_object(Some(c), full_key);
+    let headers = match range {
+        Some((offset, len)) => {
+            debug_assert!(len > 0);
+            vec![("Range", format!("bytes={}-{}", offset, offset + len - 1))]
+        }
+        None => Vec::new(),
+    };
+    sign(&action, Method::Get, headers)
+}
+
+pub fn head(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
+    sign(&b.head_object(Some(c), full_key), Method::Head, Vec::new())
+}
+
+/// PUT of a whole object; with `if_none_match`, only if no object exists under the key (the
+/// header is signed, so nothing on the way can strip it and turn a fenced write into an
+/// overwrite).
+pub fn put(b: &Bucket, c: &Credentials, full_key: &str, if_none_match: bool) -> Request {
+    let mut action = b.put_object(Some(c), full_key);
+    let mut headers = Vec::new();
+    if if_none_match {
+        action.headers_mut().insert("if-none-match", "*");
+        headers.push(("If-None-Match", "*".to_string()));
+    }
+    sign(&action, Method::Put, headers)
+}
+
+pub fn delete(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
+    sign(
+        &b.delete_object(Some(c), full_key),
+        Method::Delete,
+        Vec::new(),
+    )
+}
+
+/// One ListObjectsV2 page of keys starting with `full_prefix`.
+pub fn list(
+    b: &Bucket,
+    c: &Credentials,
+    full_prefix: &str,
+    continuation_token: Option<&str>,
+    max_keys: u16,
+) -> Request {
+    let mut action = b.list_objects_v2(Some(c));
+    if !full_prefix.is_empty() {
+        action.with_prefix(full_prefix);
+    }
+    if let Some(t) = continuation_token {
+        action.with_continuation_token(t);
+    }
+    action.with_max_keys(usize::from(max_keys.clamp(1, LIST_PAGE_KEYS_MAX)));
+    sign(&action, Method::Get, Vec::new())
+}
+
+/// DeleteObjects (quiet: the answer lists only failures) of up to
+/// [`DELETE_BATCH_KEYS_MAX`] keys. Returns the request and its XML body; S3 requires the
+/// body's MD5 in `Content-MD5`, which is among the headers.
+pub fn delete_objects(b: &Bucket, c: &Credentials, full_keys: &[String]) -> (Request, Vec<u8>) {
+    assert!(!full_keys.is_empty() && full_keys.len() <= DELETE_BATCH_KEYS_MAX);
+    let ids: Vec<ObjectIdentifier> = full_keys
+        .iter()
+        .map(|k| ObjectIdentifier::new(k.clone()))
+        .collect();
+    let mut action = b.delete_objects(Some(c), ids.iter());
+    action.set_quiet(true);
+    let url = action.sign(PRESIGN_EXPIRES).to_string();
+    let (body, md5) = action.body_with_md5();
+    let headers = vec![
+        ("Content-MD5", md5),
+        ("Content-Type", "application/xml".to_string()),
+    ];
+    (
+        Request {
+            method: Method::Post,
+            url,
+            headers,
+        },
+        body.into_bytes(),
+    )
+}
+
+pub fn create_multipart(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
+    sign(
+        &b.create_multipart_upload(Some(c), full_key),
+        Method::Post,
+        Vec::new(),
+    )
+}
+
+/// Part numbers start at 1 (S3 allows 1..=10000).
+pub fn upload_part(
+    b: &Bucket,
+    c: &Credentials,
+    full_key: &str,
+    part: u16,
+    upload_id: &str,
+) -> Request {
+    sign(
+        &b.upload_part(Some(c), full_key, part, upload_id),
+        Method::Put,
+        Vec::new(),
+    )
+}
+
+/// Completes an upload from its parts' ETags, in part-number order (1, 2, …).
+pub fn complete_multipart(
+    b: &Bucket,
+    c: &Credentials,
+    full_key: &str,
+    upload_id: &str,
+    etags: &[String],
+) -> (Request, Vec<u8>) {
+    let action = b.complete_multipart_upload(
+        Some(c),
+        full_key,
+        upload_id,
+        etags.iter().map(|e| e.as_str()),
+    );
+    let url = action.sign(PRESIGN_EXPIRES).to_string();
+    let body = action.body();
+    let headers = vec![("Content-Type", "application/xml".to_string())];
+    (
+        Request {
+            method: Method::Post,
+            url,
+            headers,
+        },
+        body.into_bytes(),
+    )
+}
+
+pub fn abort_multipart(b: &Bucket, c: &Credentials, full_key: &str, upload_id: &str) -> Request {
+    sign(
+        &b.abort_multipart_upload(Some(c), full_key, upload_id),
+        Method::Delete,
+        Vec::new(),
+    )
+}
+
+/// CreateBucket (used by test harnesses; the server never creates its bucket).
+pub fn create_bucket(b: &Bucket, c: &Credentials) -> (Request, Vec<u8>) {
+    let action = b.create_bucket(c);
+    let body = action.body().into_bytes();
+    (sign(&action, Method::Put, Vec::new()), body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> Credentials {
+        Credentials::new(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        )
+    }
+
+    #[test]
+    fn keys() {
+        for ok in [
+            "blobs/a.mvps-blob",
+            "images/x.mvps-image/ffff.json",
+            "a",
+            "p/.probe/x",
+        ] {
+            assert!(is_valid_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            ".tmp/x",
+            "a/",
+            "a b",
+            "a/..",
+            "é",
+            "a?b",
+            "a%2e",
+        ] {
+            assert!(!is_valid_key(bad), "{bad}");
+        }
+        assert!(!is_valid_key(&"a".repeat(KEY_BYTES_MAX + 1)));
+    }
+
+    #[test]
+    fn list_prefixes() {
+        for ok in ["", "images/", "blobs/01H", "images/x.mvps-image/", "b"] {
+            assert!(is_valid_list_prefix(ok), "{ok}");
+        }
+        for bad in [
+            "../", "a//", "/", "/a", "a/../b/", "..", "a/..", "a b/", "x/.tmpq",
+        ] {
+            assert!(!is_valid_list_prefix(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn store_prefixes() {
+        assert_eq!(normalize_store_prefix("").unwrap(), "");
+        assert_eq!(normalize_store_prefix("/").unwrap(), "");
+        assert_eq!(normalize_store_prefix("test/").unwrap(), "test/");
+        assert_eq!(normalize_store_prefix("test").unwrap(), "test/");
+        assert_eq!(normalize_store_prefix("a/b//").unwrap(), "a/b/");
+        for bad in ["../", "/abs/", "a/../b/", "a b/"] {
+            assert!(normalize_store_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_names() {
+        assert!(is_valid_bucket_name("mvps-test.1"));
+        for bad in ["ab", "-ab", "ab-", "Upper", "a_b", "a/b", &"a".repeat(64)] {
+            assert!(!is_valid_bucket_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn url_styles() {
+        let (b, ep) = bucket(None, "eu-west-1", "mybucket").unwrap();
+        assert_eq!(ep, "https://s3.eu-west-1.amazonaws.com");
+        let r = get(&b, &creds(), "test/blobs/a.mvps-blob", None);
+        assert!(
+            r.url
+                .starts_with("https://mybucket.s3.eu-west-1.amazonaws.com/test/blobs/a.mvps-blob?"),
+            "{}",
+            r.url
+        );
+        assert!(
+            r.url.contains("X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F"),
+            "{}",
+            r.url
+        );
+        assert!(
+            r.url.contains("%2Feu-west-1%2Fs3%2Faws4_request"),
+            "{}",
+            r.url
+        );
+
+        let (b, ep) = bucket(Some("http://127.0.0.1:8333/"), "us-east-1", "mybucket").unwrap();
+        assert_eq!(ep, "http://127.0.0.1:8333");
+        let r = head(&b, &creds(), "test/x");
+        assert!(
+            r.url.starts_with("http://127.0.0.1:8333/mybucket/test/x?"),
+            "{}",
+            r.url
+        );
+        assert_eq!(r.method, Method::Head);
+
+        assert!(bucket(Some("not a url"), "us-east-1", "mybucket").is_err());
+        assert!(bucket(Some("ftp://h/"), "us-east-1", "mybucket").is_err());
+        assert!(bucket(None, "us-east-1", "Bad_Bucket").is_err());
+    }
+
+    #[test]
+    fn conditional_put_signs_if_none_match() {
+        let (b, _) = bucket(Some("http://h:1"), "us-east-1", "bkt").unwrap();
+        let r = put(&b, &creds(), "k", true);
+        assert!(
+            r.url.contains("X-Amz-SignedHeaders=host%3Bif-none-match"),
+            "{}",
+            r.url
+        );
+        assert_eq!(r.headers, vec![("If-None-Match", "*".to_string())]);
+        let r = put(&b, &creds(), "k", false);
+        assert!(r.url.contains("X-Amz-SignedHeaders=host&"), "{}", r.url);
+        assert!(r.headers.is_empty());
+    }
+
+    #[test]
+    fn ranges_and_lists() {
+        let (b, _) = bucket(Some("http://h:1"), "us-east-1", "bkt").unwrap();
+        let r = get(&b, &creds(), "k", Some((10, 5)));
+        assert_eq!(r.headers, vec![("Range", "bytes=10-14".to_string())]);
+        let r = list(&b, &creds(), "test/images/", Some("tok/+="), 5000);
+        assert!(r.url.contains("list-type=2"), "{}", r.url);
+        assert!(r.url.contains("prefix=test%2Fimages%2F"), "{}", r.url);
+        assert!(r.url.contains("max-keys=1000"), "{}", r.url);
+        assert!(
+            r.url.contains("continuation-token=tok%2F%2B%3D"),
+            "{}",
+            r.url
+        );
+    }
+
+    #[test]
+    fn batch_delete_and_multipart_bodies() {
+        let (b, _) = bucket(Some("http://h:1"), "us-east-1", "bkt").unwrap();
+        let keys = vec!["t/a".to_string(), "t/b".to_string()];
+        let (r, body) = delete_objects(&b, &creds(), &keys);
+        assert_eq!(r.method, Method::Post);
+        assert!(r.url.contains("delete"), "{}", r.url);
+        let body = String::from_utf8(body).unwrap();
+        assert!(
+            body.contains("<Key>t/a</Key>") && body.contains("<Quiet>true</Quiet>"),
+            "{body}"
+        );
+        assert!(r
+            .headers
+            .iter()
+            .any(|(h, v)| *h == "Content-MD5" && v.len() == 24));
+
+        let etags = vec!["\"e1\"".to_string(), "\"e2\"".to_string()];
+        let (r, body) = complete_multipart(&b, &creds(), "t/k", "up1", &etags);
+        assert!(r.url.contains("uploadId=up1"), "{}", r.url);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains("<PartNumber>2</PartNumber>"), "{body}");
+        let r = upload_part(&b, &creds(), "t/k", 3, "up1");
+        assert!(
+            r.url.contains("partNumber=3") && r.url.contains("uploadId=up1"),
+            "{}",
+            r.url
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! The local store's behaviour checks, run against a real SeaweedFS (see [`super::testing`]),
+//! plus what only S3 has: pagination, multipart, batch delete, error advice, the startup
+//! probe. Each test makes its own bucket on a server shared by the tests running at once.
+
+use super::testing::{self, SeaweedFs};
+use super::*;
+use crate::store::Error as E;
+
+fn store() -> (Arc<SeaweedFs>, S3Store) {
+    let server = testing::shared();
+    let s = server.fresh_store("test/");
+    (server, s)
+}
+
+/// The error's full text (what a log line shows), which must be a `Remote` error.
+fn expect_remote(r: store::Result<impl fmt::Debug>) -> String {
+    match r {
+        Err(e @ E::Remote { .. }) => e.to_string(),
+        other => panic!("expected a Remote error, got {other:?}"),
+    }
+}
+
+#[test]
+fn put_get_list_delete() {
+    let (_server, s) = store();
+    s.put("blobs/a.mvps-blob", b"hello").unwrap();
+    s.put("images/x.mvps-image/1.json", b"{}").unwrap();
+    s.put("images/x.mvps-image/0.json", b"{}").unwrap();
+    assert_eq!(s.get("blobs/a.mvps-blob").unwrap(), b"hello");
+    let l = s.list("images/x.mvps-image/", None).unwrap();
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[0].key, "images/x.mvps-image/0.json");
+    assert_eq!(l[0].size_bytes, 2);
+    assert!(l[0].last_modified_unix > 1_600_000_000, "{:?}", l[0]);
+    assert_eq!(s.list("images/", Some(1)).unwrap().len(), 1);
+    assert_eq!(s.list("", None).unwrap().len(), 3);
+    assert_eq!(s.list("blobs/a", None).unwrap().len(), 1);
+    let b = s.open_blob("blobs/a.mvps-blob").unwrap();
+    let mut buf = [0u8; 3];
+    b.read_at(1, &mut buf).unwrap();
+    assert_eq!(&buf, b"ell");
+    s.delete("blobs/a.mvps-blob").unwrap();
+    s.delete("blobs/a.mvps-blob").unwrap();
+    assert!(matches!(
+        s.get("blobs/a.mvps-blob"),
+        Err(E::NotFound { .. })
+    ));
+    // Overwrite, and an empty object.
+    s.put("images/x.mvps-image/0.json", b"").unwrap();
+    assert_eq!(s.get("images/x.mvps-image/0.json").unwrap(), b"");
+    assert_eq!(s.describe(), format!("s3://{}/test/", s.bucket()));
+}
+
+#[test]
+fn create_if_absent_fences() {
+    let (_server, s) = store();
+    assert_eq!(
+        s.create_if_absent("images/i/1.json", b"a").unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        s.create_if_absent("images/i/1.json", b"b").unwrap(),
+        CreateOutcome::AlreadyExists
+    );
+    assert_eq!(s.get("images/i/1.json").unwrap(), b"a");
+    // Racing writers: exactly one wins each key.
+    let wins: usize = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || s.create_if_absent("images/i/2.json", &[i as u8]).unwrap())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|o| *o == CreateOutcome::Created)
+            .count()
+    });
+    assert_eq!(wins, 1);
+}
+
+#[test]
+fn bad_keys_refused_before_any_request() {
+    // Nothing listens on this endpoint: a request would fail as Unavailable, not BadKey.
+    let mut c = testing::unreachable_config();
+    c.prefix = "test/".into();
+    let s = S3Store::open(c).unwrap();
+    for k in [
+        "../x",
+        "/etc/passwd",
+        "a//b",
+        "a/./b",
+        ".tmp/x",
+        "",
+        "a b",
+        "a/",
+    ] {
+        assert!(matches!(s.put(k, b"x"), Err(E::BadKey { .. })), "{k}");
+        assert!(matches!(s.get(k), Err(E::BadKey { .. })), "{k}");
+        assert!(matches!(s.delete(k), Err(E::BadKey { .. })), "{k}");
+        assert!(
+            matches!(s.create_if_absent(k, b"x"), Err(E::BadKey { .. })),
+            "{k}"
+        );
+    }
+    assert!(matches!(s.list("../", None), Err(E::BadKey { .. })));
+    assert!(matches!(
+        s.delete_many(&["ok", "../x"]),
+        Err(E::BadKey { .. })
+    ));
+}
+
+#[test]
+fn ranged_reads() {
+    let (_server, s) = store();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    s.put("blobs/r.mvps-blob", &data).unwrap();
+    let b = s.open_blob("blobs/r.mvps-blob").unwrap();
+    assert_eq!(b.size_bytes(), data.len() as u64);
+    for (off, len) in [(0, 1), (0, 100_000), (99_999, 1), (4096, 8192), (12_345, 1)] {
+        let mut buf = vec![0u8; len];
+        b.read_at(off as u64, &mut buf).unwrap();
+        assert_eq!(buf, &data[off..off + len], "{off}+{len}");
+    }
+    b.read_at(100_000, &mut []).unwrap();
+    assert!(matches!(
+        b.read_at(99_999, &mut [0u8; 2]),
+        Err(E::Remote { .. })
+    ));
+    assert!(matches!(
+        b.read_at(u64::MAX, &mut [0u8; 2]),
+        Err(E::Remote { .. })
+    ));
+}
+
+#[test]
+fn multipart_put_file() {
+    let (_server, s) = store();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big");
+    let size = 40 << 20;
+    let data: Vec<u8> = (0..size as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    s.put_file("blobs/big.mvps-blob", &path).unwrap();
+    let b = s.open_blob("blobs/big.mvps-blob").unwrap();
+    assert_eq!(b.size_bytes(), size as u64);
+    // Across the boundary of parts 1 and 2.
+    let at = MULTIPART_PART_BYTES as usize - 10;
+    let mut buf = vec![0u8; 20];
+    b.read_at(at as u64, &mut buf).unwrap();
+    assert_eq!(buf, &data[at..at + 20]);
+    assert!(
+        s.get("blobs/big.mvps-blob").unwrap() == data,
+        "content differs"
+    );
+    // Below the threshold: one PUT.
+    std::fs::write(&path, b"small").unwrap();
+    s.put_file("blobs/small.mvps-blob", &path).unwrap();
+    assert_eq!(s.get("blobs/small.mvps-blob").unwrap(), b"small");
+    let missing = s.put_file("blobs/m.mvps-blob", &dir.path().join("nope"));
+    assert!(matches!(missing, Err(E::Io { .. })));
+}
+
+#[test]
+fn pagination_with_small_pages() {
+    let server = testing::shared();
+    let bucket = server.fresh_bucket();
+    let mut c = server.config(&bucket, "p");
+    c.list_page_keys = 7;
+    let s = S3Store::open(c).unwrap();
+    assert_eq!(s.prefix(), "p/");
+    let keys: Vec<String> = (0..50).map(|i| format!("gcmark/k{i:03}")).collect();
+    for k in &keys {
+        s.put(k, k.as_bytes()).unwrap();
+    }
+    // A sibling prefix and an object outside the store prefix must not show up.
+    s.put("gcmarx", b"x").unwrap();
+    S3Store::open(server.config(&bucket, "q/"))
+        .unwrap()
+        .put("gcmark/z", b"z")
+        .unwrap();
+    let all: Vec<String> = s
+        .list("gcmark/", None)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(all, keys);
+    for limit in [0, 1, 7, 8, 20, 50, 60] {
+        let l = s.list("gcmark/", Some(limit)).unwrap();
+        assert_eq!(l.len(), limit.min(50), "limit {limit}");
+        assert!(
+            l.iter().zip(&keys).all(|(o, k)| &o.key == k),
+            "limit {limit}"
+        );
+    }
+}
+
+#[test]
+fn more_than_a_thousand_keys_and_batch_delete() {
+    let (_server, s) = store();
+    let keys: Vec<String> = (0..1100)
+        .map(|i| format!("blobs/{i:05}.mvps-blob"))
+        .collect();
+    std::thread::scope(|scope| {
+        for chunk in keys.chunks(138) {
+            let s = &s;
+            scope.spawn(move || chunk.iter().for_each(|k| s.put(k, b"").unwrap()));
+        }
+    });
+    let listed = s.list("blobs/", None).unwrap();
+    assert_eq!(listed.len(), 1100);
+    assert!(listed.iter().zip(&keys).all(|(o, k)| &o.key == k));
+    assert_eq!(s.list("blobs/", Some(1001)).unwrap().len(), 1001);
+    // Two DeleteObjects batches (1000 + 101), one key never existed.
+    let mut doomed = keys.clone();
+    doomed.push("blobs/missing.mvps-blob".into());
+    s.delete_many(&doomed).unwrap();
+    assert!(s.list("blobs/", None).unwrap().is_empty());
+    s.delete_many::<&str>(&[]).unwrap();
+}
+
+#[test]
+fn not_found_mapping() {
+    let (_server, s) = store();
+    let missing = s.get("images/none/1.json");
+    assert!(matches!(missing, Err(E::NotFound { ref key }) if key == "images/none/1.json"));
+    assert!(matches!(
+        s.open_blob("blobs/none.mvps-blob"),
+        Err(E::NotFound { .. })
+    ));
+    s.delete("blobs/none.mvps-blob").unwrap();
+    assert!(s.list("images/none/", None).unwrap().is_empty());
+}
+
+#[test]
+fn startup_check_and_probe() {
+    let (_server, s) = store();
+    s.check_bucket().unwrap();
+    // The probe cleaned up after itself.
+    assert!(s.list("", None).unwrap().is_empty());
+}
+
+#[test]
+fn wrong_bucket_is_explained() {
+    let server = testing::shared();
+    let s = S3Store::open(server.config("mvps-no-such-bucket", "test/")).unwrap();
+    let m = expect_remote(s.check_bucket());
+    assert!(
+        m.contains("bucket \"mvps-no-such-bucket\" does not exist"),
+        "{m}"
+    );
+    assert!(m.contains(server.endpoint()), "{m}");
+    let m = expect_remote(s.get("images/a/1.json"));
+    assert!(
+        m.contains("does not exist") && m.contains("s3://mvps-no-such-bucket/test/images/a/1.json"),
+        "{m}"
+    );
+    let m = expect_remote(s.delete("images/a/1.json"));
+    assert!(m.contains("does not exist"), "{m}");
+}
+
+#[test]
+fn wrong_credentials_are_explained() {
+    let server = testing::shared();
+    let bucket = server.fresh_bucket();
+    let mut c = server.config(&bucket, "test/");
+    c.secret_access_key = "not-the-secret".into();
+    let s = S3Store::open(c).unwrap();
+    let m = expect_remote(s.check_bucket());
+    assert!(m.contains("AWS_SECRET_ACCESS_KEY"), "{m}");
+    assert!(m.contains(&bucket), "{m}");
+    let m = expect_remote(s.put("blobs/x.mvps-blob", b"x"));
+    assert!(m.contains("AWS_SECRET_ACCESS_KEY"), "{m}");
+
+    let mut c = server.config(&bucket, "test/");
+    c.access_key_id = "nobody".into();
+    let m = expect_remote(S3Store::open(c).unwrap().check_bucket());
+    assert!(m.contains("AWS_ACCESS_KEY_ID"), "{m}");
+}
+
+#[test]
+fn unreachable_endpoint_is_unavailable() {
+    let s = S3Store::open(testing::unreachable_config()).unwrap();
+    let started = std::time::Instant::now();
+    match s.get("images/a/1.json") {
+        Err(E::Unavailable { key, message }) => {
+            assert_eq!(key, "images/a/1.json");
+            assert!(
+                message.contains(&format!("{} attempts", retry::REQUEST_ATTEMPTS_MAX)),
+                "{message}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // Connection refused is immediate: the time is the backoff, which is bounded.
+    let worst: std::time::Duration = (1..retry::REQUEST_ATTEMPTS_MAX)
+        .map(retry::backoff_ceiling)
+        .sum();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed <= worst + std::time::Duration::from_secs(5),
+        "{elapsed:?} > {worst:?}"
+    );
+}
+
+#[test]
+fn config_from_environment() {
+    let env = |k: &str| match k {
+        "AWS_ACCESS_KEY_ID" => Some("id".to_string()),
+        "AWS_SECRET_ACCESS_KEY" => Some("secret".to_string()),
+        "S3_ENDPOINT" => Some(String::new()),
+        _ => None,
+    };
+    let c = S3Config::from_lookup("bkt", "test/", env).unwrap();
+    assert_eq!(c.region, "us-east-1");
+    assert_eq!(c.endpoint, None, "an empty S3_ENDPOINT means AWS");
+    assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+    let s = S3Store::open(c).unwrap();
+    assert_eq!(s.endpoint(), "https://s3.us-east-1.amazonaws.com");
+    let e = S3Config::from_lookup("bkt", "", |k| {
+        (k == "AWS_ACCESS_KEY_ID").then(|| "id".into())
+    });
+    assert!(e.unwrap_err().contains("AWS_SECRET_ACCESS_KEY"));
+    let mut bad = S3Config::from_lookup("Bad_Bucket", "", env).unwrap();
+    assert!(matches!(S3Store::open(bad.clone()), Err(E::Remote { .. })));
+    bad.bucket = "good".into();
+    bad.prefix = "../x".into();
+    assert!(matches!(S3Store::open(bad), Err(E::Remote { .. })));
+}
+
+#[test]
+fn seaweedfs_is_installed() {
+    let v = SeaweedFs::version().unwrap_or_else(|e| panic!("{e}"));
+    assert!(v.contains("version"), "{v}");
+}
