@@ -502,3 +502,5 @@ impl ImageStore for S3Store {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_faults;
