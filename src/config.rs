@@ -69,6 +69,16 @@ pub struct Config {
     #[argh(option, default = "50_000")]
     pub write_throttle_threshold_pages: u64,
 
+    /// largest transaction, in bytes of written data; a transaction growing past it fails with
+    /// ENOSPC and is rolled back (default 1073741824)
+    #[argh(option, default = "1 << 30")]
+    pub txn_bytes_max: u64,
+
+    /// how long a transaction may hold the image write lock (LOCK_TXN) while other writers
+    /// wait, in milliseconds; past it the transaction is rolled back (default 30000)
+    #[argh(option, default = "30_000")]
+    pub txn_lock_timeout_ms: u64,
+
     /// serve and buffer writes, but never upload layers or manifests to the image store
     #[argh(switch)]
     pub disable_image_store_write: bool,
@@ -97,6 +107,8 @@ pub const FLAGS: &[(&str, bool)] = &[
     ("image-cache-size-bytes", true),
     ("image-cache-block-size-bytes", true),
     ("write-throttle-threshold-pages", true),
+    ("txn-bytes-max", true),
+    ("txn-lock-timeout-ms", true),
     ("disable-image-store-write", false),
     ("log-level", true),
 ];

@@ -53,6 +53,8 @@ fn run(c: Config) -> Result<(), String> {
         write_throttle_threshold_pages: c.write_throttle_threshold_pages,
         disable_image_store_write: c.disable_image_store_write,
         wal_rewrite_dead_bytes_min: mvps::limits::WAL_REWRITE_DEAD_BYTES_MIN,
+        txn_bytes_max: c.txn_bytes_max,
+        txn_lock_timeout_ms: c.txn_lock_timeout_ms,
     };
     let buffer_path = c.buffer_store_path();
     let buffer = Arc::new(BufferStore::open(&buffer_path, store.clone(), session_cfg)?);

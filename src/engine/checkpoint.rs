@@ -217,6 +217,10 @@ impl Session {
     /// dead). Writers wait meanwhile; readers keep reading the old file through their handle.
     fn maybe_rewrite_wal(&self) -> Result<()> {
         let mut w = self.writer.lock().unwrap();
+        if w.txns.open > 0 {
+            // Open transactions hold WAL offsets of their records; rewrite later.
+            return Ok(());
+        }
         let live: Vec<Extent<BufVal>> = self.view.read().unwrap().index.iter().collect();
         let live_bytes: u64 = live
             .iter()

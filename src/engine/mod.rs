@@ -9,6 +9,7 @@ pub mod layer;
 pub mod manifest;
 pub mod open;
 pub mod session;
+pub mod txn;
 pub mod wal;
 
 #[cfg(test)]
@@ -34,6 +35,11 @@ pub enum Error {
     Refused { image: String, why: String },
     /// A request the engine cannot serve (out of range after validation, too large).
     Invalid { image: String, why: String },
+    /// Optimistic concurrency: something committed since BEGIN, or the transaction lost the
+    /// write lock to its timeout. The client should roll back and retry.
+    Conflict { image: String, why: String },
+    /// A transaction grew past `txn_bytes_max`.
+    TxnTooLarge { image: String, max: u64 },
     /// The server is shutting down or the session closed.
     ShuttingDown { image: String },
 }
@@ -51,6 +57,10 @@ impl fmt::Display for Error {
             ),
             Error::Refused { image, why } => write!(f, "image {image}: {why}"),
             Error::Invalid { image, why } => write!(f, "image {image}: {why}"),
+            Error::Conflict { image, why } => write!(f, "image {image}: transaction conflict: {why}"),
+            Error::TxnTooLarge { image, max } => {
+                write!(f, "image {image}: transaction larger than {max} bytes; rolled back")
+            }
             Error::ShuttingDown { image } => write!(f, "image {image}: shutting down"),
         }
     }

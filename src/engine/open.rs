@@ -125,6 +125,7 @@ fn resume(
         next_txn_id: rec.next_txn_id,
         change_count: rec.max_change_count.max(base),
         manifest,
+        txns: Default::default(),
     };
     if w.manifest.is_none() && !buffer.cfg.disable_image_store_write {
         // The store has no manifest (new or wiped store): publish generation 1 as ours.
@@ -172,7 +173,14 @@ fn take_over(
     let wal = WalFile::create(&path, &header)
         .map_err(|source| Error::Io { image: image.clone(), op: "create WAL", source })?;
     let base_cc = manifest.as_ref().map(|m| m.change_count).unwrap_or(0);
-    let mut w = WriterState { wal, next_seq: 1, next_txn_id: 1, change_count: base_cc, manifest };
+    let mut w = WriterState {
+        wal,
+        next_seq: 1,
+        next_txn_id: 1,
+        change_count: base_cc,
+        manifest,
+        txns: Default::default(),
+    };
     if buffer.cfg.disable_image_store_write {
         log::info!("image {image_id}: new writer {} (image store writes disabled)", writer_id_hex(writer_id));
         return Ok((w, ExtentMap::new()));

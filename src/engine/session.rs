@@ -10,6 +10,7 @@ use super::buffer::BufferStore;
 use super::extent::{gaps, ExtentMap, ExtentValue};
 use super::layer::{Layer, LayerVal};
 use super::manifest::Manifest;
+use super::txn::Txn;
 use super::wal::{Kind, Record, WalFile, FLAG_SELF_COMMIT};
 use super::{Error, Result};
 use std::fs::File;
@@ -26,6 +27,10 @@ pub struct SessionConfig {
     pub disable_image_store_write: bool,
     /// Rewrite the WAL once this many bytes are dead (and dead outnumber live).
     pub wal_rewrite_dead_bytes_min: u64,
+    /// Largest transaction (bytes of page data); larger ones fail with ENOSPC.
+    pub txn_bytes_max: u64,
+    /// How long a LOCK_TXN holder may block other writers.
+    pub txn_lock_timeout_ms: u64,
 }
 
 /// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
@@ -67,6 +72,8 @@ pub struct WriterState {
     pub change_count: u64,
     /// The newest manifest we wrote or resumed from (None: never written, uploads disabled).
     pub manifest: Option<Manifest>,
+    /// Transaction state shared by all connections (see `txn.rs`).
+    pub txns: super::txn::TxnTable,
 }
 
 /// What reads see.
@@ -81,6 +88,15 @@ pub struct View {
 pub enum PageOp<'a> {
     Data { first_page: u64, data: &'a [u8] },
     Zero { first_page: u64, count: u64 },
+}
+
+impl PageOp<'_> {
+    fn payload_len(&self) -> u64 {
+        match self {
+            PageOp::Data { data, .. } => data.len() as u64,
+            PageOp::Zero { .. } => 0,
+        }
+    }
 }
 
 pub struct Session {
@@ -101,6 +117,8 @@ pub struct Session {
     /// Signalled after each checkpoint, for throttled writers.
     pub(super) drained: (Mutex<u64>, Condvar),
     pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
+    pub(super) lock_cv: Condvar,
     /// Serves the requests of every connection to this image.
     pub workers: Mutex<threadpool::ThreadPool>,
 }
@@ -135,6 +153,7 @@ impl Session {
             wake: (Mutex::new(false), Condvar::new()),
             drained: (Mutex::new(0), Condvar::new()),
             checkpoint_thread: Mutex::new(None),
+            lock_cv: Condvar::new(),
             workers: Mutex::new(
                 threadpool::Builder::new()
                     .num_threads(crate::limits::SESSION_WORKER_THREADS)
@@ -197,8 +216,9 @@ impl Session {
 
     // ---------------------------------------------------------------- reads
 
-    /// Reads `buf.len()` bytes at byte `offset` (any alignment). The range is pre-validated.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Reads `buf.len()` bytes at byte `offset` (any alignment), through `txn`'s own writes
+    /// if given (read-your-writes). The range is pre-validated.
+    pub fn read(&self, txn: Option<&Txn>, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_usable()?;
         if buf.is_empty() {
             return Ok(());
@@ -207,19 +227,26 @@ impl Session {
         let first = offset / ps;
         let last = (offset + buf.len() as u64 - 1) / ps;
         let n = last - first + 1;
+        let overlay = txn.map(|t| &t.overlay);
         if offset % ps == 0 && buf.len() as u64 % ps == 0 {
-            return self.read_pages(first, n, buf);
+            return self.read_pages(overlay, first, n, buf);
         }
         let mut scratch = vec![0u8; (n * ps) as usize];
-        self.read_pages(first, n, &mut scratch)?;
+        self.read_pages(overlay, first, n, &mut scratch)?;
         let skip = (offset - first * ps) as usize;
         buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
         Ok(())
     }
 
     /// Reads whole pages `[first, first+n)` into `buf` (exactly `n` pages long).
-    pub fn read_pages(&self, first: u64, n: u64, buf: &mut [u8]) -> Result<()> {
-        let (pieces, wal) = self.resolve(first, n);
+    pub fn read_pages(
+        &self,
+        overlay: Option<&ExtentMap<BufVal>>,
+        first: u64,
+        n: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let (pieces, wal) = self.resolve(overlay, first, n);
         let bits = self.page_size_bits;
         for (start, len, src) in pieces {
             let at = ((start - first) << bits) as usize;
@@ -235,16 +262,29 @@ impl Session {
         Ok(())
     }
 
-    /// Maps pages to their newest location: buffer, then layers newest first, then zeros.
-    fn resolve(&self, first: u64, n: u64) -> (Vec<(u64, u64, Src)>, Arc<File>) {
+    /// Maps pages to their newest location: the transaction overlay, the buffer, then layers
+    /// newest first, then zeros.
+    fn resolve(
+        &self,
+        overlay: Option<&ExtentMap<BufVal>>,
+        first: u64,
+        n: u64,
+    ) -> (Vec<(u64, u64, Src)>, Arc<File>) {
         let view = self.view.read().unwrap();
         let mut pieces = Vec::new();
-        let found = view.index.lookup(first, n);
-        for e in &found {
-            let src = if e.value.is_zero() { Src::Zero } else { Src::Wal(e.value.offset) };
-            pieces.push((e.start, e.len, src));
+        let mut todo = vec![(first, n)];
+        for map in overlay.into_iter().chain(std::iter::once(&view.index)) {
+            let mut next = Vec::new();
+            for (s, l) in todo {
+                let found = map.lookup(s, l);
+                for e in &found {
+                    let src = if e.value.is_zero() { Src::Zero } else { Src::Wal(e.value.offset) };
+                    pieces.push((e.start, e.len, src));
+                }
+                next.extend(gaps(s, l, &found));
+            }
+            todo = next;
         }
-        let mut todo = gaps(first, n, &found);
         for layer in &view.layers {
             if todo.is_empty() {
                 break;
@@ -271,36 +311,38 @@ impl Session {
 
     // ---------------------------------------------------------------- writes
 
-    /// Writes `data` at byte `offset` (any alignment); one committed change.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` at byte `offset` (any alignment): one committed change, or part of `txn`.
+    pub fn write(&self, txn: Option<&mut Txn>, offset: u64, data: &[u8]) -> Result<()> {
         self.check_usable()?;
         if data.is_empty() {
             return Ok(());
         }
-        self.throttle();
-        let mut w = self.writer.lock().unwrap();
-        self.check_usable()?;
+        if txn.is_none() {
+            self.throttle();
+        }
+        let mut w = self.lock_writer(txn.as_deref())?;
         let ps = self.page_size();
         if offset % ps == 0 && data.len() as u64 % ps == 0 {
             let op = PageOp::Data { first_page: offset / ps, data };
-            return self.commit_ops(&mut w, &[op]);
+            return self.append_ops(&mut w, txn, &[op]);
         }
-        let merged = self.merge_partial(offset, data)?;
+        let merged = self.merge_partial(txn.as_deref(), offset, data)?;
         let op = PageOp::Data { first_page: offset / ps, data: &merged };
-        self.commit_ops(&mut w, &[op])
+        self.append_ops(&mut w, txn, &[op])
     }
 
     /// Whole pages covering `[offset, offset+data.len())` with `data` laid over current contents.
-    fn merge_partial(&self, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
+    fn merge_partial(&self, txn: Option<&Txn>, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
         let ps = self.page_size();
         let first = offset / ps;
         let last = (offset + data.len() as u64 - 1) / ps;
         let mut pages = vec![0u8; ((last - first + 1) * ps) as usize];
+        let overlay = txn.map(|t| &t.overlay);
         // Only the edge pages need their old contents; the middle is overwritten.
-        self.read_pages(first, 1, &mut pages[..ps as usize])?;
+        self.read_pages(overlay, first, 1, &mut pages[..ps as usize])?;
         if last != first {
             let at = ((last - first) * ps) as usize;
-            self.read_pages(last, 1, &mut pages[at..])?;
+            self.read_pages(overlay, last, 1, &mut pages[at..])?;
         }
         let skip = (offset - first * ps) as usize;
         pages[skip..skip + data.len()].copy_from_slice(data);
@@ -309,31 +351,39 @@ impl Session {
 
     /// Zeros `[offset, offset+len)`: whole pages become zero extents (no data written) unless
     /// `allocate` (NBD_CMD_FLAG_NO_HOLE), partial edge pages are read-modify-written.
-    pub fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> Result<()> {
+    pub fn write_zeroes(
+        &self,
+        txn: Option<&mut Txn>,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+    ) -> Result<()> {
         self.check_usable()?;
         if len == 0 {
             return Ok(());
         }
-        self.throttle();
+        if txn.is_none() {
+            self.throttle();
+        }
         let ps = self.page_size();
         let end = offset + len;
         let inner_first = offset.div_ceil(ps);
         let inner_end = end / ps;
-        let mut w = self.writer.lock().unwrap();
-        self.check_usable()?;
+        let mut w = self.lock_writer(txn.as_deref())?;
+        let t = txn.as_deref();
         let mut edges = Vec::new();
         if inner_first > inner_end {
             // Entirely inside one page.
-            edges.push((offset, self.merge_partial(offset, &vec![0u8; len as usize])?));
+            edges.push((offset, self.merge_partial(t, offset, &vec![0u8; len as usize])?));
         } else {
             if offset % ps != 0 {
                 let head = inner_first * ps - offset;
-                edges.push((offset, self.merge_partial(offset, &vec![0u8; head as usize])?));
+                edges.push((offset, self.merge_partial(t, offset, &vec![0u8; head as usize])?));
             }
-            if end % ps != 0 && end / ps >= inner_first {
+            if end % ps != 0 {
                 let tail_start = inner_end * ps;
                 let tail = vec![0u8; (end - tail_start) as usize];
-                edges.push((tail_start, self.merge_partial(tail_start, &tail)?));
+                edges.push((tail_start, self.merge_partial(t, tail_start, &tail)?));
             }
         }
         let mut ops: Vec<PageOp> =
@@ -348,26 +398,44 @@ impl Session {
                 let mut p = inner_first;
                 while p < inner_end {
                     let n = chunk_pages.min(inner_end - p);
-                    ops.push(PageOp::Data { first_page: p, data: &zero_chunk[..(n * ps) as usize] });
+                    let data = &zero_chunk[..(n * ps) as usize];
+                    ops.push(PageOp::Data { first_page: p, data });
                     p += n;
                 }
             } else {
                 ops.push(PageOp::Zero { first_page: inner_first, count });
             }
         }
-        self.commit_ops(&mut w, &ops)
+        self.append_ops(&mut w, txn, &ops)
     }
 
-    /// Appends `ops` to the WAL as one committed change and publishes them to readers.
-    /// One op is a self-committing record; several are a transaction plus a commit record.
-    pub(super) fn commit_ops(&self, w: &mut WriterState, ops: &[PageOp]) -> Result<()> {
+    /// Appends `ops` to the WAL. Without a transaction they are one committed change (one
+    /// self-committing record, or records plus a commit record) published to readers at
+    /// once; with one they join the transaction's overlay, invisible to everyone else.
+    pub(super) fn append_ops(
+        &self,
+        w: &mut WriterState,
+        txn: Option<&mut Txn>,
+        ops: &[PageOp],
+    ) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
         let change = w.change_count + 1;
-        let single = ops.len() == 1;
-        let txn_id = w.next_txn_id;
-        w.next_txn_id += 1;
+        let self_commit = txn.is_none() && ops.len() == 1;
+        let txn_id = match &txn {
+            Some(t) => t.id,
+            None => {
+                w.next_txn_id += 1;
+                w.next_txn_id - 1
+            }
+        };
+        if let Some(t) = &txn {
+            let bytes: u64 = ops.iter().map(PageOp::payload_len).sum();
+            if t.bytes + bytes > self.buffer.cfg.txn_bytes_max {
+                return Err(Error::TxnTooLarge { image: self.image_id.clone(), max: self.buffer.cfg.txn_bytes_max });
+            }
+        }
         let mut placed = Vec::with_capacity(ops.len());
         for op in ops {
             let (kind, first_page, count, data): (Kind, u64, u64, &[u8]) = match op {
@@ -378,10 +446,10 @@ impl Session {
             };
             let rec = Record {
                 kind,
-                flags: if single { FLAG_SELF_COMMIT } else { 0 },
+                flags: if self_commit { FLAG_SELF_COMMIT } else { 0 },
                 seq: w.next_seq,
                 txn_id,
-                change_count: if single { change } else { 0 },
+                change_count: if self_commit { change } else { 0 },
                 first_page,
                 page_count: count,
                 payload_len: data.len() as u32,
@@ -390,23 +458,20 @@ impl Session {
             let off = w.wal.append(&rec, data).map_err(self.io_err("append to WAL"))?;
             placed.push((first_page, count, (kind == Kind::Data).then_some(off)));
         }
-        if !single {
-            let rec = Record {
-                kind: Kind::Commit,
-                flags: 0,
-                seq: w.next_seq,
-                txn_id,
-                change_count: change,
-                first_page: 0,
-                page_count: 0,
-                payload_len: 0,
-            };
-            w.next_seq += 1;
-            w.wal.append(&rec, &[]).map_err(self.io_err("append commit to WAL"))?;
-        }
-        w.change_count = change;
         self.write_seq.fetch_add(1, Ordering::AcqRel);
         let bits = self.page_size_bits as u8;
+        if let Some(t) = txn {
+            for (first, count, off) in placed {
+                let offset = off.unwrap_or(BufVal::ZERO);
+                t.overlay.insert(first, count, BufVal { change: 0, offset, page_size_bits: bits });
+                t.bytes += if off.is_some() { count << bits } else { 0 };
+            }
+            return Ok(());
+        }
+        if !self_commit {
+            self.append_commit(w, txn_id, change)?;
+        }
+        w.change_count = change;
         let mut view = self.view.write().unwrap();
         for (first, count, off) in placed {
             let offset = off.unwrap_or(BufVal::ZERO);
@@ -418,6 +483,28 @@ impl Session {
             self.wake_checkpoint();
         }
         Ok(())
+    }
+
+    /// Appends the COMMIT (or ABORT) record of transaction `txn_id`.
+    pub(super) fn append_end(&self, w: &mut WriterState, kind: Kind, txn_id: u64, change: u64) -> Result<()> {
+        let rec = Record {
+            kind,
+            flags: 0,
+            seq: w.next_seq,
+            txn_id,
+            change_count: change,
+            first_page: 0,
+            page_count: 0,
+            payload_len: 0,
+        };
+        w.next_seq += 1;
+        w.wal.append(&rec, &[]).map_err(self.io_err("append to WAL"))?;
+        self.write_seq.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn append_commit(&self, w: &mut WriterState, txn_id: u64, change: u64) -> Result<()> {
+        self.append_end(w, Kind::Commit, txn_id, change)
     }
 
     /// Slows writers while the buffer is over its threshold and uploads can drain it.

@@ -28,6 +28,8 @@ pub(crate) fn cfg() -> SessionConfig {
         write_throttle_threshold_pages: 1 << 40,
         disable_image_store_write: false,
         wal_rewrite_dead_bytes_min: 4096,
+        txn_bytes_max: 64 << 20,
+        txn_lock_timeout_ms: 500,
     }
 }
 
@@ -43,7 +45,7 @@ fn local(dir: &Path) -> Arc<dyn ImageStore> {
 
 fn check_all(s: &Session, model: &[u8]) {
     let mut got = vec![0u8; model.len()];
-    s.read(0, &mut got).unwrap();
+    s.read(None, 0, &mut got).unwrap();
     if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
         panic!("byte {i}: engine has {}, model has {}", got[i], model[i]);
     }
@@ -63,16 +65,16 @@ pub(crate) fn run_model(dir: &Path, store: Arc<dyn ImageStore>, seed: u64, steps
             0..=8 => {
                 let fill = (step % 251) as u8 + 1;
                 let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
-                s.write(off, &data).unwrap();
+                s.write(None, off, &data).unwrap();
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             9..=10 => {
-                s.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                s.write_zeroes(None, off, len, rng.below(2) == 0).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
             11..=12 => {
                 let mut got = vec![0u8; len as usize];
-                s.read(off, &mut got).unwrap();
+                s.read(None, off, &mut got).unwrap();
                 assert_eq!(got, &model[off as usize..(off + len) as usize], "step {step}");
             }
             13 => s.flush().unwrap(),
@@ -108,15 +110,15 @@ fn lost_buffer_store_keeps_checkpointed_data() {
     let dir = tempfile::tempdir().unwrap();
     let store = local(dir.path());
     let (b, s) = open(dir.path(), store.clone(), 12);
-    s.write(0, &[7u8; 8192]).unwrap();
+    s.write(None, 0, &[7u8; 8192]).unwrap();
     s.checkpoint().unwrap();
-    s.write(4096, &[9u8; 4096]).unwrap();
+    s.write(None, 4096, &[9u8; 4096]).unwrap();
     b.shutdown();
     drop((s, b));
     std::fs::remove_dir_all(dir.path().join("buffer")).unwrap();
     let (b, s) = open(dir.path(), store, 12);
     let mut got = vec![0u8; 8192];
-    s.read(0, &mut got).unwrap();
+    s.read(None, 0, &mut got).unwrap();
     assert_eq!(got, vec![7u8; 8192]);
     b.shutdown();
 }
@@ -128,16 +130,16 @@ fn takeover_fences_old_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store = local(dir.path());
     let (b1, s1) = open(dir.path(), store.clone(), 12);
-    s1.write(0, &[1u8; 4096]).unwrap();
+    s1.write(None, 0, &[1u8; 4096]).unwrap();
     s1.checkpoint().unwrap();
     let b2 = Arc::new(BufferStore::open(&dir.path().join("buffer2"), store.clone(), cfg()).unwrap());
     let s2 = b2.attach("model.mvps-image", 12).unwrap();
-    s1.write(0, &[2u8; 4096]).unwrap();
+    s1.write(None, 0, &[2u8; 4096]).unwrap();
     let err = s1.checkpoint().unwrap_err();
     assert!(matches!(err, super::Error::Fenced { .. }), "{err}");
-    assert!(s1.write(0, &[3u8; 4096]).is_err(), "a fenced session refuses writes");
+    assert!(s1.write(None, 0, &[3u8; 4096]).is_err(), "a fenced session refuses writes");
     let mut got = vec![0u8; 4096];
-    s2.read(0, &mut got).unwrap();
+    s2.read(None, 0, &mut got).unwrap();
     assert_eq!(got, vec![1u8; 4096]);
     // The old buffer store, restarted, refuses to serve the image it no longer owns.
     b1.shutdown();
@@ -153,7 +155,7 @@ fn page_size_mismatch_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = local(dir.path());
     let (b, s) = open(dir.path(), store.clone(), 12);
-    s.write(0, &[1u8; 10]).unwrap();
+    s.write(None, 0, &[1u8; 10]).unwrap();
     b.shutdown();
     drop((s, b));
     let b = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg()).unwrap());
@@ -167,4 +169,116 @@ fn second_process_on_buffer_store_refused() {
     let _b = BufferStore::open(&dir.path().join("buffer"), store.clone(), cfg()).unwrap();
     let e = BufferStore::open(&dir.path().join("buffer"), store, cfg()).err().unwrap();
     assert!(e.contains("in use by another mvps-te"), "{e}");
+}
+
+mod txn {
+    use super::*;
+    use crate::engine::Error;
+
+    fn read(s: &Session, off: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        s.read(None, off, &mut b).unwrap();
+        b
+    }
+
+    /// Read-your-writes inside, invisible outside until COMMIT, then visible at once.
+    #[test]
+    fn isolation_and_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = open(dir.path(), local(dir.path()), 9);
+        let mut t = s.begin().unwrap();
+        s.write(Some(&mut t), 100, &[5u8; 1000]).unwrap();
+        s.write_zeroes(Some(&mut t), 300, 10, false).unwrap();
+        let mut mine = vec![0u8; 1200];
+        s.read(Some(&t), 0, &mut mine).unwrap();
+        assert_eq!(&mine[100..300], &[5u8; 200][..]);
+        assert_eq!(&mine[300..310], &[0u8; 10][..]);
+        assert_eq!(&mine[310..1100], &[5u8; 790][..]);
+        assert_eq!(read(&s, 0, 1200), vec![0u8; 1200], "others see nothing before COMMIT");
+        s.commit(t).unwrap();
+        assert_eq!(read(&s, 0, 1200), mine);
+        b.shutdown();
+    }
+
+    #[test]
+    fn rollback_discards() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = open(dir.path(), local(dir.path()), 9);
+        s.write(None, 0, &[1u8; 512]).unwrap();
+        let mut t = s.begin().unwrap();
+        s.write(Some(&mut t), 0, &[2u8; 512]).unwrap();
+        s.rollback(t);
+        assert_eq!(read(&s, 0, 512), vec![1u8; 512]);
+        b.shutdown();
+    }
+
+    /// LOCK fails once anything committed since BEGIN (a plain write counts).
+    #[test]
+    fn lock_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = open(dir.path(), local(dir.path()), 9);
+        let mut t = s.begin().unwrap();
+        s.write(None, 0, &[1u8; 10]).unwrap();
+        assert!(matches!(s.lock(&mut t), Err(Error::Conflict { .. })));
+        s.rollback(t);
+        let mut t = s.begin().unwrap();
+        s.lock(&mut t).unwrap();
+        s.write(Some(&mut t), 0, &[3u8; 10]).unwrap();
+        s.commit(t).unwrap();
+        assert_eq!(read(&s, 0, 10), vec![3u8; 10]);
+        b.shutdown();
+    }
+
+    /// While a transaction holds the lock, plain writes wait; a holder past the timeout loses
+    /// the lock and its COMMIT fails.
+    #[test]
+    fn lock_blocks_writers_until_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = open(dir.path(), local(dir.path()), 9);
+        let mut t = s.begin().unwrap();
+        s.lock(&mut t).unwrap();
+        s.write(Some(&mut t), 0, &[7u8; 10]).unwrap();
+        let started = std::time::Instant::now();
+        s.write(None, 512, &[1u8; 10]).unwrap(); // waits for the 500 ms lock timeout
+        assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+        assert!(matches!(s.commit(t), Err(Error::Conflict { .. })));
+        assert_eq!(read(&s, 0, 10), vec![0u8; 10], "the expired transaction never lands");
+        b.shutdown();
+    }
+
+    /// A transaction is in the WAL as one unit: committed ones survive a restart whole,
+    /// uncommitted ones vanish whole, and the change count moves once per commit.
+    #[test]
+    fn recovery_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        let (b, s) = open(dir.path(), store.clone(), 9);
+        let mut t1 = s.begin().unwrap();
+        s.write(Some(&mut t1), 0, &[1u8; 4096]).unwrap();
+        s.write(Some(&mut t1), 8192, &[1u8; 100]).unwrap();
+        s.commit(t1).unwrap();
+        let mut t2 = s.begin().unwrap();
+        s.write(Some(&mut t2), 0, &[2u8; 4096]).unwrap();
+        // Restart with t2 open: as if the process died before its COMMIT.
+        b.shutdown();
+        std::mem::forget(t2);
+        drop((s, b));
+        let (b, s) = open(dir.path(), store, 9);
+        assert_eq!(read(&s, 0, 4096), vec![1u8; 4096]);
+        assert_eq!(read(&s, 8192, 100), vec![1u8; 100]);
+        b.shutdown();
+    }
+
+    #[test]
+    fn too_large_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, s) = open(dir.path(), local(dir.path()), 12);
+        let mut t = s.begin().unwrap();
+        let big = vec![1u8; 32 << 20];
+        s.write(Some(&mut t), 0, &big).unwrap();
+        s.write(Some(&mut t), 32 << 20, &big).unwrap();
+        assert!(matches!(s.write(Some(&mut t), 64 << 20, &[1]), Err(Error::TxnTooLarge { .. })));
+        s.rollback(t);
+        b.shutdown();
+    }
 }

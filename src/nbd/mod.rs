@@ -41,8 +41,20 @@ pub trait Export: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> engine::Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> engine::Result<()>;
     fn flush(&self) -> engine::Result<()>;
+    /// The transactional extension (commands 64–67). Runs with no other request of this
+    /// connection in flight.
+    fn transaction(&self, cmd: TxnCommand) -> engine::Result<()>;
     /// Runs `job` on the export's worker pool.
     fn spawn(&self, job: Box<dyn FnOnce() + Send>);
+}
+
+/// The transactional extension's commands (DESIGN §6, docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnCommand {
+    Begin,
+    Commit,
+    Rollback,
+    Lock,
 }
 
 /// The one place engine errors become NBD error values.
@@ -51,7 +63,8 @@ pub fn errno_for(e: &engine::Error) -> u32 {
     match e {
         engine::Error::Invalid { .. } => NBD_EINVAL,
         engine::Error::ShuttingDown { .. } => NBD_ESHUTDOWN,
-        engine::Error::Refused { .. } => NBD_EPERM,
+        engine::Error::Refused { .. } | engine::Error::Conflict { .. } => NBD_EPERM,
+        engine::Error::TxnTooLarge { .. } => NBD_ENOSPC,
         engine::Error::Io { source, .. } if source.raw_os_error() == Some(28) => NBD_ENOSPC,
         engine::Error::Io { .. }
         | engine::Error::Store { .. }

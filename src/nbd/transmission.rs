@@ -7,7 +7,7 @@
 
 use super::consts::*;
 use super::stream::Stream;
-use super::{errno_for, Export};
+use super::{errno_for, Export, TxnCommand};
 use crate::limits::{CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, REQUEST_PAYLOAD_BYTES_MAX};
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,6 +52,8 @@ pub fn validate(r: &Request, size: u64) -> Result<(), u32> {
         NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
         NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
         NBD_CMD_FLUSH | NBD_CMD_DISC => 0,
+        NBD_CMD_MVPS_COMMIT_TXN => NBD_CMD_FLAG_FUA,
+        NBD_CMD_MVPS_BEGIN_TXN | NBD_CMD_MVPS_ROLLBACK_TXN | NBD_CMD_MVPS_LOCK_TXN => 0,
         _ => return Err(NBD_EINVAL),
     };
     if r.flags & !allowed_flags != 0 {
@@ -161,6 +163,14 @@ fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
         if r.kind == NBD_CMD_DISC {
             return Ok(());
         }
+        if let Some(cmd) = txn_command(r.kind) {
+            // A barrier: everything sent before it has been executed, nothing after it starts
+            // until it is done, so a transaction contains exactly the writes between its
+            // BEGIN and COMMIT in stream order.
+            conn.in_flight.wait_idle();
+            execute_txn(conn, &r, cmd);
+            continue;
+        }
         let bytes = if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) { r.length as u64 } else { 0 };
         conn.in_flight.acquire(bytes);
         let payload = if r.kind == NBD_CMD_WRITE {
@@ -178,6 +188,31 @@ fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
             execute(&c, &r, payload);
             c.in_flight.release(bytes);
         }));
+    }
+}
+
+fn txn_command(kind: u16) -> Option<TxnCommand> {
+    match kind {
+        NBD_CMD_MVPS_BEGIN_TXN => Some(TxnCommand::Begin),
+        NBD_CMD_MVPS_COMMIT_TXN => Some(TxnCommand::Commit),
+        NBD_CMD_MVPS_ROLLBACK_TXN => Some(TxnCommand::Rollback),
+        NBD_CMD_MVPS_LOCK_TXN => Some(TxnCommand::Lock),
+        _ => None,
+    }
+}
+
+fn execute_txn(conn: &Conn, r: &Request, cmd: TxnCommand) {
+    let e = &conn.export;
+    let mut result = e.transaction(cmd);
+    if result.is_ok() && cmd == TxnCommand::Commit && r.flags & NBD_CMD_FLAG_FUA != 0 {
+        result = e.flush();
+    }
+    match result {
+        Ok(()) => conn.reply(&simple_reply_header(0, r.cookie)),
+        Err(err) => {
+            log::info!("{}: {}: {err}", e.label(), name_of_cmd(r.kind));
+            conn.reply_error(r, errno_for(&err));
+        }
     }
 }
 
@@ -235,7 +270,10 @@ mod tests {
         assert_eq!(validate(&req(NBD_CMD_FLUSH, NBD_CMD_FLAG_FUA, 0, 0), size), Err(NBD_EINVAL));
         assert_eq!(validate(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Err(NBD_EINVAL));
         assert_eq!(validate(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Ok(()));
-        assert_eq!(validate(&req(NBD_CMD_MVPS_BEGIN_TXN, 0, 0, 0), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(NBD_CMD_MVPS_BEGIN_TXN, 0, 0, 0), size), Ok(()));
+        assert_eq!(validate(&req(NBD_CMD_MVPS_COMMIT_TXN, NBD_CMD_FLAG_FUA, 0, 0), size), Ok(()));
+        assert_eq!(validate(&req(NBD_CMD_MVPS_LOCK_TXN, NBD_CMD_FLAG_FUA, 0, 0), size), Err(NBD_EINVAL));
+        assert_eq!(validate(&req(68, 0, 0, 0), size), Err(NBD_EINVAL));
     }
 
     #[test]

@@ -4,9 +4,10 @@
 use crate::auth::{self, Claims};
 use crate::engine::{self, BufferStore, Session};
 use crate::nbd::consts::*;
-use crate::nbd::{Export, ExportInfo, Exports, Refusal};
+use crate::engine::txn::Txn;
+use crate::nbd::{Export, ExportInfo, Exports, Refusal, TxnCommand};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct EngineExports {
     pub buffer: Arc<BufferStore>,
@@ -55,21 +56,32 @@ impl Exports for EngineExports {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let label = format!("image {} conn {n}", claims.image_id);
         log::info!("{label}: connected from {peer}, size {}", claims.image_size);
-        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label }))
+        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label, txn: Mutex::new(None) }))
     }
 }
 
-/// One connection's handle on a session.
+/// One connection's handle on a session, with its open transaction, if any.
 pub struct ConnectionExport {
     info: ExportInfo,
     session: Arc<Session>,
     label: String,
+    txn: Mutex<Option<Txn>>,
 }
 
 impl Drop for ConnectionExport {
     fn drop(&mut self) {
+        if let Some(t) = self.txn.lock().unwrap().take() {
+            log::info!("{}: disconnected with a transaction open; rolled back", self.label);
+            self.session.rollback(t);
+        }
         log::info!("{}: disconnected", self.label);
         self.session.detach();
+    }
+}
+
+impl ConnectionExport {
+    fn misuse(&self, why: &str) -> engine::Error {
+        engine::Error::Invalid { image: self.session.image_id.clone(), why: why.to_string() }
     }
 }
 
@@ -81,17 +93,28 @@ impl Export for ConnectionExport {
         &self.label
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> engine::Result<()> {
-        self.session.read(offset, buf)
+        let txn = self.txn.lock().unwrap();
+        match txn.as_ref() {
+            Some(t) => self.session.read(Some(t), offset, buf),
+            None => {
+                drop(txn);
+                self.session.read(None, offset, buf)
+            }
+        }
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> engine::Result<()> {
-        self.session.write(offset, data)?;
+        let mut txn = self.txn.lock().unwrap();
+        self.session.write(txn.as_mut(), offset, data)?;
+        drop(txn);
         if fua {
             self.session.flush()?;
         }
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> engine::Result<()> {
-        self.session.write_zeroes(offset, len, no_hole)?;
+        let mut txn = self.txn.lock().unwrap();
+        self.session.write_zeroes(txn.as_mut(), offset, len, no_hole)?;
+        drop(txn);
         if fua {
             self.session.flush()?;
         }
@@ -103,6 +126,30 @@ impl Export for ConnectionExport {
     }
     fn flush(&self) -> engine::Result<()> {
         self.session.flush()
+    }
+    fn transaction(&self, cmd: TxnCommand) -> engine::Result<()> {
+        let mut slot = self.txn.lock().unwrap();
+        match (cmd, slot.take()) {
+            (TxnCommand::Begin, None) => {
+                *slot = Some(self.session.begin()?);
+                Ok(())
+            }
+            (TxnCommand::Begin, Some(t)) => {
+                *slot = Some(t);
+                Err(self.misuse("BEGIN_TXN with a transaction already open"))
+            }
+            (TxnCommand::Commit, Some(t)) => self.session.commit(t),
+            (TxnCommand::Rollback, Some(t)) => {
+                self.session.rollback(t);
+                Ok(())
+            }
+            (TxnCommand::Lock, Some(mut t)) => {
+                let r = self.session.lock(&mut t);
+                *slot = Some(t);
+                r
+            }
+            (_, None) => Err(self.misuse("no transaction is open")),
+        }
     }
     fn spawn(&self, job: Box<dyn FnOnce() + Send>) {
         self.session.workers.lock().unwrap().execute(job);

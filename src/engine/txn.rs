@@ -1,0 +1,195 @@
+//! Transactions (DESIGN §6): BEGIN, writes into a private overlay, COMMIT / ROLLBACK, and
+//! LOCK for optimistic concurrency.
+//!
+//! A transaction's pages go to the WAL as they arrive (records without SELF_COMMIT, tagged
+//! with its id), so memory holds only the overlay's extents, never the data. COMMIT appends
+//! one commit record — the only switch that makes the transaction visible, before or after a
+//! crash — then publishes the overlay into the index under one change count.
+//!
+//! The image write lock: LOCK validates, under the writer mutex, that the change count has not
+//! moved since BEGIN, then makes this transaction the lock holder. While held, plain writes
+//! and other transactions' commits wait (on `lock_cv`). A holder past its deadline loses the
+//! lock to the next waiter: its transaction is marked expired and its COMMIT fails.
+
+use super::extent::ExtentMap;
+use super::session::{BufVal, Session, WriterState};
+use super::wal::Kind;
+use super::{Error, Result};
+use std::collections::HashSet;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+/// One open transaction, owned by its connection.
+#[derive(Debug)]
+pub struct Txn {
+    pub id: u64,
+    /// The image's change count at BEGIN; LOCK fails if it moved.
+    pub begin_change: u64,
+    /// This transaction's writes, at WAL offsets (read-your-writes).
+    pub overlay: ExtentMap<BufVal>,
+    /// Page data bytes written so far (bounded by `txn_bytes_max`).
+    pub bytes: u64,
+    pub holds_lock: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LockHolder {
+    pub txn_id: u64,
+    pub deadline: Instant,
+}
+
+/// Per-session transaction bookkeeping, kept in `WriterState` (guarded by the writer mutex).
+#[derive(Debug, Default)]
+pub struct TxnTable {
+    pub open: usize,
+    pub lock: Option<LockHolder>,
+    /// Transactions that lost the lock to a timeout; their COMMIT fails.
+    pub expired: HashSet<u64>,
+}
+
+impl Session {
+    /// The writer mutex for a write. Writes inside a transaction are private until COMMIT,
+    /// so they do not wait for the image lock; plain writes do.
+    pub(super) fn lock_writer(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, WriterState>> {
+        match txn {
+            Some(t) => {
+                let w = self.writer.lock().unwrap();
+                self.check_usable()?;
+                if w.txns.expired.contains(&t.id) {
+                    return Err(self.expired(t.id));
+                }
+                Ok(w)
+            }
+            None => self.wait_for_lock(None),
+        }
+    }
+
+    pub fn begin(&self) -> Result<Txn> {
+        self.check_usable()?;
+        let mut w = self.writer.lock().unwrap();
+        let id = w.next_txn_id;
+        w.next_txn_id += 1;
+        w.txns.open += 1;
+        Ok(Txn { id, begin_change: w.change_count, overlay: ExtentMap::new(), bytes: 0, holds_lock: false })
+    }
+
+    /// LOCK_TXN: fails with `Conflict` if any change committed since BEGIN.
+    pub fn lock(&self, txn: &mut Txn) -> Result<()> {
+        if txn.holds_lock {
+            return Ok(());
+        }
+        let mut w = self.wait_for_lock(Some(txn))?;
+        if w.change_count != txn.begin_change {
+            return Err(Error::Conflict {
+                image: self.image_id.clone(),
+                why: format!(
+                    "{} change(s) committed since BEGIN",
+                    w.change_count - txn.begin_change
+                ),
+            });
+        }
+        let timeout = Duration::from_millis(self.buffer.cfg.txn_lock_timeout_ms);
+        w.txns.lock = Some(LockHolder { txn_id: txn.id, deadline: Instant::now() + timeout });
+        txn.holds_lock = true;
+        Ok(())
+    }
+
+    /// The writer mutex once no other transaction holds the image lock. A holder past its
+    /// deadline loses the lock here: its transaction is marked expired.
+    fn wait_for_lock(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, WriterState>> {
+        let mine = txn.map(|t| t.id);
+        let mut w = self.writer.lock().unwrap();
+        loop {
+            self.check_usable()?;
+            if let Some(id) = mine.filter(|id| w.txns.expired.contains(id)) {
+                return Err(self.expired(id));
+            }
+            let Some(holder) = w.txns.lock else { return Ok(w) };
+            let now = Instant::now();
+            if Some(holder.txn_id) == mine && now < holder.deadline {
+                return Ok(w);
+            }
+            if now >= holder.deadline {
+                log::warn!(
+                    "image {}: transaction {} held the write lock past its timeout; it is \
+                     rolled back and its COMMIT will fail",
+                    self.image_id,
+                    holder.txn_id
+                );
+                w.txns.expired.insert(holder.txn_id);
+                w.txns.lock = None;
+                self.lock_cv.notify_all();
+                continue;
+            }
+            w = self.lock_cv.wait_timeout(w, holder.deadline - now).unwrap().0;
+        }
+    }
+
+    fn expired(&self, id: u64) -> Error {
+        Error::Conflict {
+            image: self.image_id.clone(),
+            why: format!("transaction {id} held the write lock past its timeout and was rolled back"),
+        }
+    }
+
+    /// COMMIT_TXN: one commit record, then the overlay becomes visible as one change.
+    pub fn commit(&self, txn: Txn) -> Result<()> {
+        let mut w = match self.wait_for_lock(Some(&txn)) {
+            Ok(w) => w,
+            Err(e) => {
+                self.end(txn, Kind::Abort);
+                return Err(e);
+            }
+        };
+        if txn.holds_lock && w.txns.lock.is_none_or(|h| h.txn_id != txn.id) {
+            // Our lock was taken by a timeout (and the holder slot reused).
+            drop(w);
+            let e = self.expired(txn.id);
+            self.end(txn, Kind::Abort);
+            return Err(e);
+        }
+        if txn.overlay.is_empty() {
+            self.release(&mut w, &txn);
+            return Ok(());
+        }
+        let change = w.change_count + 1;
+        if let Err(e) = self.append_end(&mut w, Kind::Commit, txn.id, change) {
+            self.release(&mut w, &txn);
+            return Err(e);
+        }
+        w.change_count = change;
+        {
+            let mut view = self.view.write().unwrap();
+            for e in txn.overlay.iter() {
+                view.index.insert(e.start, e.len, BufVal { change, ..e.value });
+            }
+        }
+        self.release(&mut w, &txn);
+        Ok(())
+    }
+
+    /// ROLLBACK_TXN (also on disconnect): an abort record, and the lock released.
+    pub fn rollback(&self, txn: Txn) {
+        self.end(txn, Kind::Abort);
+    }
+
+    fn end(&self, txn: Txn, kind: Kind) {
+        let mut w = self.writer.lock().unwrap();
+        if !txn.overlay.is_empty() {
+            // Best effort: without it, recovery discards the records anyway (no commit).
+            if let Err(e) = self.append_end(&mut w, kind, txn.id, 0) {
+                log::warn!("image {}: {e}", self.image_id);
+            }
+        }
+        self.release(&mut w, &txn);
+    }
+
+    fn release(&self, w: &mut WriterState, txn: &Txn) {
+        w.txns.open -= 1;
+        w.txns.expired.remove(&txn.id);
+        if w.txns.lock.is_some_and(|h| h.txn_id == txn.id) {
+            w.txns.lock = None;
+            self.lock_cv.notify_all();
+        }
+    }
+}
