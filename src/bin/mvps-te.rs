@@ -3,6 +3,7 @@
 use mvps::config::{self, Config};
 use mvps::engine::{BufferStore, SessionConfig};
 use mvps::server::{self, exports::EngineExports, Listener};
+use mvps::s3::{S3Config, S3Store};
 use mvps::store::{local::LocalStore, ImageStore};
 use std::sync::Arc;
 
@@ -31,7 +32,16 @@ fn open_image_store(c: &Config) -> Result<Arc<dyn ImageStore>, String> {
                 .map_err(|e| format!("local image store {}: {e}", path.display()))?;
             Ok(Arc::new(s))
         }
-        "s3" => Err("--image-store s3 is not available in this build yet; use --image-store local".into()),
+        "s3" => {
+            let bucket = c
+                .image_store_s3_bucket
+                .as_deref()
+                .filter(|b| !b.is_empty())
+                .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
+            let cfg = S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
+            let s = S3Store::open_checked(cfg).map_err(|e| format!("S3 image store: {e}"))?;
+            Ok(Arc::new(s))
+        }
         other => Err(format!("--image-store {other:?}: use local or s3")),
     }
 }
