@@ -6,7 +6,7 @@
 
 use super::consts::*;
 use super::stream::Stream;
-use super::{Export, ExportInfo, Exports, Refusal};
+use super::{Export, ExportInfo, Exports, Kill, Refusal};
 use crate::limits::{OPTIONS_COUNT_MAX, OPTION_LENGTH_MAX, REQUEST_PAYLOAD_BYTES_MAX};
 use std::io::{self, Read, Write};
 
@@ -61,7 +61,7 @@ fn info_block_size(info: &ExportInfo) -> Vec<u8> {
 }
 
 /// Runs the handshake. `Err` is an I/O failure (the connection is gone).
-pub fn run(s: &Stream, exports: &dyn Exports, peer: &str) -> io::Result<Outcome> {
+pub fn run(s: &Stream, exports: &dyn Exports, peer: &str, kill: Kill) -> io::Result<Outcome> {
     let mut greet = Vec::with_capacity(18);
     greet.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greet.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -93,7 +93,7 @@ pub fn run(s: &Stream, exports: &dyn Exports, peer: &str) -> io::Result<Outcome>
         let mut data = vec![0u8; len as usize];
         { s }.read_exact(&mut data)?;
         log::debug!("{peer}: option {}", name_of_opt(opt));
-        if let Some(out) = handle_option(s, exports, peer, opt, &data, no_zeroes)? {
+        if let Some(out) = handle_option(s, exports, peer, &kill, opt, &data, no_zeroes)? {
             return Ok(out);
         }
     }
@@ -105,6 +105,7 @@ fn handle_option(
     s: &Stream,
     exports: &dyn Exports,
     peer: &str,
+    kill: &Kill,
     opt: u32,
     data: &[u8],
     no_zeroes: bool,
@@ -112,7 +113,7 @@ fn handle_option(
     match opt {
         NBD_OPT_EXPORT_NAME => {
             // No error reply exists for this option: a refusal closes the connection.
-            match exports.open(data, peer) {
+            match exports.open(data, peer, kill.clone()) {
                 Ok(export) => {
                     let info = export.info();
                     let mut b = Vec::with_capacity(134);
@@ -127,7 +128,7 @@ fn handle_option(
                 Err(r) => Ok(Some(Outcome::Closed(format!("export refused: {}", r.message)))),
             }
         }
-        NBD_OPT_INFO | NBD_OPT_GO => handle_info_go(s, exports, peer, opt, data),
+        NBD_OPT_INFO | NBD_OPT_GO => handle_info_go(s, exports, peer, kill, opt, data),
         NBD_OPT_ABORT => {
             let _ = send_reply(s, opt, NBD_REP_ACK, &[]);
             Ok(Some(Outcome::Closed("client aborted".into())))
@@ -167,6 +168,7 @@ fn handle_info_go(
     s: &Stream,
     exports: &dyn Exports,
     peer: &str,
+    kill: &Kill,
     opt: u32,
     data: &[u8],
 ) -> io::Result<Option<Outcome>> {
@@ -178,7 +180,7 @@ fn handle_info_go(
         }
     };
     let (info, export) = if opt == NBD_OPT_GO {
-        match exports.open(name, peer) {
+        match exports.open(name, peer, kill.clone()) {
             Ok(e) => (e.info(), Some(e)),
             Err(r) => return refuse(s, opt, r),
         }

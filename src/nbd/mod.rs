@@ -9,6 +9,9 @@ pub mod transmission;
 
 use crate::engine;
 
+/// Shuts a connection's socket down from another thread.
+pub type Kill = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// Why the handshake refuses an export name: the option error reply to send and a message
 /// (sent to the client and logged; it never contains the token).
 #[derive(Debug, Clone)]
@@ -28,7 +31,8 @@ pub struct ExportInfo {
 pub trait Exports: Send + Sync {
     fn describe(&self, name: &[u8]) -> Result<ExportInfo, Refusal>;
     /// Opens the export for one connection; dropping the returned handle detaches it.
-    fn open(&self, name: &[u8], peer: &str) -> Result<Box<dyn Export>, Refusal>;
+    /// `kill` shuts the connection's socket down (used to replace it, client_id fencing).
+    fn open(&self, name: &[u8], peer: &str, kill: Kill) -> Result<Box<dyn Export>, Refusal>;
 }
 
 /// One connection's view of an open export. Ranges are validated before these are called.

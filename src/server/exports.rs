@@ -6,6 +6,7 @@ use crate::engine::{self, BufferStore, Session};
 use crate::nbd::consts::*;
 use crate::engine::txn::Txn;
 use crate::nbd::{Export, ExportInfo, Exports, Refusal, TxnCommand};
+use super::fence::{ClientFence, Done, Kill};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,11 +14,17 @@ pub struct EngineExports {
     pub buffer: Arc<BufferStore>,
     pub secret: Vec<u8>,
     next_conn: AtomicU64,
+    clients: Arc<ClientFence>,
 }
 
 impl EngineExports {
     pub fn new(buffer: Arc<BufferStore>, secret: Vec<u8>) -> EngineExports {
-        EngineExports { buffer, secret, next_conn: AtomicU64::new(1) }
+        EngineExports {
+            buffer,
+            secret,
+            next_conn: AtomicU64::new(1),
+            clients: Arc::new(ClientFence::default()),
+        }
     }
 
     fn verify(&self, name: &[u8]) -> Result<Claims, Refusal> {
@@ -42,8 +49,21 @@ impl Exports for EngineExports {
         Ok(info_of(&c))
     }
 
-    fn open(&self, name: &[u8], peer: &str) -> Result<Box<dyn Export>, Refusal> {
+    fn open(&self, name: &[u8], peer: &str, kill: Kill) -> Result<Box<dyn Export>, Refusal> {
         let claims = self.verify(name).inspect_err(|r| log::warn!("{peer}: {}", r.message))?;
+        let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let label = format!("image {} conn {n}", claims.image_id);
+        let fence = match &claims.client_id {
+            Some(id) => {
+                let key = (claims.image_id.clone(), id.clone());
+                let done = self.clients.claim(key.clone(), n, kill).map_err(|message| {
+                    log::error!("{label}: {message}");
+                    Refusal { reply: NBD_REP_ERR_UNKNOWN, message }
+                })?;
+                Some(FenceSlot { fence: self.clients.clone(), key, conn: n, done })
+            }
+            None => None,
+        };
         let session = self.buffer.attach(&claims.image_id, claims.page_size_bits).map_err(|e| {
             log::error!("{peer}: cannot open: {e}");
             let reply = match e {
@@ -53,10 +73,23 @@ impl Exports for EngineExports {
             };
             Refusal { reply, message: e.to_string() }
         })?;
-        let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let label = format!("image {} conn {n}", claims.image_id);
         log::info!("{label}: connected from {peer}, size {}", claims.image_size);
-        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label, txn: Mutex::new(None) }))
+        let txn = Mutex::new(None);
+        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label, txn, fence }))
+    }
+}
+
+/// A connection's claim on its client_id; released (and marked done) when it ends.
+struct FenceSlot {
+    fence: Arc<ClientFence>,
+    key: (String, String),
+    conn: u64,
+    done: Arc<Done>,
+}
+
+impl Drop for FenceSlot {
+    fn drop(&mut self) {
+        self.fence.release(&self.key, self.conn, &self.done);
     }
 }
 
@@ -66,6 +99,9 @@ pub struct ConnectionExport {
     session: Arc<Session>,
     label: String,
     txn: Mutex<Option<Txn>>,
+    /// Dropped last (after the rollback and detach below), which tells a replacing
+    /// connection that this one is fully gone.
+    fence: Option<FenceSlot>,
 }
 
 impl Drop for ConnectionExport {
@@ -76,6 +112,7 @@ impl Drop for ConnectionExport {
         }
         log::info!("{}: disconnected", self.label);
         self.session.detach();
+        drop(self.fence.take());
     }
 }
 

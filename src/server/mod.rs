@@ -2,6 +2,7 @@
 //! (handshake, then transmission), and shuts down gracefully on SIGTERM/SIGINT.
 
 pub mod exports;
+pub mod fence;
 pub mod signals;
 
 use crate::limits::{CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_MS};
@@ -151,7 +152,16 @@ fn drain(conns: &Connections) {
 fn handle(stream: Stream, exports: &dyn Exports) {
     let peer = stream.peer();
     let _ = stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)));
-    let export = match handshake::run(&stream, exports, &peer) {
+    let kill: crate::nbd::Kill = match stream.try_clone() {
+        Ok(k) => Arc::new(move || {
+            let _ = k.shutdown(Shutdown::Both);
+        }),
+        Err(e) => {
+            log::error!("{peer}: {e}");
+            return;
+        }
+    };
+    let export = match handshake::run(&stream, exports, &peer, kill) {
         Ok(handshake::Outcome::Serve(e)) => e,
         Ok(handshake::Outcome::Closed(why)) => {
             log::info!("{peer}: handshake ended: {why}");
