@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::SystemTime;
 
 /// The workspace root (the directory holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
@@ -31,24 +32,57 @@ pub fn profile_dir() -> PathBuf {
     })
 }
 
-/// Path of a workspace binary (`mvps-te`, `mvpsctl`), built first if needed.
+/// The workspace binaries the suites run.
+pub const BINARIES: &[&str] = &["mvps-te", "mvpsctl"];
+
+/// Path of a workspace binary (`mvps-te`, `mvpsctl`), built first if it is missing or older
+/// than any source of the root package.
 ///
-/// The build runs once per test process: `cargo build --bins -p mvps-te` is a quick no-op
-/// when the binaries are current, and otherwise keeps a `cargo test` after an edit of `src/`
-/// from testing a stale server.
+/// The check runs once per test process. Building only when stale (rather than always
+/// calling cargo) matters: `cargo test` and `cargo build` unify dependency features
+/// differently, so an unconditional nested `cargo build` would relink the server after every
+/// `cargo test` build, and the other way round.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(build);
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        if BINARIES.iter().any(|b| is_stale(&profile_dir().join(b))) {
+            build();
+        }
+    });
     let p = profile_dir().join(name);
     assert!(p.exists(), "{} does not exist after building", p.display());
     p
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Newest modification time of `p` and, for a directory, of everything below it.
+fn newest(p: &Path) -> Option<SystemTime> {
+    let own = mtime(p);
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return own;
+    };
+    rd.filter_map(|e| newest(&e.ok()?.path())).chain(own).max()
+}
+
+fn is_stale(binary: &Path) -> bool {
+    let Some(built) = mtime(binary) else {
+        return true;
+    };
+    let root = workspace_root();
+    ["src", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .any(|t| t > built)
 }
 
 fn build() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "--bins", "-p", "mvps-te"]);
+        .args(["build", "--quiet", "--workspace", "--bins"]);
     let profile = profile_dir();
     if profile.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
@@ -59,6 +93,6 @@ fn build() {
     let status = cmd.status().expect("running cargo build");
     assert!(
         status.success(),
-        "cargo build --bins -p mvps-te failed: {status}"
+        "cargo build --workspace --bins failed: {status}"
     );
 }

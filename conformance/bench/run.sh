@@ -1,0 +1,302 @@
+#!/usr/bin/env bash
+# conformance/bench/run.sh — fio over NBD: mvps-te against `nbdkit file`, same machine, same run.
+#
+# Builds mvps-te (release), starts it and nbdkit on free loopback ports with temp dirs on one
+# filesystem, prefills both exports (so reads hit written data), runs each fio job against
+# nbdkit and then mvps-te back to back, and prints a table of IOPS, MB/s and the mvps/nbdkit
+# ratio. Everything it starts it stops; it never listens beyond 127.0.0.1.
+#
+# Knobs (environment):
+#   BENCH_SIZE=2G          image / file size; every job covers all of it
+#   BENCH_RUNTIME=15       seconds measured per job (after BENCH_RAMP seconds of ramp)
+#   BENCH_RAMP=3
+#   BENCH_JOBS="..."       subset of: seq-read seq-write rand-read rand-write rand-write-fsync
+#                          wal-rand-read (default: all, in that order)
+#   BENCH_WAL_SIZE=96M     region of the wal-rand-read job (must stay below half the throttle
+#                          threshold so no checkpoint moves it out of the WAL)
+#   BENCH_TMPDIR=/tmp      parent of the temp dir (both servers' data live there)
+#   BENCH_OUT=DIR          keep fio JSON, server logs and the table there (default: a temp dir,
+#                          kept and printed at the end)
+#   BENCH_MVPS_ARGS="..."  extra mvps-te flags (the defaults are the server's own: checkpoint
+#                          every 60 s ± 10 s, write throttle at 50000 pages)
+#   MVPS_BIN_DIR=DIR       use mvps-te/mvpsctl from DIR instead of building
+#   BENCH_PERF=1           record `perf record --call-graph dwarf` (cpu-clock) of mvps-te per job
+#                          into BENCH_OUT/perf-JOB.data (slows mvps-te: ratios are then not valid)
+#   BENCH_TRANSPORT=tcp    tcp (loopback) or unix (sockets in the temp dir) for both servers
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+SIZE=${BENCH_SIZE:-2G}
+RUNTIME=${BENCH_RUNTIME:-15}
+RAMP=${BENCH_RAMP:-3}
+JOBS=${BENCH_JOBS:-"seq-read seq-write rand-read rand-write rand-write-fsync wal-rand-read"}
+WAL_SIZE=${BENCH_WAL_SIZE:-96M}
+TRANSPORT=${BENCH_TRANSPORT:-tcp}
+SECRET="bench-secret-$$-$RANDOM"
+IDLE_TIMEOUT=180   # seconds to wait for mvps-te to checkpoint and close an idle image
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ------------------------------------------------------------------ tools
+need_pkgs=()
+command -v fio >/dev/null || need_pkgs+=(fio)
+command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)
+command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
+command -v jq >/dev/null || need_pkgs+=(jq)
+command -v ss >/dev/null || need_pkgs+=(iproute2)
+command -v bc >/dev/null || need_pkgs+=(bc)
+if [ "${BENCH_PERF:-0}" = 1 ] && ! command -v perf >/dev/null; then need_pkgs+=(linux-perf); fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (needs fio built with libnbd)"
+
+# ------------------------------------------------------------------ binaries
+if [ -n "${MVPS_BIN_DIR:-}" ]; then
+    BIN=$MVPS_BIN_DIR
+else
+    log "building mvps-te (release)"
+    (cd "$ROOT" && cargo build --release -q -p mvps-te --bins)
+    BIN=$ROOT/target/release
+fi
+[ -x "$BIN/mvps-te" ] && [ -x "$BIN/mvpsctl" ] || die "no mvps-te/mvpsctl in $BIN"
+
+# ------------------------------------------------------------------ temp dir, cleanup
+TMP=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/mvps-bench.XXXXXX")
+OUT=${BENCH_OUT:-$TMP/out}
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    # Keep only the results.
+    rm -rf "$TMP/mvps" "$TMP"/*.img "$TMP"/*.sock
+    [ "$OUT" = "$TMP/out" ] || rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    local p
+    for _ in $(seq 1 100); do
+        p=$((20000 + RANDOM % 30000))
+        if ! ss -Htln "sport = :$p" | grep -q .; then echo "$p"; return; fi
+    done
+    die "no free port"
+}
+
+# URIs: nbd://127.0.0.1:PORT/NAME or nbd+unix:///NAME?socket=PATH
+uri_of() { # endpoint export-name
+    case "$TRANSPORT" in
+        tcp) echo "nbd://127.0.0.1:$1/$2" ;;
+        unix) echo "nbd+unix:///$2?socket=$1" ;;
+    esac
+}
+
+wait_ready() { # uri what
+    for _ in $(seq 1 100); do
+        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "$2 did not come up"
+}
+
+# ------------------------------------------------------------------ servers
+SIZE_BYTES=$(numfmt --from=iec "$SIZE")
+WAL_BYTES=$(numfmt --from=iec "$WAL_SIZE")
+
+if [ "$TRANSPORT" = tcp ]; then
+    NBDKIT_EP=$(free_port); MVPS_EP=$(free_port)
+    while [ "$MVPS_EP" = "$NBDKIT_EP" ]; do MVPS_EP=$(free_port); done
+    NBDKIT_LISTEN=(-i 127.0.0.1 -p "$NBDKIT_EP"); MVPS_LISTEN="127.0.0.1:$MVPS_EP"
+else
+    NBDKIT_EP=$TMP/nbdkit.sock; MVPS_EP=$TMP/mvps.sock
+    NBDKIT_LISTEN=(-U "$NBDKIT_EP"); MVPS_LISTEN="unix:$MVPS_EP"
+fi
+
+truncate -s "$SIZE_BYTES" "$TMP/nbdkit.img"
+truncate -s "$WAL_BYTES" "$TMP/nbdkit-wal.img"
+# Two exports from one nbdkit: the big file, and a small one for the WAL-resident read job.
+nbdkit -f --exit-with-parent "${NBDKIT_LISTEN[@]}" file dir="$TMP" >"$OUT/nbdkit.log" 2>&1 &
+PIDS+=($!)
+NBDKIT_PID=$!
+
+mkdir -p "$TMP/mvps"
+# shellcheck disable=SC2086
+MVPS_TE_JWT_SECRET=$SECRET "$BIN/mvps-te" --listen "$MVPS_LISTEN" --data-dir "$TMP/mvps" \
+    ${BENCH_MVPS_ARGS:-} >"$OUT/mvps-te.log" 2>&1 &
+PIDS+=($!)
+MVPS_PID=$!
+
+TOKEN=$(MVPS_TE_JWT_SECRET=$SECRET "$BIN/mvpsctl" token --image-id bench.mvps-image \
+    --size "$SIZE_BYTES" --page-size-bits 12 --ttl 1d)
+WAL_TOKEN=$(MVPS_TE_JWT_SECRET=$SECRET "$BIN/mvpsctl" token --image-id bench-wal.mvps-image \
+    --size "$WAL_BYTES" --page-size-bits 12 --ttl 1d)
+
+NBDKIT_URI=$(uri_of "$NBDKIT_EP" nbdkit.img)
+NBDKIT_WAL_URI=$(uri_of "$NBDKIT_EP" nbdkit-wal.img)
+MVPS_URI=$(uri_of "$MVPS_EP" "$TOKEN")
+MVPS_WAL_URI=$(uri_of "$MVPS_EP" "$WAL_TOKEN")
+wait_ready "$NBDKIT_URI" nbdkit
+wait_ready "$MVPS_URI" mvps-te
+# wait_ready's probe opened (and left) the image; let that session close before we start.
+# fio opens a probe connection before its real one, so counting "idle, closed" lines is not
+# enough: the image is idle when the newest open/close line about it says "idle, closed".
+mvps_idle() { # image
+    grep -E "image $1.mvps-image: (took over|resumed|idle, closed)" "$OUT/mvps-te.log" \
+        | tail -n 1 | grep -q "idle, closed"
+}
+
+wait_mvps_idle() { # [image]; prints the seconds it waited for checkpoint + close
+    local t0=$SECONDS
+    until mvps_idle "${1:-bench}"; do
+        kill -0 "$MVPS_PID" 2>/dev/null || die "mvps-te exited; see $OUT/mvps-te.log"
+        [ $((SECONDS - t0)) -lt $IDLE_TIMEOUT ] || die "mvps-te did not checkpoint/close within ${IDLE_TIMEOUT}s"
+        sleep 0.1
+    done
+    echo $((SECONDS - t0))
+}
+wait_mvps_idle >/dev/null
+
+# ------------------------------------------------------------------ fio
+run_fio() { # out-json uri fio-args...
+    local out=$1 uri=$2; shift 2
+    fio --name=bench --ioengine=nbd --uri="$uri" --group_reporting \
+        --output-format=json --output="$out" "$@" >/dev/null 2>"$out.stderr" \
+        || die "fio failed: $(cat "$out.stderr")"
+}
+
+job_args() { # job -> fio args
+    local common=(--size="$SIZE_BYTES" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP")
+    case "$1" in
+        seq-read) echo "${common[@]} --rw=read --bs=1M --iodepth=8" ;;
+        seq-write) echo "${common[@]} --rw=write --bs=1M --iodepth=8" ;;
+        rand-read) echo "${common[@]} --rw=randread --bs=4k --iodepth=32 --norandommap" ;;
+        rand-write) echo "${common[@]} --rw=randwrite --bs=4k --iodepth=32 --norandommap" ;;
+        rand-write-fsync) echo "${common[@]} --rw=randwrite --bs=4k --iodepth=32 --norandommap --fsync=1" ;;
+        wal-rand-read) echo "--size=$WAL_BYTES --time_based --runtime=$RUNTIME --ramp_time=$RAMP --rw=randread --bs=4k --iodepth=32 --norandommap" ;;
+        *) die "unknown job $1" ;;
+    esac
+}
+
+# "iops MB/s p99-usec" of the job's main direction
+summarize() { # json dir
+    jq -r --arg d "$2" '.jobs[0][$d] | "\(.iops) \(.bw_bytes / 1e6) \((.clat_ns.percentile["99.000000"] // 0) / 1000)"' "$1"
+}
+
+perf_start() { # name
+    PERF_PID=
+    [ "${BENCH_PERF:-0}" = 1 ] || return 0
+    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$MVPS_PID" -o "$OUT/perf-$1.data" >/dev/null 2>&1 &
+    PERF_PID=$!
+    PIDS+=($PERF_PID)
+    sleep 0.5
+}
+perf_stop() {
+    [ -n "${PERF_PID:-}" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=
+}
+
+ckpt_lines() { grep -c "image bench.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true; }
+
+log "temp dir $TMP ($(df -T "$TMP" | awk 'NR==2{print $2}')); results in $OUT"
+log "nbdkit $NBDKIT_URI"
+log "mvps-te ${MVPS_URI%%/ey*}/<token> (pid $MVPS_PID)"
+
+# Prefill both with sequential 1 MiB writes, so every read hits written data.
+for srv in nbdkit mvps; do
+    uri=$NBDKIT_URI; [ $srv = mvps ] && uri=$MVPS_URI
+    t0=$(date +%s.%N)
+    run_fio "$OUT/prefill-$srv.json" "$uri" --rw=write --bs=1M --iodepth=8 --size="$SIZE_BYTES"
+    t1=$(date +%s.%N)
+    w=0; [ $srv = mvps ] && w=$(wait_mvps_idle)
+    sync
+    log "prefill $srv: $SIZE in $(printf '%.1f' "$(echo "$t1 - $t0" | bc)") s ($(summarize "$OUT/prefill-$srv.json" write | awk '{printf "%.0f MB/s", $2}'))${w:+, then ${w}s to checkpoint and close}"
+done
+
+RESULTS=$OUT/results.tsv
+printf 'job\tnbdkit_iops\tnbdkit_mbs\tnbdkit_p99_us\tmvps_iops\tmvps_mbs\tmvps_p99_us\tratio\tmvps_checkpoints\tmvps_data\n' >"$RESULTS"
+
+for job in $JOBS; do
+    dir=read; case $job in *write*) dir=write ;; esac
+    # shellcheck disable=SC2207
+    args=($(job_args "$job"))
+    if [ "$job" = wal-rand-read ]; then
+        # A holder connection keeps the session open, so no idle checkpoint moves the freshly
+        # written pages out of the WAL before the read job runs.
+        fio --name=hold --ioengine=nbd --uri="$MVPS_WAL_URI" --rw=read --bs=4k --size=4k \
+            --rate_iops=1 --time_based --runtime=3600 >/dev/null 2>&1 &
+        HOLD_PID=$!; PIDS+=($HOLD_PID)
+        run_fio "$OUT/walfill-nbdkit.json" "$NBDKIT_WAL_URI" --rw=write --bs=1M --iodepth=8 --size="$WAL_BYTES"
+        run_fio "$OUT/walfill-mvps.json" "$MVPS_WAL_URI" --rw=write --bs=1M --iodepth=8 --size="$WAL_BYTES"
+        nbdk=$NBDKIT_WAL_URI; mv=$MVPS_WAL_URI
+    else
+        nbdk=$NBDKIT_URI; mv=$MVPS_URI
+    fi
+    sync
+    log "$job: nbdkit"
+    run_fio "$OUT/$job-nbdkit.json" "$nbdk" "${args[@]}"
+    sync
+    log "$job: mvps-te"
+    c0=$(ckpt_lines); wal_c0=$(grep -c "image bench-wal.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true)
+    perf_start "$job"
+    run_fio "$OUT/$job-mvps.json" "$mv" "${args[@]}"
+    perf_stop
+    if [ "$job" = wal-rand-read ]; then
+        wal_c1=$(grep -c "image bench-wal.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true)
+        ck=$((wal_c1 - wal_c0))
+        where="WAL (${ck} checkpoints during job)"
+        kill "$HOLD_PID" 2>/dev/null || true; wait "$HOLD_PID" 2>/dev/null || true
+        wait_mvps_idle bench-wal >/dev/null
+    else
+        ck=$(($(ckpt_lines) - c0))
+        case $dir in
+            read) where="layers (checkpointed)" ;;
+            write) where="WAL, $ck checkpoint(s) during job" ;;
+        esac
+        w=$(wait_mvps_idle)
+        log "$job: mvps-te checkpointed and closed ${w}s after the job"
+    fi
+    read -r ni nm np < <(summarize "$OUT/$job-nbdkit.json" "$dir")
+    read -r mi mm mp < <(summarize "$OUT/$job-mvps.json" "$dir")
+    ratio=$(echo "scale=3; $mi / $ni" | bc)
+    printf '%s\t%.0f\t%.1f\t%.0f\t%.0f\t%.1f\t%.0f\t%.2f\t%s\t%s\n' "$job" "$ni" "$nm" "$np" "$mi" "$mm" "$mp" "$ratio" "$ck" "$where" >>"$RESULTS"
+done
+
+# ------------------------------------------------------------------ table
+describe_job() {
+    case "$1" in
+        seq-read) echo "seq read 1M qd8" ;;
+        seq-write) echo "seq write 1M qd8" ;;
+        rand-read) echo "rand read 4k qd32" ;;
+        rand-write) echo "rand write 4k qd32" ;;
+        rand-write-fsync) echo "rand write 4k qd32 fsync=1" ;;
+        wal-rand-read) echo "rand read 4k qd32 ($WAL_SIZE, in WAL)" ;;
+    esac
+}
+goal() { # job ratio -> verdict
+    local aim=0.9
+    case "$1" in rand-write|rand-write-fsync) aim=1.0 ;; esac
+    if (($(echo "$2 >= $aim" | bc))); then echo "aim met (>= $aim)"
+    elif (($(echo "$2 >= 0.8" | bc))); then echo "floor met, aim $aim missed"
+    else echo "BELOW FLOOR 0.8"; fi
+}
+{
+    echo
+    echo "fio nbd engine, $SIZE image, ${RUNTIME}s + ${RAMP}s ramp per job, transport $TRANSPORT; ratio = mvps / nbdkit (IOPS)"
+    echo
+    echo "| job | nbdkit IOPS | nbdkit MB/s | nbdkit p99 µs | mvps IOPS | mvps MB/s | mvps p99 µs | ratio | verdict | mvps data |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    tail -n +2 "$RESULTS" | while IFS=$'\t' read -r job ni nm np mi mm mp ratio ck where; do
+        echo "| $(describe_job "$job") | $ni | $nm | $np | $mi | $mm | $mp | **$ratio** | $(goal "$job" "$ratio") | $where |"
+    done
+} | tee "$OUT/table.md"
+log "results (fio JSON, server logs, table.md) kept in $OUT"
