@@ -28,7 +28,10 @@ pub enum TokenError {
     Invalid(String),
     BadImageId,
     BadPageSize(u32),
-    BadImageSize { image_size: u64, page_size: u64 },
+    BadImageSize {
+        image_size: u64,
+        page_size: u64,
+    },
     BadClientId,
 }
 
@@ -38,13 +41,19 @@ impl fmt::Display for TokenError {
             TokenError::TooLong => write!(f, "token longer than {EXPORT_NAME_LENGTH_MAX} bytes"),
             TokenError::Invalid(why) => write!(f, "invalid token: {why}"),
             TokenError::BadImageId => {
-                write!(f, "image_id does not match ^[0-9a-zA-Z_-]{{1,64}}\\.mvps-image$")
+                write!(
+                    f,
+                    "image_id does not match ^[0-9a-zA-Z_-]{{1,64}}\\.mvps-image$"
+                )
             }
             TokenError::BadPageSize(b) => write!(
                 f,
                 "page_size_bits {b} outside {PAGE_SIZE_BITS_MIN}..={PAGE_SIZE_BITS_MAX}"
             ),
-            TokenError::BadImageSize { image_size, page_size } => write!(
+            TokenError::BadImageSize {
+                image_size,
+                page_size,
+            } => write!(
                 f,
                 "image_size {image_size} is not a positive multiple of the page size {page_size}"
             ),
@@ -99,8 +108,11 @@ pub fn check_claims(c: &Claims) -> Result<(), TokenError> {
         return Err(TokenError::BadPageSize(c.page_size_bits));
     }
     let page_size = 1u64 << c.page_size_bits;
-    if c.image_size == 0 || c.image_size % page_size != 0 {
-        return Err(TokenError::BadImageSize { image_size: c.image_size, page_size });
+    if c.image_size == 0 || !c.image_size.is_multiple_of(page_size) {
+        return Err(TokenError::BadImageSize {
+            image_size: c.image_size,
+            page_size,
+        });
     }
     if let Some(id) = &c.client_id {
         if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -113,8 +125,12 @@ pub fn check_claims(c: &Claims) -> Result<(), TokenError> {
 /// Signs claims with `secret` (HS256). Used by `mvpsctl token` and tests.
 pub fn mint(claims: &Claims, secret: &[u8]) -> Result<String, TokenError> {
     check_claims(claims)?;
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
-        .map_err(|e| TokenError::Invalid(e.to_string()))
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| TokenError::Invalid(e.to_string()))
 }
 
 /// Parses sizes like `1073741824`, `512K`, `64M`, `1G`, `2T` (binary units).
@@ -136,7 +152,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 #[cfg(test)]
@@ -161,29 +178,40 @@ mod tests {
         assert_eq!(c.image_id, "TESTIMG-02.mvps-image");
         assert_eq!(c.image_size, 1 << 30);
         assert_eq!(c.page_size_bits, 12);
-        assert_eq!(c.client_id.as_deref(), Some("c9efd96c-da59-4351-b311-351295fa98e2"));
+        assert_eq!(
+            c.client_id.as_deref(),
+            Some("c9efd96c-da59-4351-b311-351295fa98e2")
+        );
     }
 
     #[test]
     fn round_trip_and_wrong_secret() {
         let t = mint(&claims(), b"s").unwrap();
         assert_eq!(verify(&t, b"s").unwrap(), claims());
-        assert_eq!(verify(&t, b"other"), Err(TokenError::Invalid("bad signature".into())));
+        assert_eq!(
+            verify(&t, b"other"),
+            Err(TokenError::Invalid("bad signature".into()))
+        );
     }
 
     #[test]
     fn expired_and_alg_none_refused() {
         let mut c = claims();
         c.exp = 1000;
-        let t = jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(b"s"))
-            .unwrap();
+        let t =
+            jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(b"s")).unwrap();
         assert_eq!(verify(&t, b"s"), Err(TokenError::Invalid("expired".into())));
         // alg: none, no signature.
         let b64 = |s: &str| {
             use std::fmt::Write;
             let _ = s;
             let mut out = String::new();
-            let t = jsonwebtoken::encode(&Header::default(), &claims(), &EncodingKey::from_secret(b"s")).unwrap();
+            let t = jsonwebtoken::encode(
+                &Header::default(),
+                &claims(),
+                &EncodingKey::from_secret(b"s"),
+            )
+            .unwrap();
             write!(out, "{}", t.split('.').nth(1).unwrap()).unwrap();
             out
         };
@@ -201,7 +229,10 @@ mod tests {
         assert_eq!(check_claims(&c), Err(TokenError::BadPageSize(17)));
         let mut c = claims();
         c.image_size = 4097;
-        assert!(matches!(check_claims(&c), Err(TokenError::BadImageSize { .. })));
+        assert!(matches!(
+            check_claims(&c),
+            Err(TokenError::BadImageSize { .. })
+        ));
     }
 
     #[test]

@@ -129,7 +129,9 @@ pub fn merge_env(
     let mut out = args.to_vec();
     for (flag, takes_value) in flags {
         let long = format!("--{flag}");
-        let given = args.iter().any(|a| a == &long || a.starts_with(&format!("{long}=")));
+        let given = args
+            .iter()
+            .any(|a| a == &long || a.starts_with(&format!("{long}=")));
         let var = env_name(prefix, flag);
         let Some(val) = get(&var) else { continue };
         if given {
@@ -153,7 +155,9 @@ pub fn merge_env(
 /// prints and exits 0, errors print and exit 2.
 pub fn parse_or_exit<T: FromArgs>(prefix: &str, flags: &[(&str, bool)]) -> T {
     let argv: Vec<String> = std::env::args().collect();
-    let cmd = argv.first().map(|s| s.rsplit('/').next().unwrap_or(s).to_string());
+    let cmd = argv
+        .first()
+        .map(|s| s.rsplit('/').next().unwrap_or(s).to_string());
     let cmd = cmd.unwrap_or_else(|| "mvps".into());
     // `--flag=value` is accepted too (argh itself only takes `--flag value`).
     let mut rest = Vec::new();
@@ -196,10 +200,14 @@ pub fn parse_or_exit<T: FromArgs>(prefix: &str, flags: &[(&str, bool)]) -> T {
 
 impl Config {
     pub fn image_store_local_path(&self) -> PathBuf {
-        self.image_store_local_path.clone().unwrap_or_else(|| self.data_dir.join("image-store"))
+        self.image_store_local_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("image-store"))
     }
     pub fn buffer_store_path(&self) -> PathBuf {
-        self.buffer_store_path.clone().unwrap_or_else(|| self.data_dir.join("buffer-store"))
+        self.buffer_store_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("buffer-store"))
     }
 }
 
@@ -215,7 +223,10 @@ mod tests {
         };
         let in_help: Vec<&str> = help
             .split_whitespace()
-            .filter_map(|w| w.strip_prefix("--").map(|f| f.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())))
+            .filter_map(|w| {
+                w.strip_prefix("--")
+                    .map(|f| f.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+            })
             .filter(|w| !["help", "version"].contains(w))
             .collect();
         let table: Vec<&str> = FLAGS.iter().map(|f| f.0).collect();

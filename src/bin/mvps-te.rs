@@ -2,8 +2,8 @@
 
 use mvps::config::{self, Config};
 use mvps::engine::{BufferStore, SessionConfig};
-use mvps::server::{self, exports::EngineExports, Listener};
 use mvps::s3::{S3Config, S3Store};
+use mvps::server::{self, exports::EngineExports, Listener};
 use mvps::store::{local::LocalStore, ImageStore};
 use std::sync::Arc;
 
@@ -14,7 +14,11 @@ fn init_logging(level: &str) -> Result<(), String> {
         "info" => log::LevelFilter::Info,
         "debug" => log::LevelFilter::Debug,
         "trace" => log::LevelFilter::Trace,
-        other => return Err(format!("--log-level {other:?}: use error, warn, info, debug or trace")),
+        other => {
+            return Err(format!(
+                "--log-level {other:?}: use error, warn, info, debug or trace"
+            ))
+        }
     };
     let cfg = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()

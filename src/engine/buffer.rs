@@ -23,7 +23,11 @@ pub struct BufferStore {
 
 impl BufferStore {
     /// Locks `dir` for this process. A second process on the same directory gets an error.
-    pub fn open(dir: &Path, store: Arc<dyn ImageStore>, cfg: SessionConfig) -> std::result::Result<BufferStore, String> {
+    pub fn open(
+        dir: &Path,
+        store: Arc<dyn ImageStore>,
+        cfg: SessionConfig,
+    ) -> std::result::Result<BufferStore, String> {
         let d = dir.display();
         fs::create_dir_all(dir.join(TMP_DIR)).map_err(|e| format!("buffer store {d}: {e}"))?;
         let lock = OpenOptions::new()
@@ -35,10 +39,19 @@ impl BufferStore {
         lock.try_lock_exclusive().map_err(|_| {
             format!("buffer store {d} is in use by another mvps-te process (lock file {LOCK_FILE})")
         })?;
-        for e in fs::read_dir(dir.join(TMP_DIR)).map_err(|e| format!("buffer store {d}: {e}"))?.flatten() {
+        for e in fs::read_dir(dir.join(TMP_DIR))
+            .map_err(|e| format!("buffer store {d}: {e}"))?
+            .flatten()
+        {
             let _ = fs::remove_file(e.path());
         }
-        Ok(BufferStore { dir: dir.to_path_buf(), _lock: lock, store, cfg, sessions: Mutex::new(HashMap::new()) })
+        Ok(BufferStore {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            store,
+            cfg,
+            sessions: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn wal_path(&self, image_id: &str) -> PathBuf {
@@ -93,7 +106,13 @@ impl BufferStore {
 
     /// Shutdown: stop background work, make every WAL durable.
     pub fn shutdown(&self) {
-        let sessions: Vec<_> = self.sessions.lock().unwrap().drain().map(|(_, s)| s).collect();
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in sessions {
             s.shutdown();
         }

@@ -92,7 +92,9 @@ impl Session {
             return Ok(0);
         }
         self.check_usable()?;
-        let Some(snap) = self.snapshot() else { return Ok(0) };
+        let Some(snap) = self.snapshot() else {
+            return Ok(0);
+        };
         let refs = self.upload_layers(&snap)?;
         let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
         let mut next = snap.base.clone();
@@ -100,8 +102,12 @@ impl Session {
         next.change_count = snap.change_count;
         next.layers.extend(refs.iter().cloned());
         next.created_at_unix = now_unix();
-        let created = manifest::create(self.buffer.store.as_ref(), &next)
-            .map_err(|source| Error::Manifest { image: self.image_id.clone(), source })?;
+        let created = manifest::create(self.buffer.store.as_ref(), &next).map_err(|source| {
+            Error::Manifest {
+                image: self.image_id.clone(),
+                source,
+            }
+        })?;
         if !created {
             self.fenced.store(true, Ordering::Release);
             log::error!(
@@ -111,11 +117,17 @@ impl Session {
                 self.image_id,
                 next.generation
             );
-            return Err(Error::Fenced { image: self.image_id.clone() });
+            return Err(Error::Fenced {
+                image: self.image_id.clone(),
+            });
         }
         let mut opened = Vec::with_capacity(refs.len());
         for r in &refs {
-            opened.push(Arc::new(open_layer(&self.buffer, &self.image_id, &r.blob_id)?));
+            opened.push(Arc::new(open_layer(
+                &self.buffer,
+                &self.image_id,
+                &r.blob_id,
+            )?));
         }
         {
             let mut w = self.writer.lock().unwrap();
@@ -181,9 +193,15 @@ impl Session {
             .iter()
             .map(|e| {
                 if e.value.is_zero() {
-                    SourceExtent::Zero { start: e.start, len: e.len }
+                    SourceExtent::Zero {
+                        start: e.start,
+                        len: e.len,
+                    }
                 } else {
-                    SourceExtent::Data { start: e.start, len: e.len }
+                    SourceExtent::Data {
+                        start: e.start,
+                        len: e.len,
+                    }
                 }
             })
             .collect();
@@ -204,13 +222,24 @@ impl Session {
             Ok(x) => x,
             Err(source) => {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(Error::Io { image: self.image_id.clone(), op: "write layer", source });
+                return Err(Error::Io {
+                    image: self.image_id.clone(),
+                    op: "write layer",
+                    source,
+                });
             }
         };
         let put = self.buffer.store.put_file(&keys::blob_key(&blob_id), &tmp);
         let _ = std::fs::remove_file(&tmp);
-        put.map_err(|source| Error::Store { image: self.image_id.clone(), source })?;
-        Ok(LayerRef { blob_id, size_bytes, data_pages })
+        put.map_err(|source| Error::Store {
+            image: self.image_id.clone(),
+            source,
+        })?;
+        Ok(LayerRef {
+            blob_id,
+            size_bytes,
+            data_pages,
+        })
     }
 
     /// Rewrites the WAL with only its live records when dead bytes dominate (or it is all
@@ -224,12 +253,20 @@ impl Session {
         let live: Vec<Extent<BufVal>> = self.view.read().unwrap().index.iter().collect();
         let live_bytes: u64 = live
             .iter()
-            .map(|e| RECORD_HEADER_SIZE + if e.value.is_zero() { 0 } else { e.len << self.page_size_bits })
+            .map(|e| {
+                RECORD_HEADER_SIZE
+                    + if e.value.is_zero() {
+                        0
+                    } else {
+                        e.len << self.page_size_bits
+                    }
+            })
             .sum();
         let used = w.wal.end - wal::HEADER_SIZE;
         let dead = used.saturating_sub(live_bytes);
         let all_dead = live.is_empty() && used > 0;
-        if !(all_dead || (dead >= self.buffer.cfg.wal_rewrite_dead_bytes_min && dead > live_bytes)) {
+        if !(all_dead || (dead >= self.buffer.cfg.wal_rewrite_dead_bytes_min && dead > live_bytes))
+        {
             return Ok(());
         }
         let old = w.wal.file.clone();
@@ -240,10 +277,15 @@ impl Session {
             let mut payload = Vec::new();
             if !e.value.is_zero() {
                 payload.resize((e.len << self.page_size_bits) as usize, 0);
-                old.read_exact_at(&mut payload, e.value.offset).map_err(self.io_err("read WAL"))?;
+                old.read_exact_at(&mut payload, e.value.offset)
+                    .map_err(self.io_err("read WAL"))?;
             }
             let rec = Record {
-                kind: if e.value.is_zero() { Kind::Zero } else { Kind::Data },
+                kind: if e.value.is_zero() {
+                    Kind::Zero
+                } else {
+                    Kind::Data
+                },
                 flags: FLAG_SELF_COMMIT,
                 seq,
                 txn_id: 0,
@@ -271,7 +313,11 @@ impl Session {
         w.wal = fresh;
         drop(v);
         self.mark_all_durable();
-        log::info!("image {}: WAL rewritten: {} live bytes kept, {dead} dead bytes dropped", self.image_id, live_bytes);
+        log::info!(
+            "image {}: WAL rewritten: {} live bytes kept, {dead} dead bytes dropped",
+            self.image_id,
+            live_bytes
+        );
         Ok(())
     }
 }

@@ -34,7 +34,10 @@ pub struct ExtentMap<V> {
 
 impl<V: ExtentValue> ExtentMap<V> {
     pub fn new() -> Self {
-        ExtentMap { map: BTreeMap::new(), pages: 0 }
+        ExtentMap {
+            map: BTreeMap::new(),
+            pages: 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,17 +100,29 @@ impl<V: ExtentValue> ExtentMap<V> {
         if let Some((&s, (l, v))) = self.map.range(..start).next_back() {
             if s + l > start {
                 let e = (s + l).min(end);
-                out.push(Extent { start, len: e - start, value: v.advance(start - s) });
+                out.push(Extent {
+                    start,
+                    len: e - start,
+                    value: v.advance(start - s),
+                });
             }
         }
         for (&s, (l, v)) in self.map.range(start..end) {
-            out.push(Extent { start: s, len: (*l).min(end - s), value: v.clone() });
+            out.push(Extent {
+                start: s,
+                len: (*l).min(end - s),
+                value: v.clone(),
+            });
         }
         out
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Extent<V>> + '_ {
-        self.map.iter().map(|(&start, (len, v))| Extent { start, len: *len, value: v.clone() })
+        self.map.iter().map(|(&start, (len, v))| Extent {
+            start,
+            len: *len,
+            value: v.clone(),
+        })
     }
 
     /// Removes every extent for which `drop` is true (whole extents: values are per extent).
@@ -153,7 +168,10 @@ mod tests {
     }
     impl ExtentValue for W {
         fn advance(&self, pages: u64) -> Self {
-            W { id: self.id, pos: self.pos + pages }
+            W {
+                id: self.id,
+                pos: self.pos + pages,
+            }
         }
     }
 
@@ -208,8 +226,22 @@ mod tests {
         m.insert(30, 5, W { id: 2, pos: 0 });
         let l = m.lookup(15, 20);
         assert_eq!(l.len(), 2);
-        assert_eq!(l[0], Extent { start: 15, len: 5, value: W { id: 1, pos: 5 } });
-        assert_eq!(l[1], Extent { start: 30, len: 5, value: W { id: 2, pos: 0 } });
+        assert_eq!(
+            l[0],
+            Extent {
+                start: 15,
+                len: 5,
+                value: W { id: 1, pos: 5 }
+            }
+        );
+        assert_eq!(
+            l[1],
+            Extent {
+                start: 30,
+                len: 5,
+                value: W { id: 2, pos: 0 }
+            }
+        );
         assert_eq!(gaps(15, 20, &l), vec![(20, 10)]);
         assert_eq!(gaps(0, 5, &m.lookup(0, 5)), vec![(0, 5)]);
     }

@@ -62,8 +62,16 @@ pub fn write_layer(
     mut read_pages: impl FnMut(u64, u64, &mut [u8]) -> io::Result<()>,
 ) -> io::Result<(u64, u64)> {
     let page_size = 1usize << page_size_bits;
-    let data_pages: u64 =
-        extents.iter().map(|e| if let SourceExtent::Data { len, .. } = e { *len } else { 0 }).sum();
+    let data_pages: u64 = extents
+        .iter()
+        .map(|e| {
+            if let SourceExtent::Data { len, .. } = e {
+                *len
+            } else {
+                0
+            }
+        })
+        .sum();
     let index_len = extents.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
     let data_offset = HEADER_SIZE + index_len;
     let file = File::create(path)?;
@@ -143,7 +151,10 @@ pub struct Layer {
 }
 
 fn corrupt(blob_id: &str, what: &str) -> store::Error {
-    store::Error::Remote { key: blob_id.to_string(), message: format!("corrupt layer: {what}") }
+    store::Error::Remote {
+        key: blob_id.to_string(),
+        message: format!("corrupt layer: {what}"),
+    }
 }
 
 impl Layer {
@@ -163,12 +174,17 @@ impl Layer {
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
         if version != LAYER_FORMAT_VERSION {
-            return Err(corrupt(blob_id, &format!("format version {version} is not supported")));
+            return Err(corrupt(
+                blob_id,
+                &format!("format version {version} is not supported"),
+            ));
         }
         let bits = u32::from_le_bytes(h[12..16].try_into().unwrap());
         let (extents, data_pages, index_len) = (u64_at(&h, 16), u64_at(&h, 24), u64_at(&h, 32));
         let data_offset = u64_at(&h, 40);
-        let expect = extents.checked_mul(EXTENT_ENTRY_SIZE).and_then(|x| x.checked_add(data_pages * 4 + 4));
+        let expect = extents
+            .checked_mul(EXTENT_ENTRY_SIZE)
+            .and_then(|x| x.checked_add(data_pages * 4 + 4));
         if expect != Some(index_len)
             || data_offset != HEADER_SIZE + index_len
             || data_offset + (data_pages << bits) != reader.size_bytes()
@@ -200,7 +216,14 @@ impl Layer {
             .chunks(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        Ok(Layer { blob_id: blob_id.to_string(), page_size_bits: bits, index: map, crcs, data_offset, reader })
+        Ok(Layer {
+            blob_id: blob_id.to_string(),
+            page_size_bits: bits,
+            index: map,
+            crcs,
+            data_offset,
+            reader,
+        })
     }
 
     pub fn lookup(&self, start: u64, len: u64) -> Vec<Extent<LayerVal>> {
@@ -210,12 +233,16 @@ impl Layer {
     /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums.
     pub fn read_data(&self, data_page: u64, buf: &mut [u8]) -> store::Result<()> {
         let ps = 1usize << self.page_size_bits;
-        self.reader.read_at(self.data_offset + (data_page << self.page_size_bits), buf)?;
+        self.reader
+            .read_at(self.data_offset + (data_page << self.page_size_bits), buf)?;
         for (i, page) in buf.chunks(ps).enumerate() {
             let want = self.crcs[data_page as usize + i];
             if crc32c(page) != want {
                 let page_no = data_page + i as u64;
-                return Err(corrupt(&self.blob_id, &format!("checksum mismatch in data page {page_no}")));
+                return Err(corrupt(
+                    &self.blob_id,
+                    &format!("checksum mismatch in data page {page_no}"),
+                ));
             }
         }
         Ok(())
@@ -235,7 +262,10 @@ mod tests {
         let path = dir.path().join("layer");
         let exts = vec![
             SourceExtent::Data { start: 2, len: 3 },
-            SourceExtent::Zero { start: 10, len: 100 },
+            SourceExtent::Zero {
+                start: 10,
+                len: 100,
+            },
             SourceExtent::Data { start: 200, len: 1 },
         ];
         let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf| {
@@ -265,7 +295,11 @@ mod tests {
         store.put("blobs/bad", &raw).unwrap();
         let bad = Layer::open("bad", store.open_blob("blobs/bad").unwrap()).unwrap();
         let mut page = vec![0u8; 512];
-        assert!(bad.read_data(3, &mut page).unwrap_err().to_string().contains("checksum"));
+        assert!(bad
+            .read_data(3, &mut page)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         raw[70] ^= 0xff;
         store.put("blobs/bad2", &raw).unwrap();
         assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());

@@ -34,7 +34,10 @@ pub struct Manifest {
 pub enum ManifestError {
     Store(store::Error),
     /// The object exists but is not a manifest we can read.
-    Invalid { key: String, why: String },
+    Invalid {
+        key: String,
+        why: String,
+    },
 }
 
 impl std::fmt::Display for ManifestError {
@@ -63,17 +66,32 @@ impl Manifest {
 
     /// Checks the invariants a manifest must satisfy before it is written or used.
     pub fn check(&self, key: &str) -> Result<(), ManifestError> {
-        let bad = |why: String| Err(ManifestError::Invalid { key: key.to_string(), why });
+        let bad = |why: String| {
+            Err(ManifestError::Invalid {
+                key: key.to_string(),
+                why,
+            })
+        };
         if self.format_version != MANIFEST_FORMAT_VERSION {
-            return bad(format!("format version {} is not supported", self.format_version));
+            return bad(format!(
+                "format version {} is not supported",
+                self.format_version
+            ));
         }
         if keys::generation_of_manifest_key(key) != Some(self.generation) {
-            return bad(format!("generation {} does not match the key", self.generation));
+            return bad(format!(
+                "generation {} does not match the key",
+                self.generation
+            ));
         }
         if !keys::is_valid_image_id(&self.image_id) {
             return bad("bad image id".into());
         }
-        if let Some(l) = self.layers.iter().find(|l| !keys::is_valid_blob_id(&l.blob_id)) {
+        if let Some(l) = self
+            .layers
+            .iter()
+            .find(|l| !keys::is_valid_blob_id(&l.blob_id))
+        {
             return bad(format!("bad blob id {:?}", l.blob_id));
         }
         Ok(())
@@ -81,15 +99,25 @@ impl Manifest {
 }
 
 /// The newest manifest of an image, or None for an image never written.
-pub fn load_latest(store: &dyn ImageStore, image_id: &str) -> Result<Option<Manifest>, ManifestError> {
+pub fn load_latest(
+    store: &dyn ImageStore,
+    image_id: &str,
+) -> Result<Option<Manifest>, ManifestError> {
     let listed = store.list(&keys::manifest_prefix(image_id), Some(1))?;
-    let Some(first) = listed.first() else { return Ok(None) };
+    let Some(first) = listed.first() else {
+        return Ok(None);
+    };
     let bytes = store.get(&first.key)?;
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| ManifestError::Invalid { key: first.key.clone(), why: e.to_string() })?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ManifestError::Invalid {
+        key: first.key.clone(),
+        why: e.to_string(),
+    })?;
     m.check(&first.key)?;
     if m.image_id != image_id {
-        return Err(ManifestError::Invalid { key: first.key.clone(), why: "image id mismatch".into() });
+        return Err(ManifestError::Invalid {
+            key: first.key.clone(),
+            why: "image id mismatch".into(),
+        });
     }
     Ok(Some(m))
 }
@@ -127,10 +155,17 @@ mod tests {
         assert_eq!(load_latest(&s, "m.mvps-image").unwrap(), None);
         assert!(create(&s, &m(1)).unwrap());
         assert!(create(&s, &m(2)).unwrap());
-        assert!(!create(&s, &m(2)).unwrap(), "second create of a generation is fenced");
+        assert!(
+            !create(&s, &m(2)).unwrap(),
+            "second create of a generation is fenced"
+        );
         assert_eq!(load_latest(&s, "m.mvps-image").unwrap(), Some(m(2)));
         let mut bad = m(3);
-        bad.layers.push(LayerRef { blob_id: "../../x".into(), size_bytes: 0, data_pages: 0 });
+        bad.layers.push(LayerRef {
+            blob_id: "../../x".into(),
+            size_bytes: 0,
+            data_pages: 0,
+        });
         assert!(create(&s, &bad).is_err());
     }
 }

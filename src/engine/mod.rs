@@ -24,11 +24,21 @@ pub use session::{Session, SessionConfig};
 #[derive(Debug)]
 pub enum Error {
     /// Local I/O on the buffer store failed.
-    Io { image: String, op: &'static str, source: std::io::Error },
+    Io {
+        image: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
     /// The image store failed (after its own retries).
-    Store { image: String, source: crate::store::Error },
+    Store {
+        image: String,
+        source: crate::store::Error,
+    },
     /// A manifest could not be read or is invalid.
-    Manifest { image: String, source: manifest::ManifestError },
+    Manifest {
+        image: String,
+        source: manifest::ManifestError,
+    },
     /// Another buffer store wrote a newer manifest: this one no longer owns the image.
     Fenced { image: String },
     /// The image cannot be opened as asked (page size mismatch, foreign WAL, ...).
@@ -57,9 +67,14 @@ impl fmt::Display for Error {
             ),
             Error::Refused { image, why } => write!(f, "image {image}: {why}"),
             Error::Invalid { image, why } => write!(f, "image {image}: {why}"),
-            Error::Conflict { image, why } => write!(f, "image {image}: transaction conflict: {why}"),
+            Error::Conflict { image, why } => {
+                write!(f, "image {image}: transaction conflict: {why}")
+            }
             Error::TxnTooLarge { image, max } => {
-                write!(f, "image {image}: transaction larger than {max} bytes; rolled back")
+                write!(
+                    f,
+                    "image {image}: transaction larger than {max} bytes; rolled back"
+                )
             }
             Error::ShuttingDown { image } => write!(f, "image {image}: shutting down"),
         }

@@ -20,15 +20,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const TAKEOVER_ATTEMPTS_MAX: u32 = 5;
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Session {
-    pub fn open(buffer: Arc<BufferStore>, image_id: &str, page_size_bits: u32) -> Result<Arc<Session>> {
+    pub fn open(
+        buffer: Arc<BufferStore>,
+        image_id: &str,
+        page_size_bits: u32,
+    ) -> Result<Arc<Session>> {
         let image = image_id.to_string();
         let store = buffer.store.clone();
-        let manifest = manifest::load_latest(store.as_ref(), image_id)
-            .map_err(|source| Error::Manifest { image: image.clone(), source })?;
+        let manifest =
+            manifest::load_latest(store.as_ref(), image_id).map_err(|source| Error::Manifest {
+                image: image.clone(),
+                source,
+            })?;
         if let Some(m) = &manifest {
             if m.page_size_bits != page_size_bits {
                 return Err(Error::Refused {
@@ -49,7 +59,11 @@ impl Session {
         };
         let (writer, index) = writer;
         let layers = open_layers(&buffer, image_id, writer.manifest.as_ref())?;
-        let view = View { wal_file: writer.wal.file.clone(), index, layers };
+        let view = View {
+            wal_file: writer.wal.file.clone(),
+            index,
+            layers,
+        };
         let s = Arc::new(Session::new(buffer, image_id, page_size_bits, writer, view));
         checkpoint::start_thread(&s);
         Ok(s)
@@ -64,8 +78,11 @@ fn resume(
 ) -> Result<(WriterState, ExtentMap<BufVal>)> {
     let image = image_id.to_string();
     let path = buffer.wal_path(image_id);
-    let (wal, rec) = WalFile::open(&path)
-        .map_err(|source| Error::Io { image: image.clone(), op: "open WAL", source })?;
+    let (wal, rec) = WalFile::open(&path).map_err(|source| Error::Io {
+        image: image.clone(),
+        op: "open WAL",
+        source,
+    })?;
     let h = &wal.header;
     if h.image_id != image_id || h.page_size_bits != bits {
         return Err(Error::Refused {
@@ -109,7 +126,11 @@ fn resume(
             continue; // already in a layer
         }
         let offset = c.payload_offset.unwrap_or(BufVal::ZERO);
-        let v = BufVal { change: c.change_count, offset, page_size_bits: bits as u8 };
+        let v = BufVal {
+            change: c.change_count,
+            offset,
+            page_size_bits: bits as u8,
+        };
         index.insert(c.first_page, c.page_count, v);
         replayed += 1;
     }
@@ -168,10 +189,17 @@ fn take_over(
 ) -> Result<(WriterState, ExtentMap<BufVal>)> {
     let image = image_id.to_string();
     let writer_id = keys::random_u128();
-    let header = WalHeader { page_size_bits: bits, writer_id, image_id: image.clone() };
+    let header = WalHeader {
+        page_size_bits: bits,
+        writer_id,
+        image_id: image.clone(),
+    };
     let path = buffer.wal_path(image_id);
-    let wal = WalFile::create(&path, &header)
-        .map_err(|source| Error::Io { image: image.clone(), op: "create WAL", source })?;
+    let wal = WalFile::create(&path, &header).map_err(|source| Error::Io {
+        image: image.clone(),
+        op: "create WAL",
+        source,
+    })?;
     let base_cc = manifest.as_ref().map(|m| m.change_count).unwrap_or(0);
     let mut w = WriterState {
         wal,
@@ -182,11 +210,21 @@ fn take_over(
         txns: Default::default(),
     };
     if buffer.cfg.disable_image_store_write {
-        log::info!("image {image_id}: new writer {} (image store writes disabled)", writer_id_hex(writer_id));
+        log::info!(
+            "image {image_id}: new writer {} (image store writes disabled)",
+            writer_id_hex(writer_id)
+        );
         return Ok((w, ExtentMap::new()));
     }
     let next = match &w.manifest {
-        Some(m) => initial_manifest(image_id, bits, writer_id, m.generation + 1, m.change_count, m.layers.clone()),
+        Some(m) => initial_manifest(
+            image_id,
+            bits,
+            writer_id,
+            m.generation + 1,
+            m.change_count,
+            m.layers.clone(),
+        ),
         None => initial_manifest(image_id, bits, writer_id, 1, 0, vec![]),
     };
     let r = publish_takeover(buffer, &mut w, next);
@@ -209,24 +247,39 @@ fn publish_takeover(buffer: &BufferStore, w: &mut WriterState, mut next: Manifes
     let image = next.image_id.clone();
     let store = buffer.store.as_ref();
     for _ in 0..TAKEOVER_ATTEMPTS_MAX {
-        let created = manifest::create(store, &next)
-            .map_err(|source| Error::Manifest { image: image.clone(), source })?;
+        let created = manifest::create(store, &next).map_err(|source| Error::Manifest {
+            image: image.clone(),
+            source,
+        })?;
         if created {
             w.change_count = w.change_count.max(next.change_count);
             w.manifest = Some(next);
             return Ok(());
         }
         let latest = manifest::load_latest(store, &image)
-            .map_err(|source| Error::Manifest { image: image.clone(), source })?
-            .ok_or_else(|| Error::Refused { image: image.clone(), why: "manifest vanished".into() })?;
+            .map_err(|source| Error::Manifest {
+                image: image.clone(),
+                source,
+            })?
+            .ok_or_else(|| Error::Refused {
+                image: image.clone(),
+                why: "manifest vanished".into(),
+            })?;
         next.generation = latest.generation + 1;
         next.change_count = latest.change_count;
         next.layers = latest.layers;
     }
-    Err(Error::Refused { image, why: "could not publish a takeover manifest: too much contention".into() })
+    Err(Error::Refused {
+        image,
+        why: "could not publish a takeover manifest: too much contention".into(),
+    })
 }
 
-fn open_layers(buffer: &BufferStore, image_id: &str, m: Option<&Manifest>) -> Result<Vec<Arc<Layer>>> {
+fn open_layers(
+    buffer: &BufferStore,
+    image_id: &str,
+    m: Option<&Manifest>,
+) -> Result<Vec<Arc<Layer>>> {
     let Some(m) = m else { return Ok(vec![]) };
     let mut layers = Vec::with_capacity(m.layers.len());
     for l in m.layers.iter().rev() {
@@ -236,7 +289,13 @@ fn open_layers(buffer: &BufferStore, image_id: &str, m: Option<&Manifest>) -> Re
 }
 
 pub fn open_layer(buffer: &BufferStore, image_id: &str, blob_id: &str) -> Result<Layer> {
-    let wrap = |source| Error::Store { image: image_id.to_string(), source };
-    let reader = buffer.store.open_blob(&keys::blob_key(blob_id)).map_err(wrap)?;
+    let wrap = |source| Error::Store {
+        image: image_id.to_string(),
+        source,
+    };
+    let reader = buffer
+        .store
+        .open_blob(&keys::blob_key(blob_id))
+        .map_err(wrap)?;
     Layer::open(blob_id, reader).map_err(wrap)
 }

@@ -59,7 +59,10 @@ impl ExtentValue for BufVal {
         if self.is_zero() {
             *self
         } else {
-            BufVal { offset: self.offset + (pages << self.page_size_bits), ..*self }
+            BufVal {
+                offset: self.offset + (pages << self.page_size_bits),
+                ..*self
+            }
         }
     }
 }
@@ -168,15 +171,23 @@ impl Session {
     }
 
     pub(super) fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        move |source| Error::Io { image: self.image_id.clone(), op, source }
+        move |source| Error::Io {
+            image: self.image_id.clone(),
+            op,
+            source,
+        }
     }
 
     pub fn check_usable(&self) -> Result<()> {
         if self.fenced.load(Ordering::Acquire) {
-            return Err(Error::Fenced { image: self.image_id.clone() });
+            return Err(Error::Fenced {
+                image: self.image_id.clone(),
+            });
         }
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown { image: self.image_id.clone() });
+            return Err(Error::ShuttingDown {
+                image: self.image_id.clone(),
+            });
         }
         Ok(())
     }
@@ -228,7 +239,7 @@ impl Session {
         let last = (offset + buf.len() as u64 - 1) / ps;
         let n = last - first + 1;
         let overlay = txn.map(|t| &t.overlay);
-        if offset % ps == 0 && buf.len() as u64 % ps == 0 {
+        if offset.is_multiple_of(ps) && (buf.len() as u64).is_multiple_of(ps) {
             return self.read_pages(overlay, first, n, buf);
         }
         let mut scratch = vec![0u8; (n * ps) as usize];
@@ -253,10 +264,17 @@ impl Session {
             let out = &mut buf[at..at + (len << bits) as usize];
             match src {
                 Src::Zero => out.fill(0),
-                Src::Wal(off) => wal.read_exact_at(out, off).map_err(self.io_err("read WAL"))?,
-                Src::Layer(layer, data_page) => layer
-                    .read_data(data_page, out)
-                    .map_err(|source| Error::Store { image: self.image_id.clone(), source })?,
+                Src::Wal(off) => wal
+                    .read_exact_at(out, off)
+                    .map_err(self.io_err("read WAL"))?,
+                Src::Layer(layer, data_page) => {
+                    layer
+                        .read_data(data_page, out)
+                        .map_err(|source| Error::Store {
+                            image: self.image_id.clone(),
+                            source,
+                        })?
+                }
             }
         }
         Ok(())
@@ -278,7 +296,11 @@ impl Session {
             for (s, l) in todo {
                 let found = map.lookup(s, l);
                 for e in &found {
-                    let src = if e.value.is_zero() { Src::Zero } else { Src::Wal(e.value.offset) };
+                    let src = if e.value.is_zero() {
+                        Src::Zero
+                    } else {
+                        Src::Wal(e.value.offset)
+                    };
                     pieces.push((e.start, e.len, src));
                 }
                 next.extend(gaps(s, l, &found));
@@ -322,12 +344,18 @@ impl Session {
         }
         let mut w = self.lock_writer(txn.as_deref())?;
         let ps = self.page_size();
-        if offset % ps == 0 && data.len() as u64 % ps == 0 {
-            let op = PageOp::Data { first_page: offset / ps, data };
+        if offset.is_multiple_of(ps) && (data.len() as u64).is_multiple_of(ps) {
+            let op = PageOp::Data {
+                first_page: offset / ps,
+                data,
+            };
             return self.append_ops(&mut w, txn, &[op]);
         }
         let merged = self.merge_partial(txn.as_deref(), offset, data)?;
-        let op = PageOp::Data { first_page: offset / ps, data: &merged };
+        let op = PageOp::Data {
+            first_page: offset / ps,
+            data: &merged,
+        };
         self.append_ops(&mut w, txn, &[op])
     }
 
@@ -374,20 +402,31 @@ impl Session {
         let mut edges = Vec::new();
         if inner_first > inner_end {
             // Entirely inside one page.
-            edges.push((offset, self.merge_partial(t, offset, &vec![0u8; len as usize])?));
+            edges.push((
+                offset,
+                self.merge_partial(t, offset, &vec![0u8; len as usize])?,
+            ));
         } else {
-            if offset % ps != 0 {
+            if !offset.is_multiple_of(ps) {
                 let head = inner_first * ps - offset;
-                edges.push((offset, self.merge_partial(t, offset, &vec![0u8; head as usize])?));
+                edges.push((
+                    offset,
+                    self.merge_partial(t, offset, &vec![0u8; head as usize])?,
+                ));
             }
-            if end % ps != 0 {
+            if !end.is_multiple_of(ps) {
                 let tail_start = inner_end * ps;
                 let tail = vec![0u8; (end - tail_start) as usize];
                 edges.push((tail_start, self.merge_partial(t, tail_start, &tail)?));
             }
         }
-        let mut ops: Vec<PageOp> =
-            edges.iter().map(|(o, d)| PageOp::Data { first_page: o / ps, data: d }).collect();
+        let mut ops: Vec<PageOp> = edges
+            .iter()
+            .map(|(o, d)| PageOp::Data {
+                first_page: o / ps,
+                data: d,
+            })
+            .collect();
         let zero_chunk;
         if inner_end > inner_first {
             let count = inner_end - inner_first;
@@ -399,11 +438,17 @@ impl Session {
                 while p < inner_end {
                     let n = chunk_pages.min(inner_end - p);
                     let data = &zero_chunk[..(n * ps) as usize];
-                    ops.push(PageOp::Data { first_page: p, data });
+                    ops.push(PageOp::Data {
+                        first_page: p,
+                        data,
+                    });
                     p += n;
                 }
             } else {
-                ops.push(PageOp::Zero { first_page: inner_first, count });
+                ops.push(PageOp::Zero {
+                    first_page: inner_first,
+                    count,
+                });
             }
         }
         self.append_ops(&mut w, txn, &ops)
@@ -433,15 +478,21 @@ impl Session {
         if let Some(t) = &txn {
             let bytes: u64 = ops.iter().map(PageOp::payload_len).sum();
             if t.bytes + bytes > self.buffer.cfg.txn_bytes_max {
-                return Err(Error::TxnTooLarge { image: self.image_id.clone(), max: self.buffer.cfg.txn_bytes_max });
+                return Err(Error::TxnTooLarge {
+                    image: self.image_id.clone(),
+                    max: self.buffer.cfg.txn_bytes_max,
+                });
             }
         }
         let mut placed = Vec::with_capacity(ops.len());
         for op in ops {
             let (kind, first_page, count, data): (Kind, u64, u64, &[u8]) = match op {
-                PageOp::Data { first_page, data } => {
-                    (Kind::Data, *first_page, data.len() as u64 >> self.page_size_bits, data)
-                }
+                PageOp::Data { first_page, data } => (
+                    Kind::Data,
+                    *first_page,
+                    data.len() as u64 >> self.page_size_bits,
+                    data,
+                ),
                 PageOp::Zero { first_page, count } => (Kind::Zero, *first_page, *count, &[]),
             };
             let rec = Record {
@@ -455,7 +506,10 @@ impl Session {
                 payload_len: data.len() as u32,
             };
             w.next_seq += 1;
-            let off = w.wal.append(&rec, data).map_err(self.io_err("append to WAL"))?;
+            let off = w
+                .wal
+                .append(&rec, data)
+                .map_err(self.io_err("append to WAL"))?;
             placed.push((first_page, count, (kind == Kind::Data).then_some(off)));
         }
         self.write_seq.fetch_add(1, Ordering::AcqRel);
@@ -463,7 +517,15 @@ impl Session {
         if let Some(t) = txn {
             for (first, count, off) in placed {
                 let offset = off.unwrap_or(BufVal::ZERO);
-                t.overlay.insert(first, count, BufVal { change: 0, offset, page_size_bits: bits });
+                t.overlay.insert(
+                    first,
+                    count,
+                    BufVal {
+                        change: 0,
+                        offset,
+                        page_size_bits: bits,
+                    },
+                );
                 t.bytes += if off.is_some() { count << bits } else { 0 };
             }
             return Ok(());
@@ -475,7 +537,15 @@ impl Session {
         let mut view = self.view.write().unwrap();
         for (first, count, off) in placed {
             let offset = off.unwrap_or(BufVal::ZERO);
-            view.index.insert(first, count, BufVal { change, offset, page_size_bits: bits });
+            view.index.insert(
+                first,
+                count,
+                BufVal {
+                    change,
+                    offset,
+                    page_size_bits: bits,
+                },
+            );
         }
         let pages = view.index.pages();
         drop(view);
@@ -486,7 +556,13 @@ impl Session {
     }
 
     /// Appends the COMMIT (or ABORT) record of transaction `txn_id`.
-    pub(super) fn append_end(&self, w: &mut WriterState, kind: Kind, txn_id: u64, change: u64) -> Result<()> {
+    pub(super) fn append_end(
+        &self,
+        w: &mut WriterState,
+        kind: Kind,
+        txn_id: u64,
+        change: u64,
+    ) -> Result<()> {
         let rec = Record {
             kind,
             flags: 0,
@@ -498,7 +574,9 @@ impl Session {
             payload_len: 0,
         };
         w.next_seq += 1;
-        w.wal.append(&rec, &[]).map_err(self.io_err("append to WAL"))?;
+        w.wal
+            .append(&rec, &[])
+            .map_err(self.io_err("append to WAL"))?;
         self.write_seq.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -510,7 +588,9 @@ impl Session {
     /// Slows writers while the buffer is over its threshold and uploads can drain it.
     fn throttle(&self) {
         let cfg = &self.buffer.cfg;
-        if cfg.disable_image_store_write || self.buffered_pages() <= cfg.write_throttle_threshold_pages {
+        if cfg.disable_image_store_write
+            || self.buffered_pages() <= cfg.write_throttle_threshold_pages
+        {
             return;
         }
         self.wake_checkpoint();
@@ -551,7 +631,8 @@ impl Session {
 
     /// Marks all appends so far durable (after a WAL rewrite, which fsyncs the new file).
     pub(super) fn mark_all_durable(&self) {
-        self.durable_seq.fetch_max(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
+        self.durable_seq
+            .fetch_max(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
     }
 
     /// Server shutdown: stop the checkpoint thread and make the WAL durable.

@@ -33,7 +33,11 @@ pub(crate) fn cfg() -> SessionConfig {
     }
 }
 
-pub(crate) fn open(dir: &Path, store: Arc<dyn ImageStore>, bits: u32) -> (Arc<BufferStore>, Arc<Session>) {
+pub(crate) fn open(
+    dir: &Path,
+    store: Arc<dyn ImageStore>,
+    bits: u32,
+) -> (Arc<BufferStore>, Arc<Session>) {
     let b = Arc::new(BufferStore::open(&dir.join("buffer"), store, cfg()).unwrap());
     let s = b.attach("model.mvps-image", bits).unwrap();
     (b, s)
@@ -75,7 +79,11 @@ pub(crate) fn run_model(dir: &Path, store: Arc<dyn ImageStore>, seed: u64, steps
             11..=12 => {
                 let mut got = vec![0u8; len as usize];
                 s.read(None, off, &mut got).unwrap();
-                assert_eq!(got, &model[off as usize..(off + len) as usize], "step {step}");
+                assert_eq!(
+                    got,
+                    &model[off as usize..(off + len) as usize],
+                    "step {step}"
+                );
             }
             13 => s.flush().unwrap(),
             14..=16 => {
@@ -132,12 +140,16 @@ fn takeover_fences_old_writer() {
     let (b1, s1) = open(dir.path(), store.clone(), 12);
     s1.write(None, 0, &[1u8; 4096]).unwrap();
     s1.checkpoint().unwrap();
-    let b2 = Arc::new(BufferStore::open(&dir.path().join("buffer2"), store.clone(), cfg()).unwrap());
+    let b2 =
+        Arc::new(BufferStore::open(&dir.path().join("buffer2"), store.clone(), cfg()).unwrap());
     let s2 = b2.attach("model.mvps-image", 12).unwrap();
     s1.write(None, 0, &[2u8; 4096]).unwrap();
     let err = s1.checkpoint().unwrap_err();
     assert!(matches!(err, super::Error::Fenced { .. }), "{err}");
-    assert!(s1.write(None, 0, &[3u8; 4096]).is_err(), "a fenced session refuses writes");
+    assert!(
+        s1.write(None, 0, &[3u8; 4096]).is_err(),
+        "a fenced session refuses writes"
+    );
     let mut got = vec![0u8; 4096];
     s2.read(None, 0, &mut got).unwrap();
     assert_eq!(got, vec![1u8; 4096]);
@@ -167,7 +179,9 @@ fn second_process_on_buffer_store_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = local(dir.path());
     let _b = BufferStore::open(&dir.path().join("buffer"), store.clone(), cfg()).unwrap();
-    let e = BufferStore::open(&dir.path().join("buffer"), store, cfg()).err().unwrap();
+    let e = BufferStore::open(&dir.path().join("buffer"), store, cfg())
+        .err()
+        .unwrap();
     assert!(e.contains("in use by another mvps-te"), "{e}");
 }
 
@@ -194,7 +208,11 @@ mod txn {
         assert_eq!(&mine[100..300], &[5u8; 200][..]);
         assert_eq!(&mine[300..310], &[0u8; 10][..]);
         assert_eq!(&mine[310..1100], &[5u8; 790][..]);
-        assert_eq!(read(&s, 0, 1200), vec![0u8; 1200], "others see nothing before COMMIT");
+        assert_eq!(
+            read(&s, 0, 1200),
+            vec![0u8; 1200],
+            "others see nothing before COMMIT"
+        );
         s.commit(t).unwrap();
         assert_eq!(read(&s, 0, 1200), mine);
         b.shutdown();
@@ -242,7 +260,11 @@ mod txn {
         s.write(None, 512, &[1u8; 10]).unwrap(); // waits for the 500 ms lock timeout
         assert!(started.elapsed() >= std::time::Duration::from_millis(400));
         assert!(matches!(s.commit(t), Err(Error::Conflict { .. })));
-        assert_eq!(read(&s, 0, 10), vec![0u8; 10], "the expired transaction never lands");
+        assert_eq!(
+            read(&s, 0, 10),
+            vec![0u8; 10],
+            "the expired transaction never lands"
+        );
         b.shutdown();
     }
 
@@ -277,7 +299,10 @@ mod txn {
         let big = vec![1u8; 32 << 20];
         s.write(Some(&mut t), 0, &big).unwrap();
         s.write(Some(&mut t), 32 << 20, &big).unwrap();
-        assert!(matches!(s.write(Some(&mut t), 64 << 20, &[1]), Err(Error::TxnTooLarge { .. })));
+        assert!(matches!(
+            s.write(Some(&mut t), 64 << 20, &[1]),
+            Err(Error::TxnTooLarge { .. })
+        ));
         s.rollback(t);
         b.shutdown();
     }

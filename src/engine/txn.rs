@@ -70,7 +70,13 @@ impl Session {
         let id = w.next_txn_id;
         w.next_txn_id += 1;
         w.txns.open += 1;
-        Ok(Txn { id, begin_change: w.change_count, overlay: ExtentMap::new(), bytes: 0, holds_lock: false })
+        Ok(Txn {
+            id,
+            begin_change: w.change_count,
+            overlay: ExtentMap::new(),
+            bytes: 0,
+            holds_lock: false,
+        })
     }
 
     /// LOCK_TXN: fails with `Conflict` if any change committed since BEGIN.
@@ -89,7 +95,10 @@ impl Session {
             });
         }
         let timeout = Duration::from_millis(self.buffer.cfg.txn_lock_timeout_ms);
-        w.txns.lock = Some(LockHolder { txn_id: txn.id, deadline: Instant::now() + timeout });
+        w.txns.lock = Some(LockHolder {
+            txn_id: txn.id,
+            deadline: Instant::now() + timeout,
+        });
         txn.holds_lock = true;
         Ok(())
     }
@@ -104,7 +113,9 @@ impl Session {
             if let Some(id) = mine.filter(|id| w.txns.expired.contains(id)) {
                 return Err(self.expired(id));
             }
-            let Some(holder) = w.txns.lock else { return Ok(w) };
+            let Some(holder) = w.txns.lock else {
+                return Ok(w);
+            };
             let now = Instant::now();
             if Some(holder.txn_id) == mine && now < holder.deadline {
                 return Ok(w);
@@ -121,14 +132,20 @@ impl Session {
                 self.lock_cv.notify_all();
                 continue;
             }
-            w = self.lock_cv.wait_timeout(w, holder.deadline - now).unwrap().0;
+            w = self
+                .lock_cv
+                .wait_timeout(w, holder.deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
     fn expired(&self, id: u64) -> Error {
         Error::Conflict {
             image: self.image_id.clone(),
-            why: format!("transaction {id} held the write lock past its timeout and was rolled back"),
+            why: format!(
+                "transaction {id} held the write lock past its timeout and was rolled back"
+            ),
         }
     }
 
@@ -161,7 +178,8 @@ impl Session {
         {
             let mut view = self.view.write().unwrap();
             for e in txn.overlay.iter() {
-                view.index.insert(e.start, e.len, BufVal { change, ..e.value });
+                view.index
+                    .insert(e.start, e.len, BufVal { change, ..e.value });
             }
         }
         self.release(&mut w, &txn);

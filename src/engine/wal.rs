@@ -98,7 +98,10 @@ pub fn encode_header(h: &WalHeader) -> [u8; HEADER_SIZE as usize] {
     b[12..16].copy_from_slice(&h.page_size_bits.to_le_bytes());
     b[16..32].copy_from_slice(&h.writer_id.to_le_bytes());
     let id = h.image_id.as_bytes();
-    assert!(id.len() <= IMAGE_ID_CAPACITY, "image ids are validated to fit");
+    assert!(
+        id.len() <= IMAGE_ID_CAPACITY,
+        "image ids are validated to fit"
+    );
     b[32..36].copy_from_slice(&(id.len() as u32).to_le_bytes());
     b[IMAGE_ID_OFFSET..IMAGE_ID_OFFSET + id.len()].copy_from_slice(id);
     let crc = CRC32C.checksum(&b[..HEADER_CRC_OFFSET]);
@@ -116,7 +119,9 @@ pub fn decode_header(b: &[u8]) -> Result<WalHeader, String> {
     }
     let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
     if version != WAL_FORMAT_VERSION {
-        return Err(format!("WAL format version {version}, this build reads {WAL_FORMAT_VERSION}"));
+        return Err(format!(
+            "WAL format version {version}, this build reads {WAL_FORMAT_VERSION}"
+        ));
     }
     let id_len = u32::from_le_bytes(b[32..36].try_into().unwrap()) as usize;
     if id_len > IMAGE_ID_CAPACITY {
@@ -194,7 +199,12 @@ impl WalFile {
     pub fn create(path: &Path, header: &WalHeader) -> io::Result<WalFile> {
         write_new_file(path, &encode_header(header), &[])?;
         let file = Arc::new(open_append(path)?);
-        Ok(WalFile { path: path.to_path_buf(), file, header: header.clone(), end: HEADER_SIZE })
+        Ok(WalFile {
+            path: path.to_path_buf(),
+            file,
+            header: header.clone(),
+            end: HEADER_SIZE,
+        })
     }
 
     /// Opens an existing WAL, replays it and cuts off a torn tail.
@@ -202,7 +212,8 @@ impl WalFile {
         let file = open_append(path)?;
         let mut hb = [0u8; HEADER_SIZE as usize];
         file.read_exact_at(&mut hb, 0)?;
-        let header = decode_header(&hb).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let header =
+            decode_header(&hb).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let size = file.metadata()?.len();
         let (recovery, valid_end) = replay(&file, header.page_size_bits, size)?;
         if valid_end < size {
@@ -210,7 +221,15 @@ impl WalFile {
             file.sync_all()?;
         }
         let file = Arc::new(file);
-        Ok((WalFile { path: path.to_path_buf(), file, header, end: valid_end }, recovery))
+        Ok((
+            WalFile {
+                path: path.to_path_buf(),
+                file,
+                header,
+                end: valid_end,
+            },
+            recovery,
+        ))
     }
 
     /// Appends one record; returns the file offset of its payload.
@@ -223,7 +242,12 @@ impl WalFile {
         while written < total {
             let n = (&*self.file).write_vectored(bufs);
             let n = match n {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "WAL append wrote 0")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "WAL append wrote 0",
+                    ))
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -263,7 +287,11 @@ struct PendingTxn {
 
 /// Replays records from `HEADER_SIZE`; returns what was committed and where valid data ends.
 fn replay(file: &File, page_size_bits: u32, size: u64) -> io::Result<(Recovery, u64)> {
-    let mut rec = Recovery { next_seq: 1, next_txn_id: 1, ..Default::default() };
+    let mut rec = Recovery {
+        next_seq: 1,
+        next_txn_id: 1,
+        ..Default::default()
+    };
     let mut pending: std::collections::HashMap<u64, PendingTxn> = Default::default();
     let mut pos = HEADER_SIZE;
     let mut payload = Vec::new();
@@ -271,9 +299,15 @@ fn replay(file: &File, page_size_bits: u32, size: u64) -> io::Result<(Recovery, 
     while pos + RECORD_HEADER_SIZE <= size {
         let mut hb = [0u8; RECORD_HEADER_SIZE as usize];
         file.read_exact_at(&mut hb, pos)?;
-        let Some((r, crc)) = decode_record(&hb) else { break };
+        let Some((r, crc)) = decode_record(&hb) else {
+            break;
+        };
         let end = pos + RECORD_HEADER_SIZE + r.payload_len as u64;
-        let expect_len = if r.kind == Kind::Data { r.page_count << page_size_bits } else { 0 };
+        let expect_len = if r.kind == Kind::Data {
+            r.page_count << page_size_bits
+        } else {
+            0
+        };
         if end > size || r.payload_len as u64 != expect_len || r.seq <= last_seq {
             break;
         }
@@ -314,7 +348,11 @@ fn apply_record(
                 rec.max_change_count = rec.max_change_count.max(r.change_count);
                 rec.committed.push(c);
             } else {
-                pending.entry(r.txn_id).or_insert(PendingTxn { changes: vec![] }).changes.push(c);
+                pending
+                    .entry(r.txn_id)
+                    .or_insert(PendingTxn { changes: vec![] })
+                    .changes
+                    .push(c);
             }
         }
         Kind::Commit => {
@@ -337,7 +375,11 @@ mod tests {
     use super::*;
 
     fn hdr() -> WalHeader {
-        WalHeader { page_size_bits: 9, writer_id: 0xabcdef, image_id: "w.mvps-image".into() }
+        WalHeader {
+            page_size_bits: 9,
+            writer_id: 0xabcdef,
+            image_id: "w.mvps-image".into(),
+        }
     }
 
     fn data(seq: u64, txn: u64, cc: u64, page: u64, n: u64, flags: u8) -> Record {
@@ -367,17 +409,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.wal");
         let mut w = WalFile::create(&p, &hdr()).unwrap();
-        w.append(&data(1, 1, 1, 0, 2, FLAG_SELF_COMMIT), &[1u8; 1024]).unwrap();
+        w.append(&data(1, 1, 1, 0, 2, FLAG_SELF_COMMIT), &[1u8; 1024])
+            .unwrap();
         // A transaction: two data records, then commit.
         w.append(&data(2, 2, 0, 5, 1, 0), &[2u8; 512]).unwrap();
-        let zero = Record { kind: Kind::Zero, payload_len: 0, ..data(3, 2, 0, 9, 4, 0) };
+        let zero = Record {
+            kind: Kind::Zero,
+            payload_len: 0,
+            ..data(3, 2, 0, 9, 4, 0)
+        };
         w.append(&zero, &[]).unwrap();
-        let commit = Record { kind: Kind::Commit, payload_len: 0, ..data(4, 2, 2, 0, 0, 0) };
+        let commit = Record {
+            kind: Kind::Commit,
+            payload_len: 0,
+            ..data(4, 2, 2, 0, 0, 0)
+        };
         w.append(&commit, &[]).unwrap();
         // An uncommitted transaction and a torn record.
         w.append(&data(5, 3, 0, 7, 1, 0), &[3u8; 512]).unwrap();
         let good_end = w.end;
-        w.append(&data(6, 4, 3, 1, 1, FLAG_SELF_COMMIT), &[4u8; 512]).unwrap();
+        w.append(&data(6, 4, 3, 1, 1, FLAG_SELF_COMMIT), &[4u8; 512])
+            .unwrap();
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(w.end - 100).unwrap();
         drop(w);
@@ -393,7 +445,9 @@ mod tests {
         assert_eq!(r.discarded_txns, 1);
         assert_eq!(r.next_seq, 6);
         let mut page = [0u8; 512];
-        w2.file.read_exact_at(&mut page, r.committed[1].payload_offset.unwrap()).unwrap();
+        w2.file
+            .read_exact_at(&mut page, r.committed[1].payload_offset.unwrap())
+            .unwrap();
         assert_eq!(page, [2u8; 512]);
     }
 
@@ -402,8 +456,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.wal");
         let mut w = WalFile::create(&p, &hdr()).unwrap();
-        w.append(&data(1, 1, 1, 0, 1, FLAG_SELF_COMMIT), &[1u8; 512]).unwrap();
-        let off = w.append(&data(2, 2, 2, 1, 1, FLAG_SELF_COMMIT), &[1u8; 512]).unwrap();
+        w.append(&data(1, 1, 1, 0, 1, FLAG_SELF_COMMIT), &[1u8; 512])
+            .unwrap();
+        let off = w
+            .append(&data(2, 2, 2, 1, 1, FLAG_SELF_COMMIT), &[1u8; 512])
+            .unwrap();
         drop(w);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[9], off + 100).unwrap();

@@ -69,10 +69,14 @@ pub fn run(s: &Stream, exports: &dyn Exports, peer: &str, kill: Kill) -> io::Res
     { s }.write_all(&greet)?;
     let client_flags = read_u32(s)?;
     if client_flags & NBD_FLAG_C_FIXED_NEWSTYLE == 0 {
-        return Ok(Outcome::Closed("client does not speak fixed newstyle".into()));
+        return Ok(Outcome::Closed(
+            "client does not speak fixed newstyle".into(),
+        ));
     }
     if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
-        return Ok(Outcome::Closed(format!("unknown client flags {client_flags:#x}")));
+        return Ok(Outcome::Closed(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
     for _ in 0..OPTIONS_COUNT_MAX {
@@ -97,7 +101,9 @@ pub fn run(s: &Stream, exports: &dyn Exports, peer: &str, kill: Kill) -> io::Res
             return Ok(out);
         }
     }
-    Ok(Outcome::Closed(format!("more than {OPTIONS_COUNT_MAX} options")))
+    Ok(Outcome::Closed(format!(
+        "more than {OPTIONS_COUNT_MAX} options"
+    )))
 }
 
 /// Handles one option. `Some` ends the handshake.
@@ -125,7 +131,10 @@ fn handle_option(
                     { s }.write_all(&b)?;
                     Ok(Some(Outcome::Serve(export)))
                 }
-                Err(r) => Ok(Some(Outcome::Closed(format!("export refused: {}", r.message)))),
+                Err(r) => Ok(Some(Outcome::Closed(format!(
+                    "export refused: {}",
+                    r.message
+                )))),
             }
         }
         NBD_OPT_INFO | NBD_OPT_GO => handle_info_go(s, exports, peer, kill, opt, data),
@@ -135,7 +144,12 @@ fn handle_option(
         }
         NBD_OPT_LIST => {
             // Export names are secrets (tokens): there is nothing to list.
-            send_reply(s, opt, NBD_REP_ERR_POLICY, b"export names are tokens; listing is refused")?;
+            send_reply(
+                s,
+                opt,
+                NBD_REP_ERR_POLICY,
+                b"export names are tokens; listing is refused",
+            )?;
             Ok(None)
         }
         _ => {
@@ -160,7 +174,10 @@ pub fn parse_info_request(data: &[u8]) -> Result<(&[u8], Vec<u16>), &'static str
     if rest.len() != 2 + 2 * n {
         return Err("information request count does not match the payload");
     }
-    let reqs = rest[2..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+    let reqs = rest[2..]
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
     Ok((name, reqs))
 }
 

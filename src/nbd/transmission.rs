@@ -8,7 +8,9 @@
 use super::consts::*;
 use super::stream::Stream;
 use super::{errno_for, Export, TxnCommand};
-use crate::limits::{CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, REQUEST_PAYLOAD_BYTES_MAX};
+use crate::limits::{
+    CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, REQUEST_PAYLOAD_BYTES_MAX,
+};
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -133,7 +135,10 @@ pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Res
     let conn = Arc::new(Conn {
         export,
         out: Mutex::new(output),
-        in_flight: InFlight { state: Mutex::new((0, 0)), cv: Condvar::new() },
+        in_flight: InFlight {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        },
     });
     let r = read_loop(input, &conn);
     conn.in_flight.wait_idle();
@@ -150,7 +155,10 @@ fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         let Some(r) = parse_request(&h) else {
-            log::warn!("{}: bad request magic; closing the connection", conn.export.label());
+            log::warn!(
+                "{}: bad request magic; closing the connection",
+                conn.export.label()
+            );
             return Ok(());
         };
         if let Err(err) = validate(&r, size) {
@@ -171,7 +179,11 @@ fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
             execute_txn(conn, &r, cmd);
             continue;
         }
-        let bytes = if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) { r.length as u64 } else { 0 };
+        let bytes = if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) {
+            r.length as u64
+        } else {
+            0
+        };
         conn.in_flight.acquire(bytes);
         let payload = if r.kind == NBD_CMD_WRITE {
             let mut p = vec![0u8; r.length as usize];
@@ -234,9 +246,12 @@ fn execute(conn: &Conn, r: &Request, payload: Vec<u8>) {
         NBD_CMD_WRITE => e.write(r.offset, &payload, fua),
         NBD_CMD_FLUSH => e.flush(),
         NBD_CMD_TRIM => e.trim(r.offset, r.length as u64, fua),
-        NBD_CMD_WRITE_ZEROES => {
-            e.write_zeroes(r.offset, r.length as u64, r.flags & NBD_CMD_FLAG_NO_HOLE != 0, fua)
-        }
+        NBD_CMD_WRITE_ZEROES => e.write_zeroes(
+            r.offset,
+            r.length as u64,
+            r.flags & NBD_CMD_FLAG_NO_HOLE != 0,
+            fua,
+        ),
         _ => unreachable!("validate() admits only the commands above"),
     };
     match result {
@@ -253,26 +268,68 @@ mod tests {
     use super::*;
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
-        Request { flags, kind, cookie: 1, offset, length }
+        Request {
+            flags,
+            kind,
+            cookie: 1,
+            offset,
+            length,
+        }
     }
 
     #[test]
     fn validation() {
         let size = 1 << 20;
         assert_eq!(validate(&req(NBD_CMD_READ, 0, 0, 4096), size), Ok(()));
-        assert_eq!(validate(&req(NBD_CMD_READ, 0, size - 1, 2), size), Err(NBD_EINVAL));
-        assert_eq!(validate(&req(NBD_CMD_READ, 0, u64::MAX, 2), size), Err(NBD_EINVAL));
-        assert_eq!(validate(&req(NBD_CMD_WRITE, 0, size, 1), size), Err(NBD_ENOSPC));
-        assert_eq!(validate(&req(NBD_CMD_WRITE, 0, 0, (1 << 25) + 1), size), Err(NBD_EOVERFLOW));
-        assert_eq!(validate(&req(NBD_CMD_WRITE_ZEROES, 0, 0, u32::MAX), size), Err(NBD_ENOSPC));
-        assert_eq!(validate(&req(NBD_CMD_TRIM, 0, 0, u32::MAX), size), Err(NBD_EINVAL));
+        assert_eq!(
+            validate(&req(NBD_CMD_READ, 0, size - 1, 2), size),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_READ, 0, u64::MAX, 2), size),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_WRITE, 0, size, 1), size),
+            Err(NBD_ENOSPC)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_WRITE, 0, 0, (1 << 25) + 1), size),
+            Err(NBD_EOVERFLOW)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_WRITE_ZEROES, 0, 0, u32::MAX), size),
+            Err(NBD_ENOSPC)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_TRIM, 0, 0, u32::MAX), size),
+            Err(NBD_EINVAL)
+        );
         assert_eq!(validate(&req(99, 0, 0, 0), size), Err(NBD_EINVAL));
-        assert_eq!(validate(&req(NBD_CMD_FLUSH, NBD_CMD_FLAG_FUA, 0, 0), size), Err(NBD_EINVAL));
-        assert_eq!(validate(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Err(NBD_EINVAL));
-        assert_eq!(validate(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, 1), size), Ok(()));
-        assert_eq!(validate(&req(NBD_CMD_MVPS_BEGIN_TXN, 0, 0, 0), size), Ok(()));
-        assert_eq!(validate(&req(NBD_CMD_MVPS_COMMIT_TXN, NBD_CMD_FLAG_FUA, 0, 0), size), Ok(()));
-        assert_eq!(validate(&req(NBD_CMD_MVPS_LOCK_TXN, NBD_CMD_FLAG_FUA, 0, 0), size), Err(NBD_EINVAL));
+        assert_eq!(
+            validate(&req(NBD_CMD_FLUSH, NBD_CMD_FLAG_FUA, 0, 0), size),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 1), size),
+            Err(NBD_EINVAL)
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, 1), size),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_MVPS_BEGIN_TXN, 0, 0, 0), size),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_MVPS_COMMIT_TXN, NBD_CMD_FLAG_FUA, 0, 0), size),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&req(NBD_CMD_MVPS_LOCK_TXN, NBD_CMD_FLAG_FUA, 0, 0), size),
+            Err(NBD_EINVAL)
+        );
         assert_eq!(validate(&req(68, 0, 0, 0), size), Err(NBD_EINVAL));
     }
 

@@ -1,12 +1,12 @@
 //! Glue between the protocol and the engine: export names are tokens, verified here; an open
 //! export is one connection attached to the image's session.
 
+use super::fence::{ClientFence, Done, Kill};
 use crate::auth::{self, Claims};
+use crate::engine::txn::Txn;
 use crate::engine::{self, BufferStore, Session};
 use crate::nbd::consts::*;
-use crate::engine::txn::Txn;
 use crate::nbd::{Export, ExportInfo, Exports, Refusal, TxnCommand};
-use super::fence::{ClientFence, Done, Kill};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +40,10 @@ impl EngineExports {
 }
 
 fn info_of(c: &Claims) -> ExportInfo {
-    ExportInfo { size: c.image_size, preferred_block_size: 1 << c.page_size_bits }
+    ExportInfo {
+        size: c.image_size,
+        preferred_block_size: 1 << c.page_size_bits,
+    }
 }
 
 impl Exports for EngineExports {
@@ -50,32 +53,59 @@ impl Exports for EngineExports {
     }
 
     fn open(&self, name: &[u8], peer: &str, kill: Kill) -> Result<Box<dyn Export>, Refusal> {
-        let claims = self.verify(name).inspect_err(|r| log::warn!("{peer}: {}", r.message))?;
+        let claims = self
+            .verify(name)
+            .inspect_err(|r| log::warn!("{peer}: {}", r.message))?;
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let label = format!("image {} conn {n}", claims.image_id);
         let fence = match &claims.client_id {
             Some(id) => {
                 let key = (claims.image_id.clone(), id.clone());
-                let done = self.clients.claim(key.clone(), n, kill).map_err(|message| {
-                    log::error!("{label}: {message}");
-                    Refusal { reply: NBD_REP_ERR_UNKNOWN, message }
-                })?;
-                Some(FenceSlot { fence: self.clients.clone(), key, conn: n, done })
+                let done = self
+                    .clients
+                    .claim(key.clone(), n, kill)
+                    .map_err(|message| {
+                        log::error!("{label}: {message}");
+                        Refusal {
+                            reply: NBD_REP_ERR_UNKNOWN,
+                            message,
+                        }
+                    })?;
+                Some(FenceSlot {
+                    fence: self.clients.clone(),
+                    key,
+                    conn: n,
+                    done,
+                })
             }
             None => None,
         };
-        let session = self.buffer.attach(&claims.image_id, claims.page_size_bits).map_err(|e| {
-            log::error!("{peer}: cannot open: {e}");
-            let reply = match e {
-                engine::Error::ShuttingDown { .. } => NBD_REP_ERR_SHUTDOWN,
-                engine::Error::Refused { .. } | engine::Error::Fenced { .. } => NBD_REP_ERR_POLICY,
-                _ => NBD_REP_ERR_UNKNOWN,
-            };
-            Refusal { reply, message: e.to_string() }
-        })?;
+        let session = self
+            .buffer
+            .attach(&claims.image_id, claims.page_size_bits)
+            .map_err(|e| {
+                log::error!("{peer}: cannot open: {e}");
+                let reply = match e {
+                    engine::Error::ShuttingDown { .. } => NBD_REP_ERR_SHUTDOWN,
+                    engine::Error::Refused { .. } | engine::Error::Fenced { .. } => {
+                        NBD_REP_ERR_POLICY
+                    }
+                    _ => NBD_REP_ERR_UNKNOWN,
+                };
+                Refusal {
+                    reply,
+                    message: e.to_string(),
+                }
+            })?;
         log::info!("{label}: connected from {peer}, size {}", claims.image_size);
         let txn = Mutex::new(None);
-        Ok(Box::new(ConnectionExport { info: info_of(&claims), session, label, txn, fence }))
+        Ok(Box::new(ConnectionExport {
+            info: info_of(&claims),
+            session,
+            label,
+            txn,
+            fence,
+        }))
     }
 }
 
@@ -107,7 +137,10 @@ pub struct ConnectionExport {
 impl Drop for ConnectionExport {
     fn drop(&mut self) {
         if let Some(t) = self.txn.lock().unwrap().take() {
-            log::info!("{}: disconnected with a transaction open; rolled back", self.label);
+            log::info!(
+                "{}: disconnected with a transaction open; rolled back",
+                self.label
+            );
             self.session.rollback(t);
         }
         log::info!("{}: disconnected", self.label);
@@ -118,7 +151,10 @@ impl Drop for ConnectionExport {
 
 impl ConnectionExport {
     fn misuse(&self, why: &str) -> engine::Error {
-        engine::Error::Invalid { image: self.session.image_id.clone(), why: why.to_string() }
+        engine::Error::Invalid {
+            image: self.session.image_id.clone(),
+            why: why.to_string(),
+        }
     }
 }
 
@@ -150,7 +186,8 @@ impl Export for ConnectionExport {
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> engine::Result<()> {
         let mut txn = self.txn.lock().unwrap();
-        self.session.write_zeroes(txn.as_mut(), offset, len, no_hole)?;
+        self.session
+            .write_zeroes(txn.as_mut(), offset, len, no_hole)?;
         drop(txn);
         if fua {
             self.session.flush()?;

@@ -31,7 +31,9 @@ impl Listener {
             // A stale socket file from a previous run blocks bind; remove only sockets.
             if let Ok(meta) = std::fs::symlink_metadata(&p) {
                 use std::os::unix::fs::FileTypeExt;
-                if meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(&p).is_err() {
+                if meta.file_type().is_socket()
+                    && std::os::unix::net::UnixStream::connect(&p).is_err()
+                {
                     let _ = std::fs::remove_file(&p);
                 }
             }

@@ -24,7 +24,9 @@ pub fn is_valid_image_id(id: &str) -> bool {
         Some(stem) => {
             !stem.is_empty()
                 && stem.len() <= IMAGE_ID_LENGTH_MAX
-                && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && stem
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         }
         None => false,
     }
@@ -47,14 +49,22 @@ pub fn manifest_prefix(image_id: &str) -> String {
 }
 
 pub fn manifest_key(image_id: &str, generation: u64) -> String {
-    format!("{}{:016x}.json", manifest_prefix(image_id), u64::MAX - generation)
+    format!(
+        "{}{:016x}.json",
+        manifest_prefix(image_id),
+        u64::MAX - generation
+    )
 }
 
 /// Parses the generation back out of a manifest key's file name.
 pub fn generation_of_manifest_key(key: &str) -> Option<u64> {
     let name = key.rsplit('/').next()?;
     let hex = name.strip_suffix(".json")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 16
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     u64::from_str_radix(hex, 16).ok().map(|inv| u64::MAX - inv)
@@ -73,8 +83,11 @@ const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// A new blob id: a ULID (48-bit milliseconds + 80 random bits, Crockford base32) so blob ids
 /// sort by creation time, then 16 more random base32 characters so two writers never collide.
 pub fn new_blob_id() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let ulid: u128 = ((ms as u128 & ((1 << 48) - 1)) << 80) | (random_u128() >> 48);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let ulid: u128 = ((ms & ((1 << 48) - 1)) << 80) | (random_u128() >> 48);
     let mut s = String::with_capacity(64);
     for i in (0..26).rev() {
         s.push(CROCKFORD[((ulid >> (i * 5)) & 31) as usize] as char);
@@ -92,12 +105,20 @@ pub fn new_blob_id() -> String {
 pub fn random_u128() -> u128 {
     use std::io::Read;
     let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
         return u128::from_le_bytes(b);
     }
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     let a = h.finish();
     h.write_u64(a);
@@ -112,8 +133,18 @@ mod tests {
     fn image_ids() {
         assert!(is_valid_image_id("TESTIMG-02.mvps-image"));
         assert!(is_valid_image_id(&format!("{}.mvps-image", "a".repeat(64))));
-        assert!(!is_valid_image_id(&format!("{}.mvps-image", "a".repeat(65))));
-        for bad in ["../x", ".mvps-image", "a/b.mvps-image", "x.mvps-imag", "a b.mvps-image", ""] {
+        assert!(!is_valid_image_id(&format!(
+            "{}.mvps-image",
+            "a".repeat(65)
+        )));
+        for bad in [
+            "../x",
+            ".mvps-image",
+            "a/b.mvps-image",
+            "x.mvps-imag",
+            "a b.mvps-image",
+            "",
+        ] {
             assert!(!is_valid_image_id(bad), "{bad}");
         }
     }
@@ -124,7 +155,10 @@ mod tests {
         let k2 = manifest_key("a.mvps-image", 2);
         assert!(k2 < k1);
         assert_eq!(generation_of_manifest_key(&k2), Some(2));
-        assert_eq!(generation_of_manifest_key("images/a.mvps-image/zz.json"), None);
+        assert_eq!(
+            generation_of_manifest_key("images/a.mvps-image/zz.json"),
+            None
+        );
     }
 
     #[test]

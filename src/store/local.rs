@@ -22,9 +22,15 @@ pub struct LocalStore {
 fn io_err<'a>(key: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| {
         if source.kind() == io::ErrorKind::NotFound {
-            Error::NotFound { key: key.to_string() }
+            Error::NotFound {
+                key: key.to_string(),
+            }
         } else {
-            Error::Io { key: key.to_string(), op, source }
+            Error::Io {
+                key: key.to_string(),
+                op,
+                source,
+            }
         }
     }
 }
@@ -38,12 +44,15 @@ fn check_key(key: &str) -> Result<()> {
                 && c != "."
                 && c != ".."
                 && !c.starts_with(".tmp")
-                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
     if ok {
         Ok(())
     } else {
-        Err(Error::BadKey { key: key.to_string() })
+        Err(Error::BadKey {
+            key: key.to_string(),
+        })
     }
 }
 
@@ -56,7 +65,10 @@ impl LocalStore {
     pub fn open(root: &Path) -> Result<LocalStore> {
         let key = root.display().to_string();
         fs::create_dir_all(root.join(TMP_DIR)).map_err(io_err(&key, "create directory"))?;
-        let store = LocalStore { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0) };
+        let store = LocalStore {
+            root: root.to_path_buf(),
+            tmp_counter: AtomicU64::new(0),
+        };
         // Leftover temp files are from writes that never completed; they were never visible.
         if let Ok(entries) = fs::read_dir(root.join(TMP_DIR)) {
             for e in entries.flatten() {
@@ -75,7 +87,9 @@ impl LocalStore {
 
     fn tmp_path(&self) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join(TMP_DIR).join(format!("{}-{}", std::process::id(), n))
+        self.root
+            .join(TMP_DIR)
+            .join(format!("{}-{}", std::process::id(), n))
     }
 
     fn path_of(&self, key: &str) -> Result<PathBuf> {
@@ -106,11 +120,21 @@ impl LocalStore {
     }
 
     fn list_dir(&self, dir_key: &str, name_prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<()> {
-        let dir = if dir_key.is_empty() { self.root.clone() } else { self.root.join(dir_key) };
+        let dir = if dir_key.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_key)
+        };
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::Io { key: dir_key.to_string(), op: "list", source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    key: dir_key.to_string(),
+                    op: "list",
+                    source: e,
+                })
+            }
         };
         for entry in entries {
             let entry = entry.map_err(io_err(dir_key, "list"))?;
@@ -123,7 +147,10 @@ impl LocalStore {
             if meta.is_dir() {
                 self.list_dir(&format!("{key}/"), "", out)?;
             } else {
-                let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
                 out.push(ObjectInfo {
                     key,
                     size_bytes: meta.len(),
@@ -143,11 +170,13 @@ struct LocalBlob {
 
 impl BlobReader for LocalBlob {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|source| Error::Io {
-            key: self.key.clone(),
-            op: "read",
-            source,
-        })
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| Error::Io {
+                key: self.key.clone(),
+                op: "read",
+                source,
+            })
     }
     fn size_bytes(&self) -> u64 {
         self.size
@@ -162,7 +191,11 @@ impl ImageStore for LocalStore {
     fn open_blob(&self, key: &str) -> Result<Box<dyn BlobReader>> {
         let file = File::open(self.path_of(key)?).map_err(io_err(key, "open"))?;
         let size = file.metadata().map_err(io_err(key, "stat"))?.len();
-        Ok(Box::new(LocalBlob { file, size, key: key.to_string() }))
+        Ok(Box::new(LocalBlob {
+            file,
+            size,
+            key: key.to_string(),
+        }))
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
@@ -182,7 +215,9 @@ impl ImageStore for LocalStore {
         if fs::hard_link(src, &tmp).is_err() {
             fs::copy(src, &tmp).map_err(io_err(key, "copy into store"))?;
         }
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(key, "fsync"))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(key, "fsync"))?;
         let r = self.install_tmp(key, &tmp);
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -202,7 +237,11 @@ impl ImageStore for LocalStore {
                 Ok(CreateOutcome::Created)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(CreateOutcome::AlreadyExists),
-            Err(e) => Err(Error::Io { key: key.to_string(), op: "link into place", source: e }),
+            Err(e) => Err(Error::Io {
+                key: key.to_string(),
+                op: "link into place",
+                source: e,
+            }),
         }
     }
 
@@ -227,7 +266,11 @@ impl ImageStore for LocalStore {
         match fs::remove_file(self.path_of(key)?) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::Io { key: key.to_string(), op: "delete", source: e }),
+            Err(e) => Err(Error::Io {
+                key: key.to_string(),
+                op: "delete",
+                source: e,
+            }),
         }
     }
 
@@ -259,14 +302,20 @@ mod tests {
         assert_eq!(&buf, b"ell");
         s.delete("blobs/a.mvps-blob").unwrap();
         s.delete("blobs/a.mvps-blob").unwrap();
-        assert!(matches!(s.get("blobs/a.mvps-blob"), Err(Error::NotFound { .. })));
+        assert!(matches!(
+            s.get("blobs/a.mvps-blob"),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     #[test]
     fn create_if_absent_fences() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
-        assert_eq!(s.create_if_absent("images/i/1.json", b"a").unwrap(), CreateOutcome::Created);
+        assert_eq!(
+            s.create_if_absent("images/i/1.json", b"a").unwrap(),
+            CreateOutcome::Created
+        );
         assert_eq!(
             s.create_if_absent("images/i/1.json", b"b").unwrap(),
             CreateOutcome::AlreadyExists

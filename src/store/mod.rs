@@ -35,7 +35,11 @@ pub enum Error {
     /// The object does not exist.
     NotFound { key: String },
     /// Local I/O failed.
-    Io { key: String, op: &'static str, source: std::io::Error },
+    Io {
+        key: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
     /// The remote store answered with an error that retrying will not fix.
     Remote { key: String, message: String },
     /// The remote store could not be reached or kept failing after retries.
