@@ -24,6 +24,8 @@ fn fio(s: &Server, tok: &str, job: &[&str], extra: &[&str]) -> Output {
         "--randseed=4242",
     ]);
     c.args(job).args(extra);
+    // fio writes verify-state files into its working directory: keep them out of the tree.
+    c.arg("--verify_state_save=0").current_dir(s.dir());
     run(&mut c, T)
 }
 
