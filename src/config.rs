@@ -69,8 +69,8 @@ pub struct Config {
     #[argh(option, default = "50_000")]
     pub write_throttle_threshold_pages: u64,
 
-    /// largest transaction, in bytes of written data; a transaction growing past it fails with
-    /// ENOSPC and is rolled back (default 1073741824)
+    /// largest transaction, in bytes of written data; the write that crosses it fails with
+    /// ENOSPC, and the transaction can then only be rolled back (default 1073741824)
     #[argh(option, default = "1 << 30")]
     pub txn_bytes_max: u64,
 

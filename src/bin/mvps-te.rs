@@ -4,7 +4,7 @@ use mvps::config::{self, Config};
 use mvps::engine::{BufferStore, SessionConfig};
 use mvps::s3::{S3Config, S3Store};
 use mvps::server::{self, exports::EngineExports, Listener};
-use mvps::store::{local::LocalStore, ImageStore};
+use mvps::store::{cache::BlockCache, local::LocalStore, ImageStore};
 use std::sync::Arc;
 
 fn init_logging(level: &str) -> Result<(), String> {
@@ -43,8 +43,14 @@ fn open_image_store(c: &Config) -> Result<Arc<dyn ImageStore>, String> {
                 .filter(|b| !b.is_empty())
                 .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
             let cfg = S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
+            let cache = BlockCache::new(c.image_cache_size_bytes, c.image_cache_block_size_bytes)?;
             let s = S3Store::open_checked(cfg).map_err(|e| format!("S3 image store: {e}"))?;
-            Ok(Arc::new(s))
+            log::info!(
+                "image cache: {} bytes in blocks of {} bytes",
+                c.image_cache_size_bytes,
+                c.image_cache_block_size_bytes
+            );
+            Ok(Arc::new(s.with_block_cache(Arc::new(cache))))
         }
         other => Err(format!("--image-store {other:?}: use local or s3")),
     }
@@ -60,6 +66,8 @@ fn run(c: Config) -> Result<(), String> {
     if c.checkpoint_interval_ms == 0 {
         return Err("--checkpoint-interval-ms must be at least 1".into());
     }
+    // Bind first: a port in use fails before anything is created on disk.
+    let listener = Listener::bind(&c.listen)?;
     let store = open_image_store(&c)?;
     let session_cfg = SessionConfig {
         checkpoint_interval_ms: c.checkpoint_interval_ms,
@@ -72,7 +80,6 @@ fn run(c: Config) -> Result<(), String> {
     };
     let buffer_path = c.buffer_store_path();
     let buffer = Arc::new(BufferStore::open(&buffer_path, store.clone(), session_cfg)?);
-    let listener = Listener::bind(&c.listen)?;
     log::info!(
         "mvps-te {} listening on {}; image store {}; buffer store {}",
         env!("CARGO_PKG_VERSION"),

@@ -2,7 +2,10 @@
 
 use argh::FromArgs;
 use mvps::auth::{self, Claims};
-use std::time::{SystemTime, UNIX_EPOCH};
+use mvps::client::{self, sha256, Client};
+use mvps::nbd::consts::NBD_ENOSPC;
+use std::io::Read;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// mvps operator tool.
 #[derive(FromArgs)]
@@ -15,13 +18,14 @@ struct Top {
 #[argh(subcommand)]
 enum Cmd {
     Token(TokenCmd),
+    Txn(TxnCmd),
 }
 
 /// Print an export-name token (HS256 JWT) signed with MVPS_TE_JWT_SECRET.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "token")]
 struct TokenCmd {
-    /// image id, e.g. disk1.mvps-image (must match ^[0-9a-zA-Z_-]{1,64}\.mvps-image$)
+    /// image id, e.g. disk1.mvps-image (1 to 64 letters, digits, _ or -, then .mvps-image)
     #[argh(option)]
     image_id: String,
     /// image size in bytes, or with a unit: 512M, 1G, 2T (binary units)
@@ -49,7 +53,8 @@ fn parse_duration_secs(s: &str) -> Result<u64, String> {
         "d" => 86400,
         _ => return Err(format!("unknown duration unit in {s:?} (use s, m, h or d)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("duration {s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration {s:?} overflows"))
 }
 
 fn token(t: TokenCmd) -> Result<(), String> {
@@ -58,7 +63,10 @@ fn token(t: TokenCmd) -> Result<(), String> {
     if secret.is_empty() {
         return Err("MVPS_TE_JWT_SECRET is empty".into());
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
     let claims = Claims {
         image_id: t.image_id,
         image_size: auth::parse_size(&t.size)?,
@@ -74,10 +82,297 @@ fn token(t: TokenCmd) -> Result<(), String> {
 fn main() {
     let top: Top = argh::from_env();
     let r = match top.cmd {
-        Cmd::Token(t) => token(t),
+        Cmd::Token(t) => token(t).map_err(Failure::Other),
+        Cmd::Txn(t) => txn(t),
     };
-    if let Err(e) = r {
-        eprintln!("mvpsctl: {e}");
-        std::process::exit(1);
+    if let Err(f) = r {
+        let (code, msg) = match f {
+            Failure::Other(m) => (EXIT_ERROR, m),
+            Failure::Mismatch(m) => (EXIT_MISMATCH, m),
+            Failure::Conflict(m) => (EXIT_CONFLICT, format!("conflict: retry ({m})")),
+        };
+        eprintln!("mvpsctl: {msg}");
+        std::process::exit(code);
+    }
+}
+
+// ------------------------------------------------------------------------------------ txn
+
+/// Exit status: an error other than the two below (usage, connection, I/O, server error).
+const EXIT_ERROR: i32 = 1;
+/// Exit status: an --expect range did not match; the transaction was rolled back.
+const EXIT_MISMATCH: i32 = 3;
+/// Exit status: another writer got in the way (LOCK or COMMIT answered EPERM); nothing was
+/// applied and running the same command again may succeed.
+const EXIT_CONFLICT: i32 = 4;
+/// Largest piece read at once while hashing an --expect range (bounds memory).
+const EXPECT_READ_BYTES_MAX: u64 = 8 << 20;
+
+enum Failure {
+    Other(String),
+    Mismatch(String),
+    Conflict(String),
+}
+
+/// Run one transaction on an image: BEGIN; if any --expect is given, LOCK and compare the
+/// SHA-256 of each expected range; then zero the --zero ranges and apply the --write ranges
+/// (zeros first, then writes, each kind in command-line order); COMMIT. All or nothing: the
+/// image changes only if every expectation held, and other clients never see a partial
+/// result. The token comes from --token or MVPS_TOKEN.
+#[derive(FromArgs)]
+#[argh(
+    subcommand,
+    name = "txn",
+    example = "mvpsctl txn --server 127.0.0.1:10809 --token \"$T\" \\
+    --expect 0:4096:$(dd if=old.img bs=4096 count=1 status=none | sha256sum | cut -c1-64) \\
+    --write 0:new-block.bin --fua",
+    note = "OFFSET and LEN are bytes, optionally with a binary unit (K, M, G, T). \
+            HEXSHA256 is the 64-digit hex digest (as printed by sha256sum) of the LEN \
+            bytes at OFFSET. With --expect the image write lock is held from the check \
+            to the commit, so the check and the writes form one serializable \
+            read-modify-write. Requests longer than the server's maximum payload are \
+            split; they stay inside the one transaction.",
+    error_code(0, "committed"),
+    error_code(1, "error: usage, connection, I/O, or an error reply from the server"),
+    error_code(3, "an --expect range did not match; rolled back, nothing applied"),
+    error_code(
+        4,
+        "conflict: another writer committed since BEGIN (or the lock timed out); \
+                   rolled back, nothing applied; retry"
+    )
+)]
+struct TxnCmd {
+    /// server address: HOST:PORT or unix:/path/to/socket
+    #[argh(option)]
+    server: String,
+    /// export-name token of the image (default: the MVPS_TOKEN environment variable)
+    #[argh(option)]
+    token: Option<String>,
+    /// OFFSET:LEN:HEXSHA256 — the LEN bytes at OFFSET must have this SHA-256 (repeatable)
+    #[argh(option)]
+    expect: Vec<String>,
+    /// OFFSET:FILE — write FILE's contents at OFFSET; FILE "-" is standard input (repeatable)
+    #[argh(option)]
+    write: Vec<String>,
+    /// OFFSET:LEN — zero LEN bytes at OFFSET (repeatable)
+    #[argh(option)]
+    zero: Vec<String>,
+    /// commit with FUA: the transaction is durable (fdatasync'ed) when mvpsctl exits 0
+    #[argh(switch)]
+    fua: bool,
+    /// socket timeout in milliseconds for each request (default 60000)
+    #[argh(option, default = "60_000")]
+    timeout_ms: u64,
+}
+
+struct Expect {
+    offset: u64,
+    length: u64,
+    digest: [u8; sha256::DIGEST_BYTES],
+}
+
+fn other(e: impl std::fmt::Display) -> Failure {
+    Failure::Other(e.to_string())
+}
+
+fn parse_expect(s: &str) -> Result<Expect, String> {
+    let bad = || format!("--expect {s:?}: want OFFSET:LEN:HEXSHA256");
+    let mut parts = s.splitn(3, ':');
+    let (Some(o), Some(l), Some(h)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let offset = auth::parse_size(o).map_err(|e| format!("--expect {s:?}: offset: {e}"))?;
+    let length = auth::parse_size(l).map_err(|e| format!("--expect {s:?}: length: {e}"))?;
+    let digest = sha256::parse_hex(h).map_err(|e| format!("--expect {s:?}: {e}"))?;
+    Ok(Expect {
+        offset,
+        length,
+        digest,
+    })
+}
+
+fn parse_zero(s: &str) -> Result<(u64, u64), String> {
+    let (o, l) = s
+        .split_once(':')
+        .ok_or_else(|| format!("--zero {s:?}: want OFFSET:LEN"))?;
+    let offset = auth::parse_size(o).map_err(|e| format!("--zero {s:?}: offset: {e}"))?;
+    let length = auth::parse_size(l).map_err(|e| format!("--zero {s:?}: length: {e}"))?;
+    Ok((offset, length))
+}
+
+/// Reads every --write source before connecting, so no transaction waits on a slow file
+/// or on standard input.
+fn load_writes(specs: &[String]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let mut stdin_used = false;
+    let mut out = Vec::with_capacity(specs.len());
+    for s in specs {
+        let (o, file) = s
+            .split_once(':')
+            .ok_or_else(|| format!("--write {s:?}: want OFFSET:FILE"))?;
+        let offset = auth::parse_size(o).map_err(|e| format!("--write {s:?}: offset: {e}"))?;
+        let data = if file == "-" {
+            if stdin_used {
+                return Err("--write: standard input (-) can be used only once".into());
+            }
+            stdin_used = true;
+            let mut d = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut d)
+                .map_err(|e| format!("reading standard input: {e}"))?;
+            d
+        } else {
+            std::fs::read(file).map_err(|e| format!("--write {s:?}: {file}: {e}"))?
+        };
+        out.push((offset, data));
+    }
+    Ok(out)
+}
+
+fn token_from(flag: Option<String>) -> Result<String, String> {
+    flag.or_else(|| std::env::var("MVPS_TOKEN").ok())
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().to_string())
+        .ok_or_else(|| "no token: pass --token or set MVPS_TOKEN".to_string())
+}
+
+/// SHA-256 of `length` bytes at `offset`, read in bounded pieces.
+fn range_digest(c: &mut Client, offset: u64, length: u64) -> Result<[u8; 32], client::Error> {
+    let mut h = sha256::Sha256::new();
+    let mut at = 0;
+    while at < length {
+        let n = EXPECT_READ_BYTES_MAX.min(length - at);
+        h.update(&c.read(offset + at, n as usize)?);
+        at += n;
+    }
+    Ok(h.finalize())
+}
+
+/// Everything between BEGIN and COMMIT. An `Err` leaves the transaction for the caller to
+/// roll back.
+fn txn_body(
+    c: &mut Client,
+    expects: &[Expect],
+    zeros: &[(u64, u64)],
+    writes: &[(u64, Vec<u8>)],
+) -> Result<(), Failure> {
+    if !expects.is_empty() {
+        c.lock().map_err(|e| match e.is_conflict() {
+            true => Failure::Conflict("another writer committed since BEGIN".into()),
+            false => other(e),
+        })?;
+    }
+    for x in expects {
+        let got = range_digest(c, x.offset, x.length).map_err(other)?;
+        if got != x.digest {
+            return Err(Failure::Mismatch(format!(
+                "--expect failed at offset {} length {}: expected sha256 {}, found {}; \
+                 rolled back, nothing written",
+                x.offset,
+                x.length,
+                sha256::to_hex(&x.digest),
+                sha256::to_hex(&got)
+            )));
+        }
+    }
+    let too_large = |e: client::Error| match e.errno() {
+        Some(NBD_ENOSPC) => Failure::Other(format!(
+            "{e}: the transaction is larger than the server allows (--txn-bytes-max) or \
+             reaches past the end of the image; rolled back"
+        )),
+        _ => other(e),
+    };
+    for &(offset, length) in zeros {
+        c.write_zeroes(offset, length).map_err(too_large)?;
+    }
+    for (offset, data) in writes {
+        c.write(*offset, data).map_err(too_large)?;
+    }
+    Ok(())
+}
+
+fn txn(t: TxnCmd) -> Result<(), Failure> {
+    let token = token_from(t.token).map_err(Failure::Other)?;
+    let expects: Vec<Expect> = t
+        .expect
+        .iter()
+        .map(|s| parse_expect(s))
+        .collect::<Result<_, _>>()
+        .map_err(Failure::Other)?;
+    let zeros: Vec<(u64, u64)> = t
+        .zero
+        .iter()
+        .map(|s| parse_zero(s))
+        .collect::<Result<_, _>>()
+        .map_err(Failure::Other)?;
+    let writes = load_writes(&t.write).map_err(Failure::Other)?;
+    if t.timeout_ms == 0 {
+        return Err(Failure::Other("--timeout-ms must be at least 1".into()));
+    }
+    let mut c =
+        Client::connect(&t.server, &token).map_err(|e| other(format!("{}: {e}", t.server)))?;
+    c.set_timeout(Some(Duration::from_millis(t.timeout_ms)))
+        .map_err(other)?;
+    c.begin().map_err(other)?;
+    if let Err(f) = txn_body(&mut c, &expects, &zeros, &writes) {
+        // Best effort: the server also rolls back when the connection closes.
+        let _ = c.rollback();
+        let _ = c.disconnect();
+        return Err(f);
+    }
+    let committed = if t.fua { c.commit_fua() } else { c.commit() };
+    committed.map_err(|e| match e.is_conflict() {
+        true => Failure::Conflict(
+            "the transaction lost the image lock to the server's lock \
+                                   timeout"
+                .into(),
+        ),
+        false => other(e),
+    })?;
+    let _ = c.disconnect();
+    let written: usize = writes.iter().map(|(_, d)| d.len()).sum();
+    let zeroed: u64 = zeros.iter().map(|z| z.1).sum();
+    println!(
+        "committed: {} expectation(s) held; {} write(s), {written} bytes; {} zero range(s), \
+         {zeroed} bytes{}",
+        expects.len(),
+        writes.len(),
+        zeros.len(),
+        if t.fua { "; durable (FUA)" } else { "" }
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_parsing() {
+        let d = sha256::to_hex(&sha256::digest(b"abc"));
+        let x = parse_expect(&format!("4K:512:{d}")).unwrap();
+        assert_eq!(
+            (x.offset, x.length, x.digest),
+            (4096, 512, sha256::digest(b"abc"))
+        );
+        assert!(parse_expect(&format!("0:{d}")).is_err());
+        assert!(parse_expect("0:1:abc").is_err());
+        assert_eq!(parse_zero("1M:100").unwrap(), (1 << 20, 100));
+        assert!(parse_zero("1M").is_err());
+        assert!(load_writes(&["x".to_string()]).is_err());
+        assert!(load_writes(&["0:/nonexistent/mvps".to_string()]).is_err());
+    }
+
+    #[test]
+    fn help_lists_exit_codes() {
+        let help = match TxnCmd::from_args(&["txn"], &["--help"]) {
+            Err(e) => e.output,
+            Ok(_) => panic!("--help parsed"),
+        };
+        for code in ["0", "1", "3", "4"] {
+            assert!(
+                help.lines().any(|l| l.trim_start().starts_with(code)),
+                "{code}:\n{help}"
+            );
+        }
     }
 }

@@ -73,7 +73,8 @@ impl fmt::Display for Error {
             Error::TxnTooLarge { image, max } => {
                 write!(
                     f,
-                    "image {image}: transaction larger than {max} bytes; rolled back"
+                    "image {image}: transaction larger than {max} bytes: its writes are \
+                     discarded and COMMIT fails; ROLLBACK to end it"
                 )
             }
             Error::ShuttingDown { image } => write!(f, "image {image}: shutting down"),

@@ -460,7 +460,7 @@ impl Session {
     pub(super) fn append_ops(
         &self,
         w: &mut WriterState,
-        txn: Option<&mut Txn>,
+        mut txn: Option<&mut Txn>,
         ops: &[PageOp],
     ) -> Result<()> {
         if ops.is_empty() {
@@ -475,9 +475,11 @@ impl Session {
                 w.next_txn_id - 1
             }
         };
-        if let Some(t) = &txn {
+        if let Some(t) = txn.as_deref_mut() {
             let bytes: u64 = ops.iter().map(PageOp::payload_len).sum();
-            if t.bytes + bytes > self.buffer.cfg.txn_bytes_max {
+            if t.too_large || t.bytes + bytes > self.buffer.cfg.txn_bytes_max {
+                // The whole transaction is doomed, not just this write: COMMIT will fail.
+                t.too_large = true;
                 return Err(Error::TxnTooLarge {
                     image: self.image_id.clone(),
                     max: self.buffer.cfg.txn_bytes_max,

@@ -303,7 +303,15 @@ mod txn {
             s.write(Some(&mut t), 64 << 20, &[1]),
             Err(Error::TxnTooLarge { .. })
         ));
-        s.rollback(t);
+        assert!(
+            matches!(
+                s.write(Some(&mut t), 0, &[1]),
+                Err(Error::TxnTooLarge { .. })
+            ),
+            "once too large, every later write of the transaction fails too"
+        );
+        assert!(matches!(s.commit(t), Err(Error::TxnTooLarge { .. })));
+        assert_eq!(read(&s, 0, 4), vec![0u8; 4], "nothing of it was committed");
         b.shutdown();
     }
 }

@@ -30,6 +30,8 @@ pub struct Txn {
     /// Page data bytes written so far (bounded by `txn_bytes_max`).
     pub bytes: u64,
     pub holds_lock: bool,
+    /// A write pushed it past `txn_bytes_max`: it can only be rolled back now.
+    pub too_large: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +78,7 @@ impl Session {
             overlay: ExtentMap::new(),
             bytes: 0,
             holds_lock: false,
+            too_large: false,
         })
     }
 
@@ -151,6 +154,14 @@ impl Session {
 
     /// COMMIT_TXN: one commit record, then the overlay becomes visible as one change.
     pub fn commit(&self, txn: Txn) -> Result<()> {
+        if txn.too_large {
+            self.end(txn, Kind::Abort);
+            let max = self.buffer.cfg.txn_bytes_max;
+            return Err(Error::TxnTooLarge {
+                image: self.image_id.clone(),
+                max,
+            });
+        }
         let mut w = match self.wait_for_lock(Some(&txn)) {
             Ok(w) => w,
             Err(e) => {
