@@ -41,7 +41,7 @@ pub const OPTION_REPLIES_MAX: u32 = 32;
 pub const DISCONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// The oldstyle greeting's second magic ("cliserv magic"), which we do not speak.
-const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 const REQUEST_BYTES: usize = 28;
 const REPLY_BYTES: usize = 16;
