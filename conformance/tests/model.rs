@@ -295,7 +295,10 @@ fn run_model(s: &mut Server, page_size_bits: u32, size: u64, steps: usize) {
     let manifests = std::fs::read_dir(s.image_store().join("images").join(&cl.image_id))
         .map(|d| d.count())
         .unwrap_or(0);
-    assert!(manifests >= 3, "only {manifests} manifests: checkpoints did not run");
+    assert!(
+        manifests >= 3,
+        "only {manifests} manifests: checkpoints did not run"
+    );
     let logs = s.all_logs();
     let count = |w: &str| logs.lines().filter(|l| l.contains(w)).count();
     eprintln!(
