@@ -776,6 +776,31 @@ fn lock_timeout_rolls_the_holder_back() {
     eprintln!("lock timeout 500 ms: the blocked write waited {waited:?}");
 }
 
+/// A transaction that lost the image lock to the timeout no longer holds it: a LOCK must
+/// not claim otherwise (the client would go on believing its read-modify-write is
+/// protected while other connections write), and its writes and COMMIT fail.
+#[test]
+fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict() {
+    let s = start(Store::Local, &["--txn-lock-timeout-ms", "300"]);
+    let tok = image("txn-lock-expired", 4 * MIB);
+    let (mut holder, mut writer) = (connect(&s, &tok), connect(&s, &tok));
+    holder.begin().unwrap();
+    holder.lock().unwrap();
+    holder.write(0, &[1; 8]).unwrap();
+    writer.write(0, &[2; 8]).unwrap(); // waits out the timeout, expiring the holder
+    let write = holder.write(8, &[3; 8]);
+    let lock = holder.lock();
+    let commit = holder.commit();
+    assert_eq!(writer.read(0, 16).unwrap(), [[2u8; 8], [0; 8]].concat());
+    assert!(
+        matches!(&write, Err(e) if e.is_conflict())
+            && matches!(&lock, Err(e) if e.is_conflict())
+            && matches!(&commit, Err(e) if e.is_conflict()),
+        "after losing the image lock to --txn-lock-timeout-ms, the holder's WRITE, LOCK and \
+         COMMIT must fail with EPERM; got WRITE {write:?}, LOCK {lock:?}, COMMIT {commit:?}"
+    );
+}
+
 #[test]
 fn transaction_over_the_size_cap_is_enospc() {
     let s = start(Store::Local, &["--txn-bytes-max", "1048576"]);
