@@ -72,3 +72,25 @@ fn copy_256_mib_with_four_connections_across_a_kill_9() {
     nbdcopy(4, &s.uri(&tok), dst.to_str().unwrap());
     assert_same_file(&src, &dst);
 }
+
+/// Write throttling slows writers down but never fails them (DESIGN §7): with a 1 MiB
+/// throttle threshold, a 64 MiB copy still completes and reads back identical.
+#[test]
+fn throttled_writes_complete_and_read_back_identical() {
+    let _h = heavy();
+    let s = Server::builder()
+        .args(["--write-throttle-threshold-pages", "256"])
+        .args([
+            "--checkpoint-interval-ms",
+            "100",
+            "--checkpoint-interval-jitter-ms",
+            "0",
+        ])
+        .start();
+    let tok = token::token(&token::image_id("throttle"), 64 << 20);
+    let (src, dst) = (s.dir().join("src.bin"), s.dir().join("dst.bin"));
+    std::fs::write(&src, mvps_conformance::tools::pattern(90, 64 << 20)).unwrap();
+    nbdcopy(4, src.to_str().unwrap(), &s.uri(&tok));
+    nbdcopy(1, &s.uri(&tok), dst.to_str().unwrap());
+    assert_same_file(&src, &dst);
+}
