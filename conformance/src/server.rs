@@ -14,6 +14,8 @@ use tempfile::TempDir;
 
 /// How long a server may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Starts tried on fresh ports before giving up.
+const START_ATTEMPTS: u32 = 3;
 /// How long a server may take to exit after SIGTERM / SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -97,6 +99,16 @@ impl Builder {
             child: None,
             starts: 0,
         };
+        // The free port may be taken before the server binds it: then try another.
+        for _ in 1..START_ATTEMPTS {
+            match s.try_spawn_and_wait() {
+                Ok(()) => return s,
+                Err(_) if !self.unix && s.log().contains("in use") => {
+                    s.listen = Listen::Tcp(free_port())
+                }
+                Err(e) => panic!("{e}\n{}", s.log_tail()),
+            }
+        }
         s.spawn_and_wait();
         s
     }
@@ -270,6 +282,13 @@ impl Server {
 
     #[track_caller]
     fn spawn_and_wait(&mut self) {
+        if let Err(e) = self.try_spawn_and_wait() {
+            panic!("{e}\n{}", self.log_tail());
+        }
+    }
+
+    /// Starts the process and waits until it accepts connections; `Err` if it exited first.
+    fn try_spawn_and_wait(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "server already running");
         self.starts += 1;
         let log = File::create(self.log_path(self.starts)).expect("log file");
@@ -277,25 +296,22 @@ impl Server {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
-        let child = cmd.spawn().expect("spawning mvps-te");
-        self.child = Some(child);
+        self.child = Some(cmd.spawn().expect("spawning mvps-te"));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                self.child = None;
-                panic!(
-                    "mvps-te exited during start-up with {st}\n{}",
-                    self.log_tail()
-                );
+            if self.connect().is_ok() {
+                // A port taken by someone else also accepts: make sure ours did not exit.
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            if let Some(st) = self.exited() {
+                return Err(format!("mvps-te exited during start-up with {st}"));
             }
             if self.connect().is_ok() {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "mvps-te not listening after {START_TIMEOUT:?}\n{}",
-                self.log_tail()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!("mvps-te not listening after {START_TIMEOUT:?}"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

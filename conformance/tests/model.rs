@@ -48,10 +48,13 @@ fn seed() -> u64 {
     }
 }
 
+/// Writes of an open transaction: (offset, data), in order.
+type TxnWrites = Vec<(u64, Vec<u8>)>;
+
 /// The reference: the committed disk, and the open transaction (connection, its writes).
 struct Model {
     disk: Vec<u8>,
-    txn: Option<(usize, Vec<(u64, Vec<u8>)>)>,
+    txn: Option<(usize, TxnWrites)>,
 }
 
 impl Model {
