@@ -1,13 +1,12 @@
 //! Random access to one immutable S3 object (a layer blob) by ranged GETs.
 //!
-//! The object's size is learned once, by the HEAD in `S3Store::open_blob`; each
-//! [`BlobReader::read_at`] is then one `GET` with `Range: bytes=a-b`. Blobs are immutable,
-//! so nothing read can go stale.
-//!
-//! Block-cache seam: every byte fetched from S3 goes through [`S3Blob::fetch_range`]. A
-//! cache (config `--image-cache-size-bytes` / `--image-cache-block-size-bytes`) slots in
-//! by making `read_at` split the request into cache blocks keyed by (`full_key`, block
-//! index), serve hits from memory, and call `fetch_range` for the misses, block-aligned.
+//! Without a cache, the object's size is learned by a HEAD in `S3Store::open_blob` and each
+//! [`BlobReader::read_at`] is one `GET` with `Range: bytes=a-b`. With the block cache
+//! ([`crate::store::cache`], `--image-cache-size-bytes`), `open_blob` instead asks for the
+//! object's first cache block ([`S3Blob::open_first_block`]): the answer's `Content-Range`
+//! carries the size, and the block (the layer header and, usually, its whole index) goes
+//! into the cache, so opening a layer is one request. Blobs are immutable, so nothing read
+//! can go stale.
 
 use super::client::{Client, Response};
 use super::error::Error;
@@ -32,6 +31,24 @@ impl S3Blob {
             full_key,
             size,
         }
+    }
+
+    /// Sends `GET` with `Range: bytes=0-(block_bytes-1)`: returns the object's size (from
+    /// `Content-Range`) and its first `min(size, block_bytes)` bytes. An empty object answers
+    /// 416 and gives `(0, [])`. `None` if the answer does not say the size (the caller then
+    /// falls back to HEAD).
+    pub fn open_first_block(
+        client: &Client,
+        key: &str,
+        full_key: &str,
+        block_bytes: u64,
+    ) -> store::Result<Option<(u64, Vec<u8>)>> {
+        let sign = |b: &_, c: &_| request::get(b, c, full_key, Some((0, block_bytes)));
+        client
+            .call("ranged get", sign, &[], block_bytes, |r| {
+                first_block_answer(r, block_bytes)
+            })
+            .map_err(|f| store_error(client, key, full_key, f))
     }
 
     /// Fills `buf` from the object's bytes at `offset` with one ranged GET (retried as any
@@ -71,6 +88,36 @@ fn check_range(r: Response, offset: u64, len: u64, size: u64) -> Result<Vec<u8>,
         }),
         _ => Err(super::xml::status_error(r.status, &r.body)),
     }
+}
+
+/// The answer to [`S3Blob::open_first_block`]'s GET.
+fn first_block_answer(r: Response, block_bytes: u64) -> Result<Option<(u64, Vec<u8>)>, Error> {
+    let n = r.body.len() as u64;
+    match r.status {
+        // The whole object, when it fits in the range (or the store ignored Range).
+        200 if n <= block_bytes => Ok(Some((n, r.body))),
+        206 => match r.content_range.as_deref().and_then(content_range_total) {
+            Some(size) if n == size.min(block_bytes) => Ok(Some((size, r.body))),
+            Some(_) => Err(Error::Parse {
+                what: "ranged GET",
+                message: format!(
+                    "asked for the first {block_bytes} bytes, got {n} (Content-Range {:?})",
+                    r.content_range
+                ),
+            }),
+            None => Ok(None),
+        },
+        // Range not satisfiable: only an empty object has no byte 0.
+        416 => Ok(Some((0, Vec::new()))),
+        _ => Err(super::xml::status_error(r.status, &r.body)),
+    }
+}
+
+/// The total size in `Content-Range: bytes 0-99/1234` (`None` for `*/…` forms or `/*`).
+fn content_range_total(v: &str) -> Option<u64> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (_, total) = rest.split_once('/')?;
+    total.trim().parse().ok()
 }
 
 impl BlobReader for S3Blob {
@@ -118,5 +165,28 @@ mod tests {
         assert!(check_range(resp(200, 4), 10, 4, 100).is_err());
         let e = check_range(resp(416, 0), 10, 4, 100).unwrap_err();
         assert_eq!(e.status(), Some(416));
+    }
+
+    #[test]
+    fn first_block_answers() {
+        let ranged = |n: usize, cr: &str| Response {
+            content_range: Some(cr.to_string()),
+            ..resp(206, n)
+        };
+        let size = |r| first_block_answer(r, 16).map(|o| o.map(|(s, b)| (s, b.len())));
+        assert_eq!(
+            size(ranged(16, "bytes 0-15/1000")).unwrap(),
+            Some((1000, 16))
+        );
+        assert_eq!(size(ranged(10, "bytes 0-9/10")).unwrap(), Some((10, 10)));
+        assert!(size(ranged(15, "bytes 0-14/1000")).is_err());
+        assert_eq!(size(ranged(16, "bytes 0-15/*")).unwrap(), None);
+        assert_eq!(size(resp(200, 12)).unwrap(), Some((12, 12)));
+        assert!(size(resp(200, 17)).is_err());
+        assert_eq!(size(resp(416, 0)).unwrap(), Some((0, 0)));
+        assert_eq!(size(resp(403, 0)).unwrap_err().status(), Some(403));
+        assert_eq!(content_range_total(" bytes 0-0/7 "), Some(7));
+        assert_eq!(content_range_total("bytes */7"), Some(7));
+        assert_eq!(content_range_total("items 0-1/7"), None);
     }
 }

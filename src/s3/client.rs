@@ -8,6 +8,7 @@ use super::request::Request;
 use super::retry;
 use rusty_s3::{Bucket, Credentials, Method};
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Longest wait for a TCP (and TLS) connection, DNS included. A healthy endpoint answers in
@@ -68,6 +69,8 @@ pub struct Client {
     bucket: Bucket,
     credentials: Credentials,
     endpoint: String,
+    /// HTTP requests sent (every attempt counts), for tests and diagnostics.
+    requests_sent: AtomicU64,
 }
 
 impl Client {
@@ -92,7 +95,13 @@ impl Client {
             bucket,
             credentials,
             endpoint,
+            requests_sent: AtomicU64::new(0),
         }
+    }
+
+    /// HTTP requests sent so far (each attempt of each call).
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_sent.load(Ordering::Relaxed)
     }
 
     pub fn bucket(&self) -> &Bucket {
@@ -167,6 +176,7 @@ impl Client {
     /// One attempt: send, then read the whole (bounded) body.
     fn send_once(&self, r: &Request, body: &[u8], body_limit: u64) -> Result<Response, Error> {
         let a = &self.agent;
+        self.requests_sent.fetch_add(1, Ordering::Relaxed);
         let sent = match r.method {
             Method::Get => headers(a.get(&r.url), &r.headers).call(),
             Method::Head => headers(a.head(&r.url), &r.headers).call(),

@@ -27,6 +27,7 @@ pub mod xml;
 pub use error::Error;
 pub use multipart::{MULTIPART_PART_BYTES, MULTIPART_THRESHOLD_BYTES, MULTIPART_UPLOAD_THREADS};
 
+use crate::store::cache::{BlockCache, CacheStats};
 use crate::store::{self, BlobReader, CreateOutcome, ImageStore, ObjectInfo};
 use client::{Client, Failure, Response};
 use std::fmt;
@@ -117,6 +118,8 @@ pub struct S3Store {
     /// Normalized: empty or ending in `/`.
     prefix: String,
     list_page_keys: u16,
+    /// Block cache for blob reads ([`S3Store::with_block_cache`]); none: every read is a GET.
+    cache: Option<Arc<BlockCache>>,
 }
 
 impl S3Store {
@@ -146,7 +149,27 @@ impl S3Store {
             client,
             prefix,
             list_page_keys,
+            cache: None,
         })
+    }
+
+    /// Reads blobs through `cache` (`--image-cache-size-bytes`,
+    /// `--image-cache-block-size-bytes`): repeat reads are served from memory, adjacent
+    /// misses coalesce into one ranged GET, concurrent misses of a block fetch it once, and
+    /// opening a blob is one GET of its first block instead of a HEAD.
+    pub fn with_block_cache(mut self, cache: Arc<BlockCache>) -> S3Store {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// HTTP requests this store has sent (every attempt counts).
+    pub fn requests_sent(&self) -> u64 {
+        self.client.requests_sent()
+    }
+
+    /// The block cache's counters, if there is a cache.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
     }
 
     /// [`S3Store::open`] followed by [`S3Store::check_bucket`]: what a server does at startup.
@@ -208,12 +231,15 @@ impl S3Store {
 
     fn probe_conditional_create(&self) -> store::Result<()> {
         let key = format!("{PROBE_KEY_PREFIX}{:032x}", store::keys::random_u128());
-        let body = b"mvps conditional-write probe; safe to delete";
-        let first = self.create_if_absent(&key, body);
+        // Different bodies: should the second create be retried after an attempt whose
+        // 412 was lost, the read-back in `create_if_absent` must not take the first
+        // object for its own.
+        let body = |n: u8| format!("mvps conditional-write probe {n}; safe to delete");
+        let first = self.create_if_absent(&key, body(1).as_bytes());
         let second = first
             .as_ref()
             .ok()
-            .map(|_| self.create_if_absent(&key, body));
+            .map(|_| self.create_if_absent(&key, body(2).as_bytes()));
         let cleanup = self.delete(&key);
         let unsupported = |detail: &str| store::Error::Remote {
             key: key.clone(),
@@ -381,13 +407,22 @@ impl ImageStore for S3Store {
 
     fn open_blob(&self, key: &str) -> store::Result<Box<dyn BlobReader>> {
         let full = self.full_key(key)?;
-        let size = self.head_size(key, &full)?;
-        Ok(Box::new(blob::S3Blob::new(
-            self.client.clone(),
-            key.to_string(),
-            full,
-            size,
-        )))
+        let Some(cache) = self.cache.as_ref().filter(|c| c.capacity_bytes() > 0) else {
+            let size = self.head_size(key, &full)?;
+            let b = blob::S3Blob::new(self.client.clone(), key.to_string(), full, size);
+            return Ok(Box::new(b));
+        };
+        // One GET for the size and the first block (header and index of a layer).
+        let first = blob::S3Blob::open_first_block(&self.client, key, &full, cache.block_bytes())?;
+        let size = match first {
+            Some((size, data)) => {
+                cache.insert(&full, 0, data);
+                size
+            }
+            None => self.head_size(key, &full)?,
+        };
+        let b = blob::S3Blob::new(self.client.clone(), key.to_string(), full.clone(), size);
+        Ok(Box::new(cache.wrap(&full, Box::new(b))))
     }
 
     fn put(&self, key: &str, data: &[u8]) -> store::Result<()> {

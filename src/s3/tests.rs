@@ -134,6 +134,112 @@ fn ranged_reads() {
     ));
 }
 
+/// A store on a fresh bucket that reads blobs through a cache of 4 MiB in 64 KiB blocks.
+fn cached_store() -> (Arc<SeaweedFs>, S3Store) {
+    let (server, s) = store();
+    let cache = crate::store::cache::BlockCache::new(4 << 20, 64 << 10).unwrap();
+    (server, s.with_block_cache(Arc::new(cache)))
+}
+
+#[test]
+fn cached_blob_reads_count_requests() {
+    let (_server, s) = cached_store();
+    let data: Vec<u8> = (0..1_200_000u32).map(|i| (i % 251) as u8).collect();
+    s.put("blobs/c.mvps-blob", &data).unwrap();
+    let read = |b: &dyn BlobReader, off: usize, len: usize| {
+        let mut buf = vec![0u8; len];
+        b.read_at(off as u64, &mut buf).unwrap();
+        assert_eq!(buf, &data[off..off + len], "{off}+{len}");
+    };
+    let n0 = s.requests_sent();
+    // Opening is one GET: it learns the size and caches block 0.
+    let b = s.open_blob("blobs/c.mvps-blob").unwrap();
+    assert_eq!(b.size_bytes(), data.len() as u64);
+    assert_eq!(s.requests_sent() - n0, 1);
+    read(b.as_ref(), 0, 64);
+    read(b.as_ref(), 1000, 60_000);
+    assert_eq!(s.requests_sent() - n0, 1, "block 0 came with the open");
+    // Blocks 1..=4 in one ranged GET; then they are hits.
+    read(b.as_ref(), 70_000, 250_000);
+    assert_eq!(s.requests_sent() - n0, 2);
+    read(b.as_ref(), 65_536, 262_144);
+    assert_eq!(s.requests_sent() - n0, 2);
+    // The whole object: only the missing tail (blocks 5..=18) is fetched, in one GET.
+    read(b.as_ref(), 0, data.len());
+    assert_eq!(s.requests_sent() - n0, 3);
+    let st = s.cache_stats().unwrap();
+    assert_eq!(st.fetches, 2);
+    assert_eq!(st.held_bytes, data.len() as u64);
+    // Out of range is still refused.
+    assert!(b.read_at(1_199_999, &mut [0u8; 2]).is_err());
+    // Objects smaller than a block, and empty ones, learn their size from the same GET.
+    s.put("blobs/small.mvps-blob", b"tiny").unwrap();
+    s.put("blobs/empty.mvps-blob", b"").unwrap();
+    let n1 = s.requests_sent();
+    let small = s.open_blob("blobs/small.mvps-blob").unwrap();
+    assert_eq!(small.size_bytes(), 4);
+    read_exact(small.as_ref(), 1, b"iny");
+    let empty = s.open_blob("blobs/empty.mvps-blob").unwrap();
+    assert_eq!(empty.size_bytes(), 0);
+    assert_eq!(s.requests_sent() - n1, 2);
+    assert!(matches!(
+        s.open_blob("blobs/missing.mvps-blob"),
+        Err(E::NotFound { .. })
+    ));
+}
+
+fn read_exact(b: &dyn BlobReader, off: u64, want: &[u8]) {
+    let mut buf = vec![0u8; want.len()];
+    b.read_at(off, &mut buf).unwrap();
+    assert_eq!(buf, want);
+}
+
+#[test]
+fn layers_open_with_one_request_and_read_through_the_cache() {
+    use crate::engine::layer::{write_layer, Layer, SourceExtent};
+    let (_server, s) = cached_store();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer");
+    // 1000 data pages of 4 KiB in three extents, one zero extent.
+    let extents = [
+        SourceExtent::Data { start: 0, len: 10 },
+        SourceExtent::Zero { start: 10, len: 90 },
+        SourceExtent::Data {
+            start: 100,
+            len: 900,
+        },
+        SourceExtent::Data {
+            start: 5000,
+            len: 90,
+        },
+    ];
+    let fill = |page: u64| (page % 253) as u8;
+    write_layer(&path, 12, &extents, |start, _, buf| {
+        for (i, p) in buf.chunks_mut(4096).enumerate() {
+            p.fill(fill(start + i as u64));
+        }
+        Ok(())
+    })
+    .unwrap();
+    s.put_file("blobs/l.mvps-blob", &path).unwrap();
+    let n0 = s.requests_sent();
+    let layer = Layer::open("l", s.open_blob("blobs/l.mvps-blob").unwrap()).unwrap();
+    assert_eq!(
+        s.requests_sent() - n0,
+        1,
+        "header and index come with the first block"
+    );
+    // Pages 100..=163 are data pages 10..=73: 256 KiB spanning blocks 0..=4.
+    let mut buf = vec![0u8; 64 << 12];
+    layer.read_data(10, &mut buf).unwrap();
+    for (i, p) in buf.chunks(4096).enumerate() {
+        assert!(p.iter().all(|&b| b == fill(100 + i as u64)), "page {i}");
+    }
+    assert_eq!(s.requests_sent() - n0, 2);
+    layer.read_data(12, &mut buf[..4096]).unwrap();
+    assert_eq!(s.requests_sent() - n0, 2);
+}
+
 #[test]
 fn multipart_put_file() {
     let (_server, s) = store();

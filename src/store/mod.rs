@@ -4,6 +4,7 @@
 //! layout in [`keys`]. Objects are immutable once written, except that a blob may be written
 //! again with identical content after a retry.
 
+pub mod cache;
 pub mod keys;
 pub mod local;
 
