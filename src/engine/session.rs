@@ -335,6 +335,17 @@ impl Session {
 
     /// Writes `data` at byte `offset` (any alignment): one committed change, or part of `txn`.
     pub fn write(&self, txn: Option<&mut Txn>, offset: u64, data: &[u8]) -> Result<()> {
+        match txn {
+            Some(t) => {
+                let r = self.write_inner(Some(&mut *t), offset, data);
+                t.failed |= r.is_err();
+                r
+            }
+            None => self.write_inner(None, offset, data),
+        }
+    }
+
+    fn write_inner(&self, txn: Option<&mut Txn>, offset: u64, data: &[u8]) -> Result<()> {
         self.check_usable()?;
         if data.is_empty() {
             return Ok(());
@@ -380,6 +391,23 @@ impl Session {
     /// Zeros `[offset, offset+len)`: whole pages become zero extents (no data written) unless
     /// `allocate` (NBD_CMD_FLAG_NO_HOLE), partial edge pages are read-modify-written.
     pub fn write_zeroes(
+        &self,
+        txn: Option<&mut Txn>,
+        offset: u64,
+        len: u64,
+        allocate: bool,
+    ) -> Result<()> {
+        match txn {
+            Some(t) => {
+                let r = self.write_zeroes_inner(Some(&mut *t), offset, len, allocate);
+                t.failed |= r.is_err();
+                r
+            }
+            None => self.write_zeroes_inner(None, offset, len, allocate),
+        }
+    }
+
+    fn write_zeroes_inner(
         &self,
         txn: Option<&mut Txn>,
         offset: u64,

@@ -259,6 +259,10 @@ mod txn {
         let started = std::time::Instant::now();
         s.write(None, 512, &[1u8; 10]).unwrap(); // waits for the 500 ms lock timeout
         assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+        assert!(
+            matches!(s.lock(&mut t), Err(Error::Conflict { .. })),
+            "LOCK after expiry"
+        );
         assert!(matches!(s.commit(t), Err(Error::Conflict { .. })));
         assert_eq!(
             read(&s, 0, 10),

@@ -32,6 +32,9 @@ pub struct Txn {
     pub holds_lock: bool,
     /// A write pushed it past `txn_bytes_max`: it can only be rolled back now.
     pub too_large: bool,
+    /// One of its writes failed: committing the rest would apply a partial write set, so
+    /// COMMIT fails.
+    pub failed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -79,15 +82,17 @@ impl Session {
             bytes: 0,
             holds_lock: false,
             too_large: false,
+            failed: false,
         })
     }
 
     /// LOCK_TXN: fails with `Conflict` if any change committed since BEGIN.
     pub fn lock(&self, txn: &mut Txn) -> Result<()> {
-        if txn.holds_lock {
-            return Ok(());
-        }
+        // Also for a holder: its lock may have expired meanwhile (then this fails).
         let mut w = self.wait_for_lock(Some(txn))?;
+        if txn.holds_lock {
+            return Ok(()); // a repeated LOCK does not extend the deadline
+        }
         if w.change_count != txn.begin_change {
             return Err(Error::Conflict {
                 image: self.image_id.clone(),
