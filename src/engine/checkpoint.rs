@@ -102,25 +102,7 @@ impl Session {
         next.change_count = snap.change_count;
         next.layers.extend(refs.iter().cloned());
         next.created_at_unix = now_unix();
-        let created = manifest::create(self.buffer.store.as_ref(), &next).map_err(|source| {
-            Error::Manifest {
-                image: self.image_id.clone(),
-                source,
-            }
-        })?;
-        if !created {
-            self.fenced.store(true, Ordering::Release);
-            log::error!(
-                "image {}: fenced: generation {} was written by another buffer store. This \
-                 server stops writing the image; its WAL stays in the buffer store for \
-                 inspection. Serve the image from the new owner only.",
-                self.image_id,
-                next.generation
-            );
-            return Err(Error::Fenced {
-                image: self.image_id.clone(),
-            });
-        }
+        self.publish(&next)?;
         let mut opened = Vec::with_capacity(refs.len());
         for r in &refs {
             opened.push(Arc::new(open_layer(
@@ -149,7 +131,33 @@ impl Session {
         *m.lock().unwrap() += 1;
         c.notify_all();
         self.maybe_rewrite_wal()?;
+        self.compact()?;
         Ok(pages)
+    }
+
+    /// Creates manifest `next` (generation g+1) with a conditional create. If another buffer
+    /// store wrote that generation first, this session is fenced from then on.
+    pub(super) fn publish(&self, next: &Manifest) -> Result<()> {
+        let created = manifest::create(self.buffer.store.as_ref(), next).map_err(|source| {
+            Error::Manifest {
+                image: self.image_id.clone(),
+                source,
+            }
+        })?;
+        if created {
+            return Ok(());
+        }
+        self.fenced.store(true, Ordering::Release);
+        log::error!(
+            "image {}: fenced: generation {} was written by another buffer store. This \
+             server stops writing the image; its WAL stays in the buffer store for \
+             inspection. Serve the image from the new owner only.",
+            self.image_id,
+            next.generation
+        );
+        Err(Error::Fenced {
+            image: self.image_id.clone(),
+        })
     }
 
     fn snapshot(&self) -> Option<Snapshot> {
@@ -188,7 +196,6 @@ impl Session {
     }
 
     fn upload_layer(&self, snap: &Snapshot, group: &[&Extent<BufVal>]) -> Result<LayerRef> {
-        let bits = self.page_size_bits;
         let sources: Vec<SourceExtent> = group
             .iter()
             .map(|e| {
@@ -205,10 +212,8 @@ impl Session {
                 }
             })
             .collect();
-        let blob_id = keys::new_blob_id();
-        let tmp = self.buffer.tmp_dir().join(&blob_id);
         let mut next_extent = 0;
-        let written = write_layer(&tmp, bits, &sources, |start, n, buf| {
+        self.write_and_upload(&sources, |start, n, buf| {
             // Extents are visited in order; find the one holding `start`.
             while group[next_extent].end() <= start {
                 next_extent += 1;
@@ -217,14 +222,26 @@ impl Session {
             let off = e.value.advance(start - e.start).offset;
             debug_assert!(start + n <= e.end());
             snap.wal.read_exact_at(buf, off)
-        });
+        })
+    }
+
+    /// Writes a layer blob from `sources` into the buffer store's tmp directory and uploads it.
+    pub(super) fn write_and_upload(
+        &self,
+        sources: &[SourceExtent],
+        read_pages: impl FnMut(u64, u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<LayerRef> {
+        let blob_id = keys::new_blob_id();
+        let tmp = self.buffer.tmp_dir().join(&blob_id);
+        let written = write_layer(&tmp, self.page_size_bits, sources, read_pages);
         let (size_bytes, data_pages) = match written {
             Ok(x) => x,
             Err(source) => {
                 let _ = std::fs::remove_file(&tmp);
+                let op = "write layer";
                 return Err(Error::Io {
                     image: self.image_id.clone(),
-                    op: "write layer",
+                    op,
                     source,
                 });
             }

@@ -319,3 +319,35 @@ mod txn {
         b.shutdown();
     }
 }
+
+/// Compaction keeps the layer count logarithmic: 40 small checkpoints leave a handful of
+/// layers, and the image (including trimmed ranges) reads back the same before and after a
+/// restart from the compacted manifest.
+#[test]
+fn compaction_bounds_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local(dir.path());
+    let (b, s) = open(dir.path(), store.clone(), 9);
+    let size = 64 << 9;
+    let mut model = vec![0u8; size];
+    for i in 0..40u64 {
+        let off = (i * 7919) % (size as u64 - 2000);
+        if i % 5 == 4 {
+            s.write_zeroes(None, off, 1500, false).unwrap();
+            model[off as usize..off as usize + 1500].fill(0);
+        } else {
+            let data = vec![i as u8 + 1; 2000];
+            s.write(None, off, &data).unwrap();
+            model[off as usize..off as usize + 2000].copy_from_slice(&data);
+        }
+        s.checkpoint().unwrap();
+    }
+    let layers = s.view.read().unwrap().layers.len();
+    assert!(layers < 8, "{layers} layers after 40 checkpoints");
+    check_all(&s, &model);
+    b.shutdown();
+    drop((s, b));
+    let (b, s) = open(dir.path(), store, 9);
+    check_all(&s, &model);
+    b.shutdown();
+}

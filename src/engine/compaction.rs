@@ -1,0 +1,235 @@
+//! Compaction (DESIGN §7): merges runs of adjacent layers of the same size tier into one
+//! layer, so the layer count — and the cost of a read that misses the buffer — grows only
+//! logarithmically with the data written, however many checkpoints there are.
+//!
+//! Tiers: a layer with `b` bytes of page data is in tier 0 if `b < TIER_BASE_BYTES`, else in
+//! tier `1 + floor(log4(b / TIER_BASE_BYTES))`. When `FANIN` or more adjacent layers share a
+//! tier, up to `RUN_MAX` of them (the oldest of the run) are merged: newer extents shadow
+//! older ones, and zero extents (tombstones) are dropped when the run starts at the bottom
+//! layer, where nothing older remains beneath them. The merged layer replaces the run in
+//! manifest g+1 (conditional create, like a checkpoint); the old blobs become garbage for
+//! `mvps-s3-gc`.
+
+use super::extent::{ExtentMap, ExtentValue};
+use super::layer::{Layer, LayerVal, SourceExtent};
+use super::manifest::{LayerRef, Manifest};
+use super::open::{now_unix, open_layer};
+use super::session::Session;
+use super::Result;
+use std::sync::Arc;
+
+/// Layers merged once this many adjacent ones share a size tier.
+pub const FANIN: usize = 4;
+/// Most layers merged in one step (bounds one compaction's work).
+pub const RUN_MAX: usize = 8;
+/// Size of the smallest tier's layers.
+pub const TIER_BASE_BYTES: u64 = 4 << 20;
+/// Merges per compaction pass (a pass runs after each checkpoint).
+pub const STEPS_PER_PASS_MAX: usize = 4;
+
+const _: () = assert!(FANIN >= 2 && RUN_MAX >= FANIN);
+
+pub fn tier(l: &LayerRef, page_size_bits: u32) -> u32 {
+    let units = (l.data_pages << page_size_bits) / TIER_BASE_BYTES;
+    if units == 0 {
+        0
+    } else {
+        1 + (63 - units.leading_zeros()) / 2
+    }
+}
+
+/// The run to merge, as `[start, end)` indexes into `layers` (oldest first), if any.
+pub fn pick_run(layers: &[LayerRef], page_size_bits: u32) -> Option<(usize, usize)> {
+    let mut end = layers.len();
+    while end > 0 {
+        let t = tier(&layers[end - 1], page_size_bits);
+        let mut start = end - 1;
+        while start > 0 && tier(&layers[start - 1], page_size_bits) == t {
+            start -= 1;
+        }
+        if end - start >= FANIN {
+            return Some((start, end.min(start + RUN_MAX)));
+        }
+        end = start;
+    }
+    None
+}
+
+/// A merged page run: from source layer `.0` (index in the run) at `.1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Src(usize, LayerVal);
+
+impl ExtentValue for Src {
+    fn advance(&self, pages: u64) -> Self {
+        Src(self.0, self.1.advance(pages))
+    }
+}
+
+impl Session {
+    /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges).
+    pub fn compact(&self) -> Result<()> {
+        for _ in 0..STEPS_PER_PASS_MAX {
+            if !self.compact_step()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One merge. Returns false when there was nothing to merge.
+    fn compact_step(&self) -> Result<bool> {
+        self.check_usable()?;
+        let (base, run_layers, (start, end)) = {
+            let w = self.writer.lock().unwrap();
+            let Some(m) = w.manifest.clone() else {
+                return Ok(false);
+            };
+            let Some(run) = pick_run(&m.layers, self.page_size_bits) else {
+                return Ok(false);
+            };
+            let view = self.view.read().unwrap();
+            // The view holds the same layers newest first.
+            let n = m.layers.len();
+            let picked: Vec<Arc<Layer>> = (run.0..run.1)
+                .map(|i| view.layers[n - 1 - i].clone())
+                .collect();
+            for (i, l) in (run.0..run.1).zip(&picked) {
+                assert_eq!(l.blob_id, m.layers[i].blob_id, "view and manifest agree");
+            }
+            (m, picked, run)
+        };
+        let merged_ref = self.merge(&run_layers, start == 0)?;
+        let mut next = base.clone();
+        next.generation += 1;
+        next.created_at_unix = now_unix();
+        let tail = next.layers.split_off(end);
+        next.layers.truncate(start);
+        next.layers.extend(merged_ref.iter().cloned());
+        next.layers.extend(tail);
+        self.publish(&next)?;
+        let opened = match &merged_ref {
+            Some(r) => Some(Arc::new(open_layer(
+                &self.buffer,
+                &self.image_id,
+                &r.blob_id,
+            )?)),
+            None => None,
+        };
+        self.install_compacted(&base, &next, opened);
+        log::info!(
+            "image {}: compaction: merged {} layers into {}, manifest generation {}",
+            self.image_id,
+            end - start,
+            if merged_ref.is_some() {
+                "1"
+            } else {
+                "none (all tombstones)"
+            },
+            next.generation
+        );
+        Ok(true)
+    }
+
+    /// Writes the merge of `run` (oldest first) as one layer; None if nothing remains.
+    fn merge(&self, run: &[Arc<Layer>], at_bottom: bool) -> Result<Option<LayerRef>> {
+        let mut map: ExtentMap<Src> = ExtentMap::new();
+        for (i, layer) in run.iter().enumerate() {
+            for e in layer.index.iter() {
+                map.insert(e.start, e.len, Src(i, e.value));
+            }
+        }
+        if at_bottom {
+            map.retain(|v| v.1 != LayerVal::Zero);
+        }
+        if map.is_empty() {
+            return Ok(None);
+        }
+        let extents: Vec<_> = map.iter().collect();
+        let sources: Vec<SourceExtent> = extents
+            .iter()
+            .map(|e| match e.value.1 {
+                LayerVal::Zero => SourceExtent::Zero {
+                    start: e.start,
+                    len: e.len,
+                },
+                LayerVal::Data(_) => SourceExtent::Data {
+                    start: e.start,
+                    len: e.len,
+                },
+            })
+            .collect();
+        let mut next = 0;
+        let r = self.write_and_upload(&sources, |start, _n, buf| {
+            while extents[next].end() <= start {
+                next += 1;
+            }
+            let e = &extents[next];
+            let Src(i, LayerVal::Data(page)) = e.value.advance(start - e.start) else {
+                unreachable!("only data extents are read");
+            };
+            run[i].read_data(page, buf).map_err(std::io::Error::other)
+        })?;
+        Ok(Some(r))
+    }
+
+    /// Swaps the merged run for the new layer in the read view and records the manifest.
+    fn install_compacted(&self, base: &Manifest, next: &Manifest, merged: Option<Arc<Layer>>) {
+        let mut w = self.writer.lock().unwrap();
+        let mut view = self.view.write().unwrap();
+        let mut by_id: std::collections::HashMap<String, Arc<Layer>> = view
+            .layers
+            .iter()
+            .map(|l| (l.blob_id.clone(), l.clone()))
+            .collect();
+        if let Some(m) = merged {
+            by_id.insert(m.blob_id.clone(), m);
+        }
+        debug_assert_eq!(
+            w.manifest.as_ref().map(|m| m.generation),
+            Some(base.generation)
+        );
+        view.layers = next
+            .layers
+            .iter()
+            .rev()
+            .map(|r| by_id[&r.blob_id].clone())
+            .collect();
+        w.manifest = Some(next.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(pages: u64) -> LayerRef {
+        LayerRef {
+            blob_id: String::new(),
+            size_bytes: 0,
+            data_pages: pages,
+        }
+    }
+
+    #[test]
+    fn tiers() {
+        assert_eq!(tier(&l(1), 12), 0);
+        assert_eq!(tier(&l(1024), 12), 1); // 4 MiB
+        assert_eq!(tier(&l(4 * 1024), 12), 2); // 16 MiB
+        assert_eq!(tier(&l(4 * 1024 - 1), 12), 1);
+    }
+
+    #[test]
+    fn picks_the_oldest_part_of_a_long_enough_run() {
+        let big = 16 * 1024;
+        assert_eq!(pick_run(&[l(1), l(1), l(1)], 12), None);
+        assert_eq!(
+            pick_run(&[l(big), l(1), l(1), l(1), l(1)], 12),
+            Some((1, 5))
+        );
+        assert_eq!(pick_run(&vec![l(1); 10], 12), Some((0, 8)));
+        assert_eq!(
+            pick_run(&[l(1), l(1), l(1), l(1), l(big)], 12),
+            Some((0, 4))
+        );
+    }
+}
