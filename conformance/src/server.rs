@@ -330,21 +330,33 @@ impl Server {
         }
     }
 
+    /// Sends `signal` to the running server without waiting.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        let r = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(r, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits for the process to exit; panics if it still runs after [`STOP_TIMEOUT`].
+    #[track_caller]
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("server is running");
+        match wait_timeout(&mut c, STOP_TIMEOUT) {
+            Some(st) => st,
+            None => panic!(
+                "mvps-te still running after {STOP_TIMEOUT:?}\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
     /// Sends `signal` and waits for the exit; panics if the process is still running after
     /// [`STOP_TIMEOUT`].
     #[track_caller]
     pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
-        let mut c = self.child.take().expect("server is running");
-        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
-        let r = unsafe { libc::kill(c.id() as libc::pid_t, signal) };
-        assert_eq!(r, 0, "kill({}, {signal}) failed", c.id());
-        match wait_timeout(&mut c, STOP_TIMEOUT) {
-            Some(st) => st,
-            None => panic!(
-                "mvps-te still running {STOP_TIMEOUT:?} after signal {signal}\n{}",
-                self.log_tail()
-            ),
-        }
+        self.signal(signal);
+        self.wait_exit()
     }
 
     /// SIGTERM, then wait for the exit.

@@ -86,3 +86,60 @@ fn sigterm_during_a_stream_of_writes_keeps_every_replied_one() {
         );
     }
 }
+
+#[test]
+fn sigterm_answers_every_request_it_has_read() {
+    let mut s = Server::start();
+    let tok = token::token(&token::image_id("term-inflight"), 64 << 20);
+    let mut c = s.open(&tok);
+    // 48 writes of 256 KiB in flight at once, then SIGTERM before reading any reply.
+    const N: u64 = 48;
+    const LEN: usize = 256 << 10;
+    let mut sent = Vec::new();
+    for i in 0..N {
+        let h = c.send_request(
+            0,
+            nbd::CMD_WRITE,
+            i * LEN as u64,
+            LEN as u32,
+            &pattern(i, LEN),
+        );
+        match h {
+            Ok(h) => sent.push((h, i)),
+            Err(_) => break,
+        }
+    }
+    s.signal(libc::SIGTERM);
+    let mut ok = Vec::new();
+    let mut answered = Vec::new();
+    while let Ok((h, r)) = c.read_reply() {
+        answered.push(h);
+        if r.is_ok() {
+            ok.push(
+                sent.iter()
+                    .find(|x| x.0 == h)
+                    .expect("reply to a request we sent")
+                    .1,
+            );
+        }
+    }
+    let st = s.wait_exit();
+    assert_eq!(st.code(), Some(0), "SIGTERM exit: {st}\n{}", s.log_tail());
+    eprintln!("{} sent, {} answered, {} acknowledged", sent.len(), answered.len(), ok.len());
+    // Requests are read in order: those answered must be the first ones sent, none skipped.
+    answered.sort_unstable();
+    let first: Vec<u64> = sent.iter().take(answered.len()).map(|x| x.0).collect();
+    assert_eq!(
+        answered, first,
+        "a request read before the shutdown got no reply"
+    );
+    s.restart();
+    let mut c = s.open(&tok);
+    for i in ok {
+        let got = c.read(i * LEN as u64, LEN as u32).unwrap();
+        assert!(
+            got == pattern(i, LEN),
+            "write {i} was acknowledged but is lost"
+        );
+    }
+}
