@@ -1,8 +1,10 @@
 //! The hand-written man pages in `man/` document exactly the flags the binaries have
 //! (STYLE rules 32 and 33): every `mvps-te` flag, its `MVPS_TE_*` variable and its default
-//! appear in `man/mvps-te.8`, every `mvpsctl token` option and its default in
-//! `man/mvpsctl.1`, and neither page's OPTIONS section names a flag that does not exist.
-//! The pages must also format without groff warnings.
+//! appear in `man/mvps-te.8`; every command that `mvpsctl --help` lists has a subsection
+//! `.SS mvpsctl CMD` of OPTIONS in `man/mvpsctl.1` with each of its options and defaults, and
+//! its flags in SYNOPSIS; `mvpsctl txn`'s exit codes are under EXIT STATUS; and neither page's
+//! OPTIONS section names a flag that does not exist. The pages must also format without groff
+//! warnings.
 //!
 //! The roff is reduced to plain text by a small renderer below (escapes such as `\-` and
 //! `\fB`, and the font-alternating macros `.BR`, `.IR`, ...), enough for these checks.
@@ -23,6 +25,7 @@ const SERVER_SECTIONS: &[&str] = &[
     "DESCRIPTION",
     "OPTIONS",
     "ENVIRONMENT",
+    "IMAGE STORES",
     "EXPORT NAMES",
     "NBD PROTOCOL",
     "TRANSACTIONS",
@@ -140,7 +143,7 @@ fn macro_args(s: &str) -> Vec<String> {
     args
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Line {
     /// A request that only structures the page: `.TP`, `.PP`, `.SH NAME`, ...
     Request { name: String, text: String },
@@ -187,6 +190,25 @@ impl Section {
             }
         }
         s
+    }
+
+    /// The parts of the section split at `.SS`: the text before the first `.SS` (named ""),
+    /// then one per subsection, named by its heading.
+    fn subsections(&self) -> Vec<Section> {
+        let mut out = vec![Section {
+            name: String::new(),
+            lines: Vec::new(),
+        }];
+        for l in &self.lines {
+            match l {
+                Line::Request { name, text } if name == "SS" => out.push(Section {
+                    name: text.clone(),
+                    lines: Vec::new(),
+                }),
+                l => out.last_mut().unwrap().lines.push(l.clone()),
+            }
+        }
+        out
     }
 
     /// `.TP` items: (tag, tag and body text). A body ends at the next `.TP`, `.PP`, `.SS`.
@@ -371,46 +393,135 @@ fn server_help() -> String {
     }
 }
 
-fn token_help() -> String {
+/// `mvpsctl [ARGS...] --help`.
+fn ctl_help(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_mvpsctl"))
-        .args(["token", "--help"])
+        .args(args)
+        .arg("--help")
         .output()
-        .expect("run mvpsctl token --help");
-    assert!(out.status.success(), "mvpsctl token --help failed: {out:?}");
+        .expect("run mvpsctl --help");
+    assert!(
+        out.status.success(),
+        "mvpsctl {args:?} --help failed: {out:?}"
+    );
     String::from_utf8(out.stdout).expect("--help is UTF-8")
+}
+
+/// The first word of each line of an argh `--help` block headed `heading` (`Commands:`,
+/// `Error codes:`), up to the next blank line.
+fn help_block_words(help: &str, heading: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in help.lines() {
+        if line.trim_end() == heading {
+            inside = true;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if line.trim().is_empty() {
+            break;
+        }
+        // Continuation lines are indented further than the entries.
+        if line.starts_with("  ") && !line.starts_with("   ") {
+            if let Some(w) = line.split_whitespace().next() {
+                out.push(w.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The commands `mvpsctl --help` lists.
+fn ctl_commands() -> Vec<String> {
+    let cmds = help_block_words(&ctl_help(&[]), "Commands:");
+    assert!(
+        cmds.iter().any(|c| c == "token") && cmds.iter().any(|c| c == "txn"),
+        "mvpsctl --help should list token and txn, lists {cmds:?}"
+    );
+    cmds
 }
 
 // ---------------------------------------------------------------------------------- checks
 
-/// Checks an OPTIONS section against a command's flags: one item per flag (with `--help`),
-/// no flag mentioned that does not exist, and each flag's default stated as `Default: X`.
-fn check_options(page: &Page, flags: &[(String, String)], extra_sections: &[&str]) {
-    let known: BTreeSet<&str> = flags.iter().map(|(f, _)| f.as_str()).collect();
+/// Checks OPTIONS against a command's flags. `scope` is the `.SS` subsection that documents
+/// the command (`None`: the whole section). In it: one item per flag, tagged with that flag
+/// (a flag argh adds to every command, `--help`, may instead have its one item anywhere in
+/// OPTIONS); no item for a flag the command lacks; no mention of a flag that neither the
+/// command nor `also_known` has (e.g. a server flag that a client option refers to); and each
+/// flag's default stated as `Default: X`. `extra_sections` are checked for mentions too.
+fn check_options(
+    page: &Page,
+    scope: Option<&str>,
+    flags: &[(String, String)],
+    also_known: &[&str],
+    extra_sections: &[&str],
+) {
+    let own: BTreeSet<&str> = flags.iter().map(|(f, _)| f.as_str()).collect();
+    let known: BTreeSet<&str> = own
+        .iter()
+        .copied()
+        .chain(also_known.iter().copied())
+        .collect();
     let options = page.section("OPTIONS");
-    let items = options.items();
+    let part = match scope {
+        None => Section {
+            name: options.name.clone(),
+            lines: options.lines.clone(),
+        },
+        Some(name) => options
+            .subsections()
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{}: OPTIONS has no subsection .SS {name}", page.path)),
+    };
+    let what = scope.unwrap_or("OPTIONS");
 
-    let mut documented = Vec::new();
-    for (tag, body) in &items {
-        let tag_flags = long_flags(tag);
-        let first = tag_flags
-            .first()
-            .unwrap_or_else(|| panic!("{}: OPTIONS item {tag:?} names no --flag", page.path));
-        documented.push((first.clone(), body.clone()));
+    let tagged = |items: Vec<(String, String)>| -> Vec<(String, String)> {
+        items
+            .into_iter()
+            .map(|(tag, body)| {
+                let first = long_flags(&tag).into_iter().next().unwrap_or_else(|| {
+                    panic!("{}: {what}: item {tag:?} names no --flag", page.path)
+                });
+                (first, body)
+            })
+            .collect()
+    };
+    let documented = tagged(part.items());
+    let everywhere = tagged(options.items());
+    for (flag, _) in &documented {
+        assert!(
+            own.contains(flag.as_str()),
+            "{}: {what} has an item for --{flag}, which the command does not have \
+             (its flags: {own:?})",
+            page.path
+        );
     }
     for (flag, _) in flags {
         let n = documented.iter().filter(|(f, _)| f == flag).count();
+        let n = if n == 0 && BUILTIN_FLAGS.contains(&flag.as_str()) {
+            everywhere.iter().filter(|(f, _)| f == flag).count()
+        } else {
+            n
+        };
         assert_eq!(
             n, 1,
-            "{}: OPTIONS should have exactly one item for --{flag}, has {n}",
+            "{}: {what} should have exactly one item for --{flag}, has {n}",
             page.path
         );
     }
 
-    for section in std::iter::once("OPTIONS").chain(extra_sections.iter().copied()) {
-        for f in long_flags(&page.section(section).text()) {
+    let mut texts = vec![(what.to_string(), part.text())];
+    for section in extra_sections {
+        texts.push((section.to_string(), page.section(section).text()));
+    }
+    for (name, text) in texts {
+        for f in long_flags(&text) {
             assert!(
                 known.contains(f.as_str()),
-                "{}: {section} mentions --{f}, which is not a flag (known: {known:?})",
+                "{}: {name} mentions --{f}, which is not a flag (known: {known:?})",
                 page.path
             );
         }
@@ -456,7 +567,7 @@ fn server_page_documents_every_flag_and_only_those() {
             "FLAGS has --{flag}, --help does not"
         );
     }
-    check_options(&page, &help, &["ENVIRONMENT"]);
+    check_options(&page, None, &help, &[], &["ENVIRONMENT"]);
 }
 
 #[test]
@@ -506,24 +617,79 @@ fn server_page_documents_every_environment_variable() {
 }
 
 #[test]
-fn ctl_page_documents_every_token_option_and_only_those() {
+fn ctl_page_sections_and_version() {
     let page = Page::load(CTL_PAGE);
     page.check_sections(CTL_SECTIONS);
     page.check_version();
-    let help = help_options(&token_help());
-    check_options(&page, &help, &[]);
+}
+
+/// Each command's options are in its own OPTIONS subsection and in SYNOPSIS; the rest of
+/// OPTIONS (intro, `--help`) and SYNOPSIS name only flags some command has.
+#[test]
+fn ctl_page_documents_every_command_option_and_only_those() {
+    let page = Page::load(CTL_PAGE);
+    // The server flags that mvpsctl's options may refer to (txn is bounded by them).
+    let server_flags: Vec<&str> = FLAGS.iter().map(|(f, _)| *f).collect();
     let synopsis = long_flags(&page.section("SYNOPSIS").text());
-    for (flag, _) in &help {
+    let mut all_flags: BTreeSet<String> = BTreeSet::new();
+    let mut scopes = vec![String::new()];
+    for cmd in ctl_commands() {
+        let help = help_options(&ctl_help(&[&cmd]));
+        let scope = format!("mvpsctl {cmd}");
+        check_options(&page, Some(&scope), &help, &server_flags, &[]);
+        for (flag, _) in &help {
+            assert!(
+                BUILTIN_FLAGS.contains(&flag.as_str()) || synopsis.contains(flag),
+                "{CTL_PAGE}: SYNOPSIS lacks --{flag} of mvpsctl {cmd}"
+            );
+            all_flags.insert(flag.clone());
+        }
+        scopes.push(scope);
+    }
+    for f in &synopsis {
         assert!(
-            synopsis.contains(flag),
-            "{CTL_PAGE}: SYNOPSIS lacks --{flag}"
+            all_flags.contains(f),
+            "{CTL_PAGE}: SYNOPSIS names --{f}, which no mvpsctl command has"
         );
     }
+    for part in page.section("OPTIONS").subsections() {
+        if scopes.contains(&part.name) && !part.name.is_empty() {
+            continue; // checked above
+        }
+        for f in long_flags(&part.text()) {
+            assert!(
+                all_flags.contains(&f),
+                "{CTL_PAGE}: OPTIONS ({:?}) mentions --{f}, which no mvpsctl command has",
+                part.name
+            );
+        }
+    }
+}
+
+#[test]
+fn ctl_page_documents_environment_and_txn_exit_codes() {
+    let page = Page::load(CTL_PAGE);
     let env = page.section("ENVIRONMENT").items();
-    assert!(
-        env.iter().any(|(tag, _)| tag == "MVPS_TE_JWT_SECRET"),
-        "{CTL_PAGE}: ENVIRONMENT has no item for MVPS_TE_JWT_SECRET"
-    );
+    for var in ["MVPS_TE_JWT_SECRET", "MVPS_TOKEN"] {
+        assert!(
+            env.iter().any(|(tag, _)| tag == var),
+            "{CTL_PAGE}: ENVIRONMENT has no item for {var}"
+        );
+    }
+    let codes = help_block_words(&ctl_help(&["txn"]), "Error codes:");
+    for want in ["0", "1", "3", "4"] {
+        assert!(
+            codes.iter().any(|c| c == want),
+            "mvpsctl txn --help lists exit codes {codes:?}, expected {want} among them"
+        );
+    }
+    let status = page.section("EXIT STATUS").items();
+    for code in &codes {
+        assert!(
+            status.iter().any(|(tag, _)| tag == code),
+            "{CTL_PAGE}: EXIT STATUS has no item for {code}, an exit code of mvpsctl txn"
+        );
+    }
 }
 
 /// `groff -man -ww -z` prints nothing for a clean page. groff comes with man-db
@@ -585,6 +751,28 @@ fn renderer_and_parsers() {
     );
     assert_eq!(help_default("local (default) or s3"), None);
     let h = "Usage: x\n\nOptions:\n  --a-b             one\n                    two\n  --long-flag-name\n                    three\n  --help, help      display\n\n";
+    let b = "Usage: x\n\nCommands:\n  token             Print a\n                    token.\n  txn               Run\n\nError codes:\n  0 ok\n  4 conflict\n";
+    assert_eq!(help_block_words(b, "Commands:"), vec!["token", "txn"]);
+    assert_eq!(help_block_words(b, "Error codes:"), vec!["0", "4"]);
+    let sec = Section {
+        name: "OPTIONS".into(),
+        lines: render(
+            "intro\n.SS mvpsctl a\n.TP\n.B \\-\\-x\nbody\n.SS Every command\n.TP\n.B \\-\\-help\n",
+        ),
+    };
+    let parts: Vec<(String, usize)> = sec
+        .subsections()
+        .iter()
+        .map(|p| (p.name.clone(), p.items().len()))
+        .collect();
+    assert_eq!(
+        parts,
+        vec![
+            (String::new(), 0),
+            ("mvpsctl a".to_string(), 1),
+            ("Every command".to_string(), 1)
+        ]
+    );
     assert_eq!(
         help_options(h),
         vec![
