@@ -351,3 +351,18 @@ fn compaction_bounds_layers() {
     check_all(&s, &model);
     b.shutdown();
 }
+
+/// A transaction whose write failed cannot commit the rest: COMMIT fails, nothing lands.
+#[test]
+fn failed_write_dooms_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, s) = open(dir.path(), local(dir.path()), 9);
+    let mut t = s.begin().unwrap();
+    s.write(Some(&mut t), 0, &[1u8; 512]).unwrap();
+    t.failed = true; // as set by a write that failed (EIO, expired lock, ...)
+    assert!(matches!(s.commit(t), Err(super::Error::Conflict { .. })));
+    let mut got = vec![9u8; 512];
+    s.read(None, 0, &mut got).unwrap();
+    assert_eq!(got, vec![0u8; 512]);
+    b.shutdown();
+}

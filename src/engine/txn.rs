@@ -167,6 +167,14 @@ impl Session {
                 max,
             });
         }
+        if txn.failed {
+            let id = txn.id;
+            self.end(txn, Kind::Abort);
+            return Err(Error::Conflict {
+                image: self.image_id.clone(),
+                why: format!("a write of transaction {id} failed; it was rolled back"),
+            });
+        }
         let mut w = match self.wait_for_lock(Some(&txn)) {
             Ok(w) => w,
             Err(e) => {
