@@ -279,6 +279,8 @@ fn txn_body(
             "{e}: the transaction is larger than the server allows (--txn-bytes-max) or \
              reaches past the end of the image; rolled back"
         )),
+        // The transaction lost the image lock to the server's lock timeout.
+        _ if e.is_conflict() => Failure::Conflict(format!("{e}; rolled back")),
         _ => other(e),
     };
     for &(offset, length) in zeros {
