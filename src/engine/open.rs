@@ -16,6 +16,9 @@ use crate::store::keys;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Layers opened at once when a session opens (each is one or two ranged GETs on S3).
+const LAYER_OPEN_PARALLEL: usize = 16;
+
 /// How many times a takeover re-reads the newest manifest when its conditional create races.
 const TAKEOVER_ATTEMPTS_MAX: u32 = 5;
 
@@ -281,9 +284,24 @@ fn open_layers(
     m: Option<&Manifest>,
 ) -> Result<Vec<Arc<Layer>>> {
     let Some(m) = m else { return Ok(vec![]) };
-    let mut layers = Vec::with_capacity(m.layers.len());
-    for l in m.layers.iter().rev() {
-        layers.push(Arc::new(open_layer(buffer, image_id, &l.blob_id)?));
+    // Each layer costs a request or two to a remote store: open up to LAYER_OPEN_PARALLEL
+    // at once (newest first, as the view wants them).
+    let ids: Vec<&str> = m.layers.iter().rev().map(|l| l.blob_id.as_str()).collect();
+    let mut layers = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(LAYER_OPEN_PARALLEL) {
+        let opened: Vec<Result<Layer>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&id| s.spawn(move || open_layer(buffer, image_id, id)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("layer open panicked"))
+                .collect()
+        });
+        for l in opened {
+            layers.push(Arc::new(l?));
+        }
     }
     Ok(layers)
 }

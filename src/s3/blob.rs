@@ -11,6 +11,7 @@
 use super::client::{Client, Response};
 use super::error::Error;
 use super::{request, store_error};
+use crate::store::cache::Source;
 use crate::store::{self, BlobReader};
 use std::sync::Arc;
 
@@ -54,18 +55,36 @@ impl S3Blob {
     /// Fills `buf` from the object's bytes at `offset` with one ranged GET (retried as any
     /// request). The range must lie inside the object and `buf` must not be empty.
     pub fn fetch_range(&self, offset: u64, buf: &mut [u8]) -> store::Result<()> {
-        debug_assert!(!buf.is_empty() && offset + buf.len() as u64 <= self.size);
-        let len = buf.len() as u64;
+        let body = self.fetch_vec(offset, buf.len() as u64)?;
+        buf.copy_from_slice(&body);
+        Ok(())
+    }
+
+    /// [`S3Blob::fetch_range`] into a new buffer: the response body itself, not a copy.
+    pub fn fetch_vec(&self, offset: u64, len: u64) -> store::Result<Vec<u8>> {
+        debug_assert!(len > 0 && offset + len <= self.size);
         let full = self.full_key.as_str();
         let sign = |b: &_, c: &_| request::get(b, c, full, Some((offset, len)));
-        let body = self
-            .client
+        self.client
             .call("ranged get", sign, &[], len, |r| {
                 check_range(r, offset, len, self.size)
             })
-            .map_err(|f| store_error(&self.client, &self.key, full, f))?;
-        buf.copy_from_slice(&body);
-        Ok(())
+            .map_err(|f| store_error(&self.client, &self.key, full, f))
+    }
+}
+
+/// The block cache fetches through here, keeping the response bodies it is handed.
+impl Source for S3Blob {
+    fn fetch(&self, offset: u64, len: usize) -> store::Result<Vec<u8>> {
+        self.fetch_vec(offset, len as u64)
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> store::Result<()> {
+        self.read_at(offset, buf)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size
     }
 }
 

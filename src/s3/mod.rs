@@ -422,7 +422,7 @@ impl ImageStore for S3Store {
             None => self.head_size(key, &full)?,
         };
         let b = blob::S3Blob::new(self.client.clone(), key.to_string(), full.clone(), size);
-        Ok(Box::new(cache.wrap(&full, Box::new(b))))
+        Ok(Box::new(cache.wrap_source(&full, Box::new(b))))
     }
 
     fn put(&self, key: &str, data: &[u8]) -> store::Result<()> {

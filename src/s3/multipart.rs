@@ -65,11 +65,20 @@ pub fn put_file(s: &S3Store, key: &str, full_key: &str, path: &Path) -> store::R
             message: format!("{size}-byte file is larger than one S3 object may be"),
         });
     };
+    let started = std::time::Instant::now();
     let upload_id = create(s, key, full_key)?;
     let result = upload_parts(s, key, full_key, &upload_id, &file, size, part_bytes)
         .and_then(|etags| complete(s, key, full_key, &upload_id, &etags, size));
     if result.is_err() {
         abort(s, full_key, &upload_id);
+    } else {
+        let secs = started.elapsed().as_secs_f64();
+        log::info!(
+            "s3 multipart upload {full_key}: {size} bytes in {} parts, {:.3} s ({:.1} MiB/s)",
+            size.div_ceil(part_bytes),
+            secs,
+            size as f64 / secs.max(1e-9) / f64::from(1 << 20)
+        );
     }
     result
 }

@@ -30,6 +30,23 @@ pub const FETCH_BYTES_MAX: u64 = 8 << 20;
 /// Most parallel reads one cache read issues for a long run of missing blocks.
 pub const FETCH_PARALLEL_MAX: usize = 8;
 
+/// How far ahead of a sequential reader blocks are fetched (at most a quarter of the cache).
+/// Fetched as runs of up to [`FETCH_BYTES_MAX`], several at once, in the background.
+pub const READAHEAD_BYTES: u64 = 32 << 20;
+
+/// Threads per cache that run readahead fetches (each one ranged GET at a time).
+pub const READAHEAD_THREADS: usize = 4;
+
+/// A read continues a sequential stream if it starts within this many blocks of the furthest
+/// block the stream read (either side: concurrent readers of one stream arrive out of order).
+pub const SEQUENTIAL_SLACK_BLOCKS: u64 = 32;
+
+/// Reads that moved a stream forward before readahead starts for it.
+pub const SEQUENTIAL_READS_MIN: u32 = 3;
+
+/// Sequential streams tracked per blob.
+pub const STREAMS_MAX: usize = 4;
+
 /// Smallest block size accepted: smaller blocks cost more requests than they save bytes.
 pub const BLOCK_BYTES_MIN: u64 = 4 << 10;
 
@@ -53,6 +70,8 @@ pub struct CacheStats {
     pub evicted_blocks: u64,
     /// Reads that bypassed the cache (too large, or the cache is disabled).
     pub bypass_reads: u64,
+    /// Blocks fetched ahead of sequential readers.
+    pub readahead_blocks: u64,
     /// Bytes of ready blocks held now.
     pub held_bytes: u64,
 }
@@ -65,28 +84,34 @@ struct BlockKey {
 
 /// A fetch in progress, shared by every reader waiting for its block.
 struct Flight {
-    result: Mutex<Option<std::result::Result<Arc<[u8]>, Error>>>,
+    result: Mutex<Option<std::result::Result<Block, Error>>>,
     done: Condvar,
+    /// Started by readahead, not by a reader: should it fail, waiters fetch for themselves.
+    prefetch: bool,
 }
 
 impl Flight {
-    fn new() -> Arc<Flight> {
+    fn new(prefetch: bool) -> Arc<Flight> {
         Arc::new(Flight {
             result: Mutex::new(None),
             done: Condvar::new(),
+            prefetch,
         })
     }
 
-    fn finish(&self, r: std::result::Result<Arc<[u8]>, Error>) {
+    fn finish(&self, r: std::result::Result<Block, Error>) {
         *self.result.lock().unwrap() = Some(r);
         self.done.notify_all();
     }
 
-    fn wait(&self) -> Result<Arc<[u8]>> {
+    fn wait(&self) -> Result<Block> {
         let mut g = self.result.lock().unwrap();
         loop {
             if let Some(r) = g.as_ref() {
-                return r.as_ref().map(Arc::clone).map_err(clone_error);
+                return match r {
+                    Ok(b) => Ok(b.clone()),
+                    Err(e) => Err(clone_error(e)),
+                };
             }
             g = self.done.wait(g).unwrap();
         }
@@ -94,7 +119,7 @@ impl Flight {
 }
 
 enum Slot {
-    Ready { data: Arc<[u8]>, tick: u64 },
+    Ready { data: Block, tick: u64 },
     Loading(Arc<Flight>),
 }
 
@@ -123,14 +148,19 @@ struct Counters {
     fetched_bytes: AtomicU64,
     evicted_blocks: AtomicU64,
     bypass_reads: AtomicU64,
+    readahead_blocks: AtomicU64,
 }
 
 /// The cache. Share it (`Arc`) between every blob of a store: the byte bound is global.
 pub struct BlockCache {
     capacity_bytes: u64,
     block_bytes: u64,
+    /// Blocks fetched ahead of a sequential reader (0: no readahead).
+    readahead_blocks: u64,
     state: Mutex<State>,
     counters: Counters,
+    /// Runs the readahead fetches.
+    pool: Mutex<threadpool::ThreadPool>,
 }
 
 impl BlockCache {
@@ -150,11 +180,20 @@ impl BlockCache {
                  ({block_bytes} bytes); use 0 to disable the cache"
             ));
         }
+        // Readahead may use a quarter of the cache; less than two blocks is not worth it.
+        let readahead = (READAHEAD_BYTES.min(capacity_bytes / 4) / block_bytes).max(1);
         Ok(BlockCache {
             capacity_bytes,
             block_bytes,
+            readahead_blocks: if readahead >= 2 { readahead } else { 0 },
             state: Mutex::new(State::default()),
             counters: Counters::default(),
+            pool: Mutex::new(
+                threadpool::Builder::new()
+                    .num_threads(READAHEAD_THREADS)
+                    .thread_name("readahead".into())
+                    .build(),
+            ),
         })
     }
 
@@ -177,16 +216,25 @@ impl BlockCache {
             fetched_bytes: get(&c.fetched_bytes),
             evicted_blocks: get(&c.evicted_blocks),
             bypass_reads: get(&c.bypass_reads),
+            readahead_blocks: get(&c.readahead_blocks),
             held_bytes: self.state.lock().unwrap().held_bytes,
         }
     }
 
     /// `reader` (the blob stored under `key`) read through this cache.
     pub fn wrap(self: &Arc<Self>, key: &str, reader: Box<dyn BlobReader>) -> CachedBlob {
+        self.wrap_source(key, Box::new(ReaderSource(reader)))
+    }
+
+    /// [`BlockCache::wrap`] for a [`Source`].
+    pub fn wrap_source(self: &Arc<Self>, key: &str, source: Box<dyn Source>) -> CachedBlob {
         CachedBlob {
-            cache: self.clone(),
-            key: Arc::from(key),
-            inner: reader,
+            shared: Arc::new(Blob {
+                cache: self.clone(),
+                key: Arc::from(key),
+                inner: source,
+                seq: Mutex::new(Sequence::default()),
+            }),
         }
     }
 
@@ -205,15 +253,21 @@ impl BlockCache {
         if st.map.contains_key(&k) {
             return;
         }
-        self.put_ready(&mut st, k, Arc::from(data));
+        self.put_ready(&mut st, k, Block::whole(data));
     }
 
-    /// Inserts a ready block (the key must be absent or Loading) and evicts down to the bound.
-    fn put_ready(&self, st: &mut State, k: BlockKey, data: Arc<[u8]>) {
+    /// Inserts (or replaces) a ready block and evicts down to the bound.
+    fn put_ready(&self, st: &mut State, k: BlockKey, data: Block) {
         let tick = st.tick();
         st.held_bytes += data.len() as u64;
         st.lru.insert(tick, k.clone());
-        st.map.insert(k, Slot::Ready { data, tick });
+        if let Some(Slot::Ready { data: old, tick: t }) =
+            st.map.insert(k, Slot::Ready { data, tick })
+        {
+            // Fetched twice (a reader refetching after a failed readahead raced another).
+            st.held_bytes -= old.len() as u64;
+            st.lru.remove(&t);
+        }
         while st.held_bytes > self.capacity_bytes {
             let Some((_, victim)) = st.lru.pop_first() else {
                 break;
@@ -226,27 +280,117 @@ impl BlockCache {
     }
 }
 
+/// One cached block: a range of the buffer its fetch filled. The blocks of one ranged read
+/// share that buffer, so caching them copies nothing; it is freed with the last of them.
+#[derive(Clone)]
+pub struct Block {
+    run: Arc<Vec<u8>>,
+    start: usize,
+    len: usize,
+}
+
+impl Block {
+    fn whole(data: Vec<u8>) -> Block {
+        let len = data.len();
+        Block {
+            run: Arc::new(data),
+            start: 0,
+            len,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.run[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where a cached blob's bytes come from: [`BlockCache::wrap`] adapts any [`BlobReader`];
+/// a store that receives bytes into a buffer of its own (S3) implements this to hand that
+/// buffer over instead of copying it.
+pub trait Source: Send + Sync {
+    /// `len` bytes at `offset` (inside the blob), in a buffer of exactly that length.
+    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// [`BlobReader::read_at`], for reads that bypass the cache.
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    fn size_bytes(&self) -> u64;
+}
+
+struct ReaderSource(Box<dyn BlobReader>);
+
+impl Source for ReaderSource {
+    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.0.read_at(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read_at(offset, buf)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+}
+
 /// The blocks of one fetched run, in order.
-type Blocks = Vec<Arc<[u8]>>;
+type Blocks = Vec<Block>;
 
 /// What a read does about one block.
 enum Plan {
-    Have(Arc<[u8]>),
+    Have(Block),
     Wait(Arc<Flight>),
     Fetch(Arc<Flight>),
 }
 
 /// A blob read through a [`BlockCache`].
 pub struct CachedBlob {
-    cache: Arc<BlockCache>,
-    key: Arc<str>,
-    inner: Box<dyn BlobReader>,
+    shared: Arc<Blob>,
 }
 
-impl CachedBlob {
-    fn block_len(&self, index: u64) -> u64 {
-        let bs = self.cache.block_bytes;
-        bs.min(self.inner.size_bytes() - index * bs)
+/// What a [`CachedBlob`] shares with its readahead jobs.
+struct Blob {
+    cache: Arc<BlockCache>,
+    key: Arc<str>,
+    inner: Box<dyn Source>,
+    seq: Mutex<Sequence>,
+}
+
+/// Sequential-access detection of one blob: a few streams (an NBD client copying an image
+/// with several connections reads several regions at once), each with its frontier.
+#[derive(Default)]
+struct Sequence {
+    streams: Vec<Stream>,
+    clock: u64,
+}
+
+struct Stream {
+    /// Furthest block read so far by this stream.
+    frontier: u64,
+    /// Reads that moved the frontier forward, in a row.
+    streak: u32,
+    /// `Sequence::clock` at the last read: the least recently used stream is replaced.
+    used: u64,
+}
+
+impl Blob {
+    fn key(&self, index: u64) -> BlockKey {
+        BlockKey {
+            blob: self.key.clone(),
+            index,
+        }
+    }
+
+    fn blocks(&self) -> u64 {
+        self.inner.size_bytes().div_ceil(self.cache.block_bytes)
     }
 
     /// Decides, under the lock, which blocks are present, awaited or ours to fetch.
@@ -255,10 +399,7 @@ impl CachedBlob {
         let mut st = c.state.lock().unwrap();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
         for index in first..=last {
-            let k = BlockKey {
-                blob: self.key.clone(),
-                index,
-            };
+            let k = self.key(index);
             let tick = st.tick();
             let plan = match st.map.get_mut(&k) {
                 Some(Slot::Ready { data, tick: t }) => {
@@ -274,7 +415,7 @@ impl CachedBlob {
                     Plan::Wait(f.clone())
                 }
                 None => {
-                    let f = Flight::new();
+                    let f = Flight::new(false);
                     st.map.insert(k, Slot::Loading(f.clone()));
                     c.counters.miss_blocks.fetch_add(1, Ordering::Relaxed);
                     Plan::Fetch(f)
@@ -291,20 +432,32 @@ impl CachedBlob {
         let bs = self.cache.block_bytes;
         let n = flights.len() as u64;
         let end = ((start + n) * bs).min(self.inner.size_bytes());
-        let mut buf = vec![0u8; (end - start * bs) as usize];
+        let len = (end - start * bs) as usize;
         let c = &self.cache.counters;
         c.fetches.fetch_add(1, Ordering::Relaxed);
-        let r = self.inner.read_at(start * bs, &mut buf);
-        let mut st = self.cache.state.lock().unwrap();
-        let keys = (start..start + n).map(|index| BlockKey {
-            blob: self.key.clone(),
-            index,
+        let r = self.inner.fetch(start * bs, len).and_then(|buf| {
+            if buf.len() == len {
+                Ok(Arc::new(buf))
+            } else {
+                Err(Error::Remote {
+                    key: self.key.to_string(),
+                    message: format!("asked for {len} bytes, got {}", buf.len()),
+                })
+            }
         });
+        let mut st = self.cache.state.lock().unwrap();
+        let keys = (start..start + n).map(|index| self.key(index));
         match r {
-            Ok(()) => {
-                c.fetched_bytes
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                let blocks: Blocks = buf.chunks(bs as usize).map(Arc::from).collect();
+            Ok(run) => {
+                c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                let blocks: Blocks = (0..len)
+                    .step_by(bs as usize)
+                    .map(|at| Block {
+                        run: run.clone(),
+                        start: at,
+                        len: (bs as usize).min(len - at),
+                    })
+                    .collect();
                 for ((k, f), data) in keys.zip(flights).zip(&blocks) {
                     self.cache.put_ready(&mut st, k, data.clone());
                     f.finish(Ok(data.clone()));
@@ -320,25 +473,112 @@ impl CachedBlob {
             }
         }
     }
+
+    /// Notes a read of blocks `[first, last]`; returns whether it belongs to a sequential
+    /// stream. A read starting within [`SEQUENTIAL_SLACK_BLOCKS`] of a stream's frontier (the
+    /// furthest block it read) belongs to it (concurrent readers of one stream arrive a little
+    /// out of order), and extends its streak if it moves the frontier forward; a read near no
+    /// stream starts a new one, replacing the least recently used of [`STREAMS_MAX`].
+    fn note_read(&self, first: u64, last: u64) -> bool {
+        let mut q = self.seq.lock().unwrap();
+        q.clock += 1;
+        let now = q.clock;
+        let near =
+            |f: u64| first + SEQUENTIAL_SLACK_BLOCKS >= f && first <= f + SEQUENTIAL_SLACK_BLOCKS;
+        if let Some(s) = q.streams.iter_mut().find(|s| near(s.frontier)) {
+            if last > s.frontier {
+                s.streak = s.streak.saturating_add(1);
+                s.frontier = last;
+            }
+            s.used = now;
+            return s.streak >= SEQUENTIAL_READS_MIN;
+        }
+        let fresh = Stream {
+            frontier: last,
+            streak: 1,
+            used: now,
+        };
+        if q.streams.len() < STREAMS_MAX {
+            q.streams.push(fresh);
+        } else if let Some(s) = q.streams.iter_mut().min_by_key(|s| s.used) {
+            *s = fresh;
+        }
+        false
+    }
+
+    /// Keeps at least half the readahead window fetched (or being fetched) past `last`: when
+    /// less is, marks the next window's missing blocks as loading and fetches them in runs of
+    /// at most [`FETCH_BYTES_MAX`] on the readahead threads.
+    fn read_ahead(self: &Arc<Self>, last: u64) {
+        let c = &self.cache;
+        let window = c.readahead_blocks;
+        let end = self.blocks();
+        if window == 0 || last + 1 >= end {
+            return;
+        }
+        let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
+        {
+            let mut st = c.state.lock().unwrap();
+            let mut ahead = 0;
+            while last + 1 + ahead < end && st.map.contains_key(&self.key(last + 1 + ahead)) {
+                ahead += 1;
+                if ahead >= window / 2 {
+                    return;
+                }
+            }
+            let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
+            let stop = (last + 1 + window).min(end);
+            for index in last + 1 + ahead..stop {
+                let k = self.key(index);
+                if st.map.contains_key(&k) {
+                    continue;
+                }
+                let f = Flight::new(true);
+                st.map.insert(k, Slot::Loading(f.clone()));
+                match runs.last_mut() {
+                    Some((s, fs)) if *s + fs.len() as u64 == index && fs.len() < per_fetch => {
+                        fs.push(f)
+                    }
+                    _ => runs.push((index, vec![f])),
+                }
+            }
+        }
+        let pool = c.pool.lock().unwrap();
+        for (start, flights) in runs {
+            c.counters
+                .readahead_blocks
+                .fetch_add(flights.len() as u64, Ordering::Relaxed);
+            let blob = self.clone();
+            pool.execute(move || {
+                if let Err(e) = blob.fetch_run(start, &flights) {
+                    log::warn!("readahead of {} failed: {e}", blob.key);
+                }
+            });
+        }
+    }
 }
 
 impl BlobReader for CachedBlob {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let size = self.inner.size_bytes();
+        let b = &self.shared;
+        let size = b.inner.size_bytes();
         let end = offset.checked_add(buf.len() as u64);
         if buf.is_empty() || end.is_none_or(|e| e > size) {
             // Nothing to cache; the reader says what is wrong with the range, if anything.
-            return self.inner.read_at(offset, buf);
+            return b.inner.read_into(offset, buf);
         }
         let end = end.unwrap();
-        let c = &self.cache;
+        let c = &b.cache;
         let bs = c.block_bytes;
         let (first, last) = (offset / bs, (end - 1) / bs);
         if c.capacity_bytes == 0 || (last - first + 1) * bs > c.capacity_bytes / 2 {
             c.counters.bypass_reads.fetch_add(1, Ordering::Relaxed);
-            return self.inner.read_at(offset, buf);
+            return b.inner.read_into(offset, buf);
         }
-        let mut plans = self.plan(first, last);
+        let mut plans = b.plan(first, last);
+        if b.note_read(first, last) {
+            b.read_ahead(last);
+        }
         // Runs of blocks to fetch: (first block, flights), each at most FETCH_BYTES_MAX.
         let per_fetch = (FETCH_BYTES_MAX / bs).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
@@ -353,9 +593,9 @@ impl BlobReader for CachedBlob {
             }
         }
         let fetched: Vec<Result<Blocks>> = if runs.len() <= 1 {
-            runs.iter().map(|(s, fs)| self.fetch_run(*s, fs)).collect()
+            runs.iter().map(|(s, fs)| b.fetch_run(*s, fs)).collect()
         } else {
-            fetch_parallel(self, &runs)
+            fetch_parallel(b, &runs)
         };
         for ((start, _), r) in runs.iter().zip(fetched) {
             for (j, data) in r?.into_iter().enumerate() {
@@ -366,25 +606,34 @@ impl BlobReader for CachedBlob {
             let index = first + i as u64;
             let data = match p {
                 Plan::Have(d) => d.clone(),
-                Plan::Wait(f) | Plan::Fetch(f) => f.wait()?,
+                Plan::Wait(f) | Plan::Fetch(f) => match f.wait() {
+                    Ok(d) => d,
+                    // A failed readahead is not this reader's failure: fetch it ourselves.
+                    Err(_) if f.prefetch => {
+                        let flight = Flight::new(false);
+                        b.fetch_run(index, std::slice::from_ref(&flight))?;
+                        flight.wait()?
+                    }
+                    Err(e) => return Err(e),
+                },
             };
-            debug_assert_eq!(data.len() as u64, self.block_len(index));
             let block_start = index * bs;
             let from = offset.max(block_start);
             let to = end.min(block_start + data.len() as u64);
             let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            dst.copy_from_slice(&data[(from - block_start) as usize..(to - block_start) as usize]);
+            let src = &data.bytes()[(from - block_start) as usize..(to - block_start) as usize];
+            dst.copy_from_slice(src);
         }
         Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
+        self.shared.inner.size_bytes()
     }
 }
 
 /// Fetches several runs at once, at most [`FETCH_PARALLEL_MAX`] at a time.
-fn fetch_parallel(blob: &CachedBlob, runs: &[(u64, Vec<Arc<Flight>>)]) -> Vec<Result<Blocks>> {
+fn fetch_parallel(blob: &Blob, runs: &[(u64, Vec<Arc<Flight>>)]) -> Vec<Result<Blocks>> {
     let mut out: Vec<Option<Result<Blocks>>> = (0..runs.len()).map(|_| None).collect();
     for (chunk, slots) in runs
         .chunks(FETCH_PARALLEL_MAX)
@@ -656,6 +905,82 @@ mod tests {
         b.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, [9; 10]);
         assert_eq!(cache.stats().held_bytes, 16384);
+    }
+
+    #[test]
+    fn sequential_readers_get_readahead_and_random_ones_do_not() {
+        let bs = 64 * KIB;
+        // 64 MiB cache: the readahead window is its quarter's cap, READAHEAD_BYTES (32 MiB).
+        let cache = Arc::new(BlockCache::new(64 << 20, bs).unwrap());
+        let size = 48 << 20;
+        let (b, reads) = blob(&cache, "blobs/seq", size, 0);
+        let step = 48 * KIB as usize; // unaligned to blocks, like layer data reads
+        let mut off = 0;
+        while off + step <= size {
+            assert_eq!(read(&b, off as u64, step), expect(off as u64, step));
+            off += step;
+        }
+        let r = reads.lock().unwrap().clone();
+        let blocks = (size as u64).div_ceil(bs);
+        // The first reads fetch for themselves; after that whole windows come in 8 MiB GETs.
+        assert!(
+            r.len() <= 12,
+            "{} reads for {blocks} blocks: {r:?}",
+            r.len()
+        );
+        assert!(r.iter().all(|&(_, n)| n as u64 <= FETCH_BYTES_MAX), "{r:?}");
+        let s = cache.stats();
+        assert!(s.readahead_blocks >= blocks - 4, "{s:?}");
+        // Two interleaved streams (a copy over two connections) both get readahead.
+        let (b, reads) = blob(&cache, "blobs/two", size, 0);
+        let half = size / 2;
+        let mut off = 0;
+        while off + step <= half {
+            for base in [0, half] {
+                let at = (base + off) as u64;
+                assert_eq!(read(&b, at, step), expect(at, step));
+            }
+            off += step;
+        }
+        let n = reads.lock().unwrap().len();
+        assert!(n <= 16, "{n} reads for two streams");
+        // Random reads far apart never look sequential.
+        let (b, reads) = blob(&cache, "blobs/rnd", size, 0);
+        for i in 0..40u64 {
+            let at = (i * 7_777_777) % (size as u64 - 10);
+            read(&b, at, 10);
+        }
+        let r = reads.lock().unwrap().clone();
+        assert!(r.iter().all(|&(_, n)| n as u64 == bs), "{r:?}");
+    }
+
+    #[test]
+    fn a_failed_readahead_is_fetched_again_by_its_waiting_reader() {
+        let bs = 16 * KIB;
+        let cache = Arc::new(BlockCache::new(1 << 20, bs).unwrap());
+        let (b, reads) = blob(&cache, "blobs/ra", 100_000, 0);
+        // A readahead of block 2 is in flight and will fail in 200 ms.
+        let f = Flight::new(true);
+        let k = b.shared.key(2);
+        let mut st = cache.state.lock().unwrap();
+        st.map.insert(k.clone(), Slot::Loading(f.clone()));
+        drop(st);
+        let c2 = cache.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c2.state.lock().unwrap().map.remove(&k);
+            f.finish(Err(Error::Unavailable {
+                key: "k".into(),
+                message: "injected".into(),
+            }));
+        });
+        // The reader waits for it, sees it fail, and fetches the block itself.
+        assert_eq!(read(&b, 2 * bs + 5, 10), expect(2 * bs + 5, 10));
+        t.join().unwrap();
+        assert_eq!(reads.lock().unwrap().as_slice(), &[(2 * bs, bs as usize)]);
+        assert_eq!(cache.stats().joined_blocks, 1);
+        // A reader's own failed fetch is not retried by the readers waiting for it (see
+        // a_failed_fetch_fails_its_waiters_and_is_not_cached).
     }
 
     #[test]
