@@ -7,6 +7,7 @@
 //! - [`nbd`]: a minimal raw NBD client for protocol and bad-input tests.
 //! - [`faultproxy`]: an HTTP proxy in front of an S3 endpoint that injects failures.
 //! - [`fs`]: qemu-storage-daemon FUSE export of a device, and a loop mount of it.
+//! - [`manifest`]: an image's manifests, to tell when data is checkpointed.
 //! - [`tools`]: runs external programs (qemu-io, nbdinfo, fio, ...) with a timeout.
 //!
 //! Tests that move a lot of data take [`tools::heavy`] so that at most one of them runs at a
@@ -15,6 +16,7 @@
 pub mod bins;
 pub mod faultproxy;
 pub mod fs;
+pub mod manifest;
 pub mod nbd;
 pub mod server;
 pub mod token;

@@ -6,16 +6,17 @@
 //! writes made while uploads are disabled are lost as a whole when the buffer store is lost
 //! again, and the checkpointed data shows through unchanged.
 
+use mvps_conformance::manifest;
 use mvps_conformance::server::Server;
 use mvps_conformance::token;
-use mvps_conformance::tools::{pattern, wait_for};
+use mvps_conformance::tools::pattern;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 const SIZE: u64 = 64 << 20;
 
-/// Manifests of an image: `<16 lowercase hex digits>.json`, with their modification times.
-fn manifests(s: &Server, image_id: &str) -> Vec<(PathBuf, SystemTime)> {
+/// Manifests of an image, each checked to be named `<16 lowercase hex digits>.json`.
+fn manifests(s: &Server, image_id: &str) -> Vec<PathBuf> {
     let dir = s.image_store().join("images").join(image_id);
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return Vec::new();
@@ -31,33 +32,20 @@ fn manifests(s: &Server, image_id: &str) -> Vec<(PathBuf, SystemTime)> {
                 hex,
                 "manifest name {name:?} is not <16 lowercase hex>.json (DESIGN §3)"
             );
-            let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-            out.push((p, mtime));
+            out.push(p);
         }
     }
     out
 }
 
-/// Waits until a manifest newer than `after` exists and no new manifest has appeared for a
-/// second (five checkpoint intervals): then the data written before `after` is checkpointed.
-fn wait_for_checkpoint(s: &Server, image_id: &str, after: SystemTime) {
-    let mut last = (0usize, SystemTime::UNIX_EPOCH);
-    let mut quiet_since = std::time::Instant::now();
-    wait_for("a checkpoint manifest", Duration::from_secs(60), || {
-        let m = manifests(s, image_id);
-        let newest = m
-            .iter()
-            .map(|x| x.1)
-            .max()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        if (m.len(), newest) != last {
-            last = (m.len(), newest);
-            quiet_since = std::time::Instant::now();
-        }
-        let settled = quiet_since.elapsed() > Duration::from_secs(1);
-        (newest > after && settled).then_some(())
+/// Waits until the newest manifest's layers hold `pages` pages (each written once), then
+/// checks every manifest is a JSON object.
+fn wait_for_checkpoint(s: &Server, image_id: &str, pages: u64) {
+    let store = s.image_store();
+    manifest::wait_for_pages(pages, Duration::from_secs(60), || {
+        manifest::newest_local(&store, image_id)
     });
-    for (p, _) in manifests(s, image_id) {
+    for p in manifests(s, image_id) {
         let text = std::fs::read_to_string(&p).unwrap();
         let v: Result<serde_json::Value, _> = serde_json::from_str(&text);
         assert!(
@@ -89,11 +77,8 @@ fn checkpointed_data_survives_losing_the_buffer_store() {
     c.write(1 << 20, &a).unwrap();
     c.write(40_000_001, &b).unwrap();
     c.flush().unwrap();
-    // mtime granularity: make sure "newer than" means after the writes.
-    std::thread::sleep(Duration::from_millis(20));
-    let written = SystemTime::now();
-    std::thread::sleep(Duration::from_millis(20));
-    wait_for_checkpoint(&s, &id, written);
+    // 768 pages of `a`, 2 of `b`.
+    wait_for_checkpoint(&s, &id, 770);
     drop(c);
 
     s.kill9();
@@ -165,9 +150,7 @@ fn restart_combines_checkpointed_layers_with_the_buffer() {
     let mut c = s.open(&tok);
     c.write(0, &base).unwrap();
     c.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let written = SystemTime::now();
-    wait_for_checkpoint(&s, &id, written);
+    wait_for_checkpoint(&s, &id, 256);
     // Newer writes on top of checkpointed pages, partly unaligned; killed before or after
     // their own checkpoint, they must win over the older layer either way.
     let top = pattern(21, 10_000);

@@ -5,10 +5,11 @@
 //! shows on B. A restarted A refuses the image, naming both writer ids, instead of serving a
 //! split brain. Also: a token whose page size differs from the image's is refused.
 
+use mvps_conformance::manifest;
 use mvps_conformance::nbd::OptError;
 use mvps_conformance::server::Server;
 use mvps_conformance::token;
-use mvps_conformance::tools::{pattern, wait_for};
+use mvps_conformance::tools::pattern;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,32 +25,6 @@ fn server_on(image_store: &Path) -> Server {
         ])
         .args(["--image-store-local-path", image_store.to_str().unwrap()])
         .start()
-}
-
-fn manifest_count(image_store: &Path, id: &str) -> usize {
-    let Ok(rd) = std::fs::read_dir(image_store.join("images").join(id)) else {
-        return 0;
-    };
-    rd.filter(|e| {
-        e.as_ref()
-            .unwrap()
-            .path()
-            .extension()
-            .is_some_and(|x| x == "json")
-    })
-    .count()
-}
-
-/// Waits until the image has at least `n` manifests and none appeared for a second.
-fn wait_manifests_settled(image_store: &Path, id: &str, n: usize) {
-    let (mut last, mut since) = (0, Instant::now());
-    wait_for("checkpoint manifests", Duration::from_secs(60), || {
-        let c = manifest_count(image_store, id);
-        if c != last {
-            (last, since) = (c, Instant::now());
-        }
-        (c >= n && since.elapsed() > Duration::from_secs(1)).then_some(())
-    });
 }
 
 /// The writer id a server log says it took the image over as.
@@ -75,7 +50,10 @@ fn a_take_over_fences_the_old_writer() {
     let d1 = pattern(80, 100_000);
     ca.write(0, &d1).unwrap();
     ca.flush().unwrap();
-    wait_manifests_settled(store, &id, 2);
+    // 100 000 bytes at 0: pages 0..=24.
+    manifest::wait_for_pages(25, Duration::from_secs(60), || {
+        manifest::newest_local(store, &id)
+    });
 
     let b = server_on(store);
     let mut cb = b.open(&tok);

@@ -9,11 +9,12 @@
 use mvps::s3::testing::{self, SeaweedFs};
 use mvps::s3::S3Store;
 use mvps::store::ImageStore;
+use mvps_conformance::manifest;
 use mvps_conformance::server::{base_command, free_port, Server};
 use mvps_conformance::token::{self, SECRET};
-use mvps_conformance::tools::{cmd, heavy, pattern, run, wait_for};
+use mvps_conformance::tools::{cmd, heavy, pattern, run};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PREFIX: &str = "conformance/";
 
@@ -52,24 +53,23 @@ impl S3 {
         S3Store::open(self.weed.config(&self.bucket, PREFIX)).expect("opening the S3 store")
     }
 
-    fn manifests(&self, image_id: &str) -> usize {
-        let listed = self
-            .store()
+    /// The newest manifest of an image in the bucket, parsed.
+    fn newest_manifest(&self, image_id: &str) -> Option<serde_json::Value> {
+        let store = self.store();
+        let listed = store
             .list(&format!("images/{image_id}/"), None)
             .expect("LIST");
-        listed.iter().filter(|o| o.key.ends_with(".json")).count()
+        let mut keys: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+        keys.retain(|k| k.ends_with(".json"));
+        keys.sort(); // the newest generation sorts first
+        serde_json::from_slice(&store.get(keys.first()?).expect("GET manifest")).ok()
     }
 
-    /// Waits until a checkpoint manifest (beyond the writer's take-over manifest) is in the
-    /// bucket and no new one has appeared for 1.5 s (seven checkpoint intervals).
-    fn wait_checkpointed(&self, image_id: &str) {
-        let (mut last, mut since) = (0, Instant::now());
-        wait_for("a checkpoint in S3", Duration::from_secs(90), || {
-            let n = self.manifests(image_id);
-            if n != last {
-                (last, since) = (n, Instant::now());
-            }
-            (n >= 2 && since.elapsed() > Duration::from_millis(1500)).then_some(())
+    /// Waits until the newest manifest in the bucket holds `pages` data pages (each page
+    /// was written once, so all of them are checkpointed).
+    fn wait_checkpointed(&self, image_id: &str, pages: u64) {
+        manifest::wait_for_pages(pages, Duration::from_secs(120), || {
+            self.newest_manifest(image_id)
         });
     }
 }
@@ -99,7 +99,7 @@ fn s3_checkpointed_data_survives_losing_the_buffer_store() {
     c.write(10_000_001, &odd).unwrap();
     c.flush().unwrap();
     drop(c);
-    s3.wait_checkpointed(&id);
+    s3.wait_checkpointed(&id, 16 + 4); // 64 KiB at 0; 12 345 bytes at 10 000 001
     assert!(
         !s.image_store().join("images").exists(),
         "the local image store was used"
@@ -135,7 +135,7 @@ fn s3_nbdcopy_round_trip_after_losing_the_buffer_store() {
         t,
     )
     .ok();
-    s3.wait_checkpointed(&id);
+    s3.wait_checkpointed(&id, 16384);
 
     lose_buffer_store_and_restart(&mut s);
     let uri = s.uri(&tok);
