@@ -1,8 +1,8 @@
 //! The engine suites with the S3 image store (a real SeaweedFS): qemu-io patterns (aligned
 //! and not), fio with crc32c verification (aligned and 3000-byte blocks), an ext4 round trip,
-//! and recovery of a many-layer image. Every server checkpoints every 200 ms, so data really
-//! moves into S3 layers; then the server is killed and a new one with a FRESH buffer store
-//! (nothing local carried over) must read everything back from S3 alone.
+//! and recovery of an image checkpointed in many rounds. Every server checkpoints every
+//! 200 ms, so data really moves into S3 layers; then the server is killed and a new one with
+//! a FRESH buffer store (nothing local carried over) must read everything back from S3 alone.
 
 mod s3_common;
 
@@ -152,7 +152,7 @@ fn fio_verifies_from_s3_with_a_fresh_buffer_store() {
     for (id, _, _, _, writes) in &images {
         let m = s3.wait_for_changes(id, *writes, Duration::from_secs(60));
         assert_eq!(m.change_count, *writes);
-        assert!(m.layers.len() >= 2, "expected several checkpoints: {m:?}");
+        assert!(m.generation >= 3, "expected several checkpoints: {m:?}");
     }
     a.kill9();
 
@@ -218,7 +218,7 @@ fn ext4_files_survive_on_s3_with_a_fresh_buffer_store() {
 }
 
 #[test]
-fn recovery_from_many_layers_with_a_fresh_buffer_store() {
+fn recovery_of_many_checkpoints_with_a_fresh_buffer_store() {
     const SIZE: u64 = 8 << 20;
     let s3 = S3::new();
     let mut a = s3.start(&[]);
@@ -251,7 +251,10 @@ fn recovery_from_many_layers_with_a_fresh_buffer_store() {
     }
     let m = s3.manifest(&id).unwrap();
     assert_eq!(m.change_count, changes);
-    assert!(m.layers.len() >= 5, "{m:?}");
+    // Generation 1 is the takeover; each round checkpointed at least once (compaction may
+    // have merged the layers since).
+    assert!(m.generation >= 6, "{m:?}");
+    assert!(!m.layers.is_empty(), "{m:?}");
     drop(c);
     a.kill9();
 

@@ -11,9 +11,14 @@
 //! - **single flight**: a block being fetched is marked in the map; a second reader that
 //!   wants it waits for that fetch instead of starting its own;
 //! - **bounded**: ready blocks are kept in LRU order and the least recently used are dropped
-//!   as soon as their bytes exceed `capacity_bytes`. Blocks being fetched, and blocks a
-//!   reader is still copying out of, are not counted (they are transient, bounded by the
-//!   reads in flight).
+//!   as soon as the buffers they hold exceed `capacity_bytes`. Blocks cut from one GET share
+//!   its buffer, which counts whole while any of them is cached; once fewer than half remain,
+//!   they are copied out so that the buffer can go. Blocks being fetched, and blocks a reader
+//!   is still copying out of, are not counted (they are transient, bounded by the reads in
+//!   flight);
+//! - **readahead**: reads that continue a sequential stream (up to [`STREAMS_MAX`] per blob)
+//!   keep the next [`READAHEAD_BYTES`] (at most a quarter of the cache) being fetched in the
+//!   background, in GETs of [`FETCH_BYTES_MAX`].
 //!
 //! Reads that would need more blocks than half the cache bypass it (a full scan of a large
 //! layer must not evict everything), as does every read when `capacity_bytes` is 0.
@@ -239,7 +244,8 @@ impl BlockCache {
     }
 
     /// Puts a block that was fetched some other way (e.g. with the request that learned the
-    /// blob's size). `data` must be the whole block (shorter only for the blob's last block).
+    /// blob's size). `data` must be the whole block (shorter only for the blob's last block;
+    /// anything past one block is ignored).
     /// Ignored if the block is already present or being fetched.
     pub fn insert(&self, key: &str, index: u64, data: Vec<u8>) {
         if self.capacity_bytes == 0 || data.is_empty() {
@@ -253,54 +259,122 @@ impl BlockCache {
         if st.map.contains_key(&k) {
             return;
         }
-        self.put_ready(&mut st, k, Block::whole(data));
+        let bs = self.block_bytes as usize;
+        let mut data = data;
+        data.truncate(bs);
+        let block = Block::cut(&k.blob, index, data, bs).swap_remove(0);
+        self.put_ready(&mut st, k, block);
     }
 
     /// Inserts (or replaces) a ready block and evicts down to the bound.
     fn put_ready(&self, st: &mut State, k: BlockKey, data: Block) {
         let tick = st.tick();
-        st.held_bytes += data.len() as u64;
+        hold(st, &data);
         st.lru.insert(tick, k.clone());
         if let Some(Slot::Ready { data: old, tick: t }) =
             st.map.insert(k, Slot::Ready { data, tick })
         {
             // Fetched twice (a reader refetching after a failed readahead raced another).
-            st.held_bytes -= old.len() as u64;
             st.lru.remove(&t);
+            release(st, &old);
         }
         while st.held_bytes > self.capacity_bytes {
             let Some((_, victim)) = st.lru.pop_first() else {
                 break;
             };
             if let Some(Slot::Ready { data, .. }) = st.map.remove(&victim) {
-                st.held_bytes -= data.len() as u64;
+                release(st, &data);
                 self.counters.evicted_blocks.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 }
 
+/// Counts a block entering the cache (its buffer's size, if it is the buffer's first).
+fn hold(st: &mut State, b: &Block) {
+    if b.run.cached.fetch_add(1, Ordering::Relaxed) == 0 {
+        st.held_bytes += b.run.bytes.len() as u64;
+    }
+}
+
+/// Counts a block leaving the cache. When fewer than half of its buffer's blocks remain, they
+/// are copied into buffers of their own, so the big one can be freed.
+fn release(st: &mut State, b: &Block) {
+    let run = &b.run;
+    let left = run.cached.fetch_sub(1, Ordering::Relaxed) - 1;
+    if left == 0 {
+        st.held_bytes -= run.bytes.len() as u64;
+        return;
+    }
+    if left * 2 >= run.blocks {
+        return;
+    }
+    for index in run.first..run.first + run.blocks {
+        let k = BlockKey {
+            blob: run.blob.clone(),
+            index,
+        };
+        let Some(Slot::Ready { data, .. }) = st.map.get_mut(&k) else {
+            continue;
+        };
+        if !Arc::ptr_eq(&data.run, run) {
+            continue;
+        }
+        let copy = Block::cut(&run.blob, index, data.bytes().to_vec(), data.len()).swap_remove(0);
+        copy.run.cached.store(1, Ordering::Relaxed);
+        st.held_bytes += copy.len() as u64;
+        *data = copy;
+        if run.cached.fetch_sub(1, Ordering::Relaxed) == 1 {
+            st.held_bytes -= run.bytes.len() as u64;
+        }
+    }
+}
+
+/// The buffer one fetch filled, shared by the blocks cut from it.
+struct Run {
+    bytes: Vec<u8>,
+    /// The blob and first block of the run, to find its blocks again.
+    blob: Arc<str>,
+    first: u64,
+    blocks: u64,
+    /// Blocks of this run in the cache. Changed only under the state lock.
+    cached: AtomicU64,
+}
+
 /// One cached block: a range of the buffer its fetch filled. The blocks of one ranged read
-/// share that buffer, so caching them copies nothing; it is freed with the last of them.
+/// share that buffer, so caching them copies nothing. The cache counts a buffer's whole size
+/// while any of its blocks is cached, and copies the last few out once most are evicted (so
+/// that a hot block does not keep a large buffer alive).
 #[derive(Clone)]
 pub struct Block {
-    run: Arc<Vec<u8>>,
+    run: Arc<Run>,
     start: usize,
     len: usize,
 }
 
 impl Block {
-    fn whole(data: Vec<u8>) -> Block {
-        let len = data.len();
-        Block {
-            run: Arc::new(data),
-            start: 0,
-            len,
-        }
+    /// `bytes` (blocks `first..`, the last possibly short) cut into blocks of `block_bytes`.
+    fn cut(blob: &Arc<str>, first: u64, bytes: Vec<u8>, block_bytes: usize) -> Vec<Block> {
+        let len = bytes.len();
+        let run = Arc::new(Run {
+            blob: blob.clone(),
+            first,
+            blocks: len.div_ceil(block_bytes) as u64,
+            bytes,
+            cached: AtomicU64::new(0),
+        });
+        (0..len)
+            .step_by(block_bytes)
+            .map(|at| Block {
+                run: run.clone(),
+                start: at,
+                len: block_bytes.min(len - at),
+            })
+            .collect()
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.run[self.start..self.start + self.len]
+        &self.run.bytes[self.start..self.start + self.len]
     }
 
     pub fn len(&self) -> usize {
@@ -437,7 +511,7 @@ impl Blob {
         c.fetches.fetch_add(1, Ordering::Relaxed);
         let r = self.inner.fetch(start * bs, len).and_then(|buf| {
             if buf.len() == len {
-                Ok(Arc::new(buf))
+                Ok(buf)
             } else {
                 Err(Error::Remote {
                     key: self.key.to_string(),
@@ -448,16 +522,9 @@ impl Blob {
         let mut st = self.cache.state.lock().unwrap();
         let keys = (start..start + n).map(|index| self.key(index));
         match r {
-            Ok(run) => {
+            Ok(bytes) => {
                 c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                let blocks: Blocks = (0..len)
-                    .step_by(bs as usize)
-                    .map(|at| Block {
-                        run: run.clone(),
-                        start: at,
-                        len: (bs as usize).min(len - at),
-                    })
-                    .collect();
+                let blocks = Block::cut(&self.key, start, bytes, bs as usize);
                 for ((k, f), data) in keys.zip(flights).zip(&blocks) {
                     self.cache.put_ready(&mut st, k, data.clone());
                     f.finish(Ok(data.clone()));
@@ -830,6 +897,40 @@ mod tests {
             read(&b, i * bs + 5, 100);
             assert!(cache.stats().held_bytes <= 4 * bs);
         }
+    }
+
+    #[test]
+    fn a_hot_block_does_not_keep_its_whole_fetch_buffer() {
+        let bs = 16 * KIB;
+        let cache = Arc::new(BlockCache::new(16 * bs, bs).unwrap());
+        let (b, reads) = blob(&cache, "blobs/a", 1700 * bs as usize, 0);
+        // One GET of 8 blocks: the cache counts its 128 KiB buffer.
+        read(&b, 0, 8 * bs as usize);
+        assert_eq!(cache.stats().held_bytes, 8 * bs);
+        // Block 0 stays hot while single blocks far apart (no readahead) push the others out.
+        for i in 1..=40u64 {
+            assert_eq!(read(&b, 5, 10), expect(5, 10));
+            read(&b, i * 41 * bs, 1);
+            assert!(cache.stats().held_bytes <= 16 * bs, "{:?}", cache.stats());
+        }
+        // Block 0 was never fetched again, and it no longer holds the 8-block buffer: every
+        // cached block now owns exactly its bytes.
+        assert_eq!(reads.lock().unwrap()[0], (0, 8 * bs as usize));
+        assert!(!reads.lock().unwrap()[1..].iter().any(|&(o, _)| o == 0));
+        let st = cache.state.lock().unwrap();
+        let ready: u64 = st
+            .map
+            .values()
+            .map(|s| match s {
+                Slot::Ready { data, .. } => {
+                    assert_eq!(data.run.bytes.len(), data.len(), "a block shares a buffer");
+                    data.len() as u64
+                }
+                Slot::Loading(_) => 0,
+            })
+            .sum();
+        assert_eq!(ready, st.held_bytes);
+        assert_eq!(st.held_bytes, 16 * bs);
     }
 
     #[test]
