@@ -4,6 +4,7 @@
 //! `MVPS_TE_*` variables; `mvpsctl token` prints a token the server accepts.
 
 use mvps_conformance::bins;
+use mvps_conformance::nbd::{Client, Stream};
 use mvps_conformance::server::{base_command, free_port, Server};
 use mvps_conformance::token::{self, SECRET};
 use mvps_conformance::tools::{run, wait_for, Output};
@@ -113,16 +114,19 @@ fn flags_can_come_from_the_environment() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = c.spawn().unwrap();
-    wait_for("mvps-te listening on MVPS_TE_LISTEN", T, || {
+    let stream = wait_for("mvps-te listening on MVPS_TE_LISTEN", T, || {
         assert!(child.try_wait().unwrap().is_none(), "mvps-te exited");
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
+    // It serves, and with its buffer store under MVPS_TE_DATA_DIR.
+    let mut conn = Client::handshake(Stream::Tcp(stream)).unwrap();
+    conn.go(&token::token(&token::image_id("env"), 1 << 20))
+        .expect("GO");
+    conn.write(0, b"env").unwrap();
+    let used = dir.path().join("buffer-store").exists();
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        dir.path().join("buffer-store").exists(),
-        "MVPS_TE_DATA_DIR was not used"
-    );
+    assert!(used, "MVPS_TE_DATA_DIR was not used");
 }
 
 #[test]
