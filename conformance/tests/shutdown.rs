@@ -125,7 +125,12 @@ fn sigterm_answers_every_request_it_has_read() {
     }
     let st = s.wait_exit();
     assert_eq!(st.code(), Some(0), "SIGTERM exit: {st}\n{}", s.log_tail());
-    eprintln!("{} sent, {} answered, {} acknowledged", sent.len(), answered.len(), ok.len());
+    eprintln!(
+        "{} sent, {} answered, {} acknowledged",
+        sent.len(),
+        answered.len(),
+        ok.len()
+    );
     // Requests are read in order: those answered must be the first ones sent, none skipped.
     answered.sort_unstable();
     let first: Vec<u64> = sent.iter().take(answered.len()).map(|x| x.0).collect();
