@@ -83,6 +83,8 @@ struct Shared {
     rate_ppm: AtomicU32,
     enabled: AtomicBool,
     stall_ms: AtomicU64,
+    /// The faults to pick from (all of [`FAULTS`] unless narrowed).
+    kinds: Mutex<Vec<Fault>>,
     rng: Mutex<u64>,
     counts: Mutex<Counts>,
     stop: AtomicBool,
@@ -101,7 +103,8 @@ impl Shared {
         if roll >= u64::from(self.rate_ppm.load(Ordering::SeqCst)) {
             return Fault::None;
         }
-        FAULTS[(x % FAULTS.len() as u64) as usize]
+        let kinds = self.kinds.lock().unwrap();
+        kinds[(x % kinds.len() as u64) as usize]
     }
 
     fn count(&self, f: Fault) {
@@ -151,6 +154,7 @@ impl FaultProxy {
             rate_ppm: AtomicU32::new((rate.clamp(0.0, 1.0) * 1e6) as u32),
             enabled: AtomicBool::new(false),
             stall_ms: AtomicU64::new(3000),
+            kinds: Mutex::new(FAULTS.to_vec()),
             rng: Mutex::new(seed),
             counts: Mutex::new(Counts::default()),
             stop: AtomicBool::new(false),
@@ -182,6 +186,13 @@ impl FaultProxy {
         self.shared
             .stall_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Injects only these faults (in equal shares of the rate). Panics if `kinds` is empty
+    /// or contains [`Fault::None`].
+    pub fn set_kinds(&self, kinds: &[Fault]) {
+        assert!(!kinds.is_empty() && !kinds.contains(&Fault::None));
+        *self.shared.kinds.lock().unwrap() = kinds.to_vec();
     }
 
     pub fn stall(&self) -> Duration {

@@ -1,0 +1,110 @@
+//! Opening an image on S3 is a handful of requests, and its layers open in parallel. An image
+//! of eight layers is written straight into the bucket (layer blobs and a manifest, through
+//! the library); an `mvps-te` reaches SeaweedFS through the fault proxy, which counts the
+//! requests and, for this test, holds every request for one second. Opening the image (the
+//! NBD handshake, which opens the session) must cost at most LIST + GET of the manifest, the
+//! takeover manifest's PUT and one GET per layer, and must take far less than one second per
+//! request; then every page of every layer reads back.
+
+mod s3_common;
+
+use mvps::engine::layer::{write_layer, SourceExtent};
+use mvps::engine::manifest::{self, writer_id_hex, LayerRef, Manifest};
+use mvps::store::{keys, ImageStore};
+use mvps_conformance::faultproxy::{Fault, FaultProxy};
+use mvps_conformance::token;
+use s3_common::S3;
+use std::time::{Duration, Instant};
+
+const LAYERS: u64 = 8;
+const PAGES_PER_LAYER: u64 = 16;
+const STALL: Duration = Duration::from_secs(1);
+
+fn page_byte(page: u64) -> u8 {
+    (page * 7 % 251) as u8 + 1
+}
+
+#[test]
+fn opening_an_image_is_a_handful_of_requests_and_layers_open_in_parallel() {
+    let mut s3 = S3::new();
+    let id = token::image_id("s3-open");
+    let store = s3.store();
+    let dir = tempfile::tempdir().unwrap();
+    let mut layers = Vec::new();
+    for i in 0..LAYERS {
+        let path = dir.path().join(format!("layer{i}"));
+        let start = i * PAGES_PER_LAYER * 2;
+        let extents = [SourceExtent::Data {
+            start,
+            len: PAGES_PER_LAYER,
+        }];
+        let (size_bytes, data_pages) = write_layer(&path, 12, &extents, |first, _, buf| {
+            for (j, p) in buf.chunks_mut(4096).enumerate() {
+                p.fill(page_byte(first + j as u64));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let blob_id = keys::new_blob_id();
+        store.put_file(&keys::blob_key(&blob_id), &path).unwrap();
+        layers.push(LayerRef {
+            blob_id,
+            size_bytes,
+            data_pages,
+        });
+    }
+    let m = Manifest {
+        format_version: manifest::MANIFEST_FORMAT_VERSION,
+        image_id: id.clone(),
+        generation: 1,
+        change_count: LAYERS,
+        writer_id: writer_id_hex(keys::random_u128()),
+        page_size_bits: 12,
+        layers,
+        created_at_unix: 0,
+    };
+    assert!(manifest::create(&store, &m).unwrap());
+
+    let proxy = FaultProxy::start(&s3.endpoint, 1.0, 7);
+    proxy.set_kinds(&[Fault::Stall]);
+    proxy.set_stall(STALL);
+    s3.endpoint = proxy.endpoint();
+    let s = s3.start(&[]);
+    let tok = token::token(&id, 1 << 20);
+    let before = proxy.counts().total();
+    proxy.set_faults(true);
+    let t = Instant::now();
+    let mut c = s.open(&tok);
+    let took = t.elapsed();
+    proxy.set_faults(false);
+    let requests = proxy.counts().total() - before;
+    eprintln!("opened an image of {LAYERS} layers: {requests} requests in {took:?}");
+    assert!(
+        (LAYERS..=LAYERS + 3).contains(&requests),
+        "opening an image of {LAYERS} layers took {requests} requests"
+    );
+    // One after another, the requests would take (3 + LAYERS) stalls; in parallel, the
+    // layers take about one.
+    assert!(
+        took < STALL * 7,
+        "opening took {took:?}: were the layers opened one after another?"
+    );
+    assert!(
+        took >= STALL * 3,
+        "the proxy did not stall the requests ({took:?})"
+    );
+    for i in 0..LAYERS {
+        let start = i * PAGES_PER_LAYER * 2;
+        let got = c
+            .read(start * 4096, (PAGES_PER_LAYER * 4096) as u32)
+            .unwrap();
+        for (j, p) in got.chunks(4096).enumerate() {
+            assert!(
+                p.iter().all(|&b| b == page_byte(start + j as u64)),
+                "layer {i} page {j}"
+            );
+        }
+        let gap = c.read((start + PAGES_PER_LAYER) * 4096, 4096).unwrap();
+        assert!(gap.iter().all(|&b| b == 0));
+    }
+}
