@@ -3,13 +3,16 @@
 #
 # Builds mvps-te (release), starts it and nbdkit on free loopback ports with temp dirs on one
 # filesystem, prefills both exports (so reads hit written data), runs each fio job against
-# nbdkit and then mvps-te back to back, and prints a table of IOPS, MB/s and the mvps/nbdkit
-# ratio. Everything it starts it stops; it never listens beyond 127.0.0.1.
+# both back to back (BENCH_REPEAT times, alternating which goes first), and prints a table of
+# IOPS, MB/s and the mvps/nbdkit ratio, plus each server's CPU time, context switches and
+# syscalls per I/O (perf stat). Everything it starts it stops; it listens on 127.0.0.1 only.
+# Results and their analysis: docs/PERFORMANCE.md.
 #
 # Knobs (environment):
 #   BENCH_SIZE=2G          image / file size; every job covers all of it
-#   BENCH_RUNTIME=15       seconds measured per job (after BENCH_RAMP seconds of ramp)
+#   BENCH_RUNTIME=12       seconds measured per job (after BENCH_RAMP seconds of ramp)
 #   BENCH_RAMP=3
+#   BENCH_REPEAT=2         runs of each job per server, alternating which server goes first
 #   BENCH_JOBS="..."       subset of: seq-read seq-write rand-read rand-write rand-write-fsync
 #                          wal-rand-read (default: all, in that order)
 #   BENCH_WAL_SIZE=96M     region of the wal-rand-read job (must stay below half the throttle
@@ -20,16 +23,18 @@
 #   BENCH_MVPS_ARGS="..."  extra mvps-te flags (the defaults are the server's own: checkpoint
 #                          every 60 s ± 10 s, write throttle at 50000 pages)
 #   MVPS_BIN_DIR=DIR       use mvps-te/mvpsctl from DIR instead of building
-#   BENCH_PERF=1           record `perf record --call-graph dwarf` (cpu-clock) of mvps-te per job
-#                          into BENCH_OUT/perf-JOB.data (slows mvps-te: ratios are then not valid)
+#   BENCH_PERF=1           record `perf record --call-graph dwarf` (cpu-clock) of mvps-te per run
+#                          into BENCH_OUT/perf-JOB-mvps-REP.data (slows mvps-te: ratios are then
+#                          not valid). conformance/bench/perf-categories.py summarizes one.
 #   BENCH_TRANSPORT=tcp    tcp (loopback) or unix (sockets in the temp dir) for both servers
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SIZE=${BENCH_SIZE:-2G}
-RUNTIME=${BENCH_RUNTIME:-15}
+RUNTIME=${BENCH_RUNTIME:-12}
 RAMP=${BENCH_RAMP:-3}
+REPEAT=${BENCH_REPEAT:-2}
 JOBS=${BENCH_JOBS:-"seq-read seq-write rand-read rand-write rand-write-fsync wal-rand-read"}
 WAL_SIZE=${BENCH_WAL_SIZE:-96M}
 TRANSPORT=${BENCH_TRANSPORT:-tcp}
@@ -47,13 +52,19 @@ command -v nbdinfo >/dev/null || need_pkgs+=(libnbd-bin)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v ss >/dev/null || need_pkgs+=(iproute2)
 command -v bc >/dev/null || need_pkgs+=(bc)
-if [ "${BENCH_PERF:-0}" = 1 ] && ! command -v perf >/dev/null; then need_pkgs+=(linux-perf); fi
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
-    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+# perf (for the per-I/O cost table, and BENCH_PERF=1) is optional: without it that table is 0.
+if ! command -v perf >/dev/null; then
+    log "installing linux-perf (optional)"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq linux-perf >/dev/null 2>&1 \
+        || log "no perf: the per-I/O cost table will be empty"
+fi
+if [ "${BENCH_PERF:-0}" = 1 ] && ! command -v perf >/dev/null; then die "BENCH_PERF=1 needs perf"; fi
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (needs fio built with libnbd)"
 
 # ------------------------------------------------------------------ binaries
@@ -62,7 +73,7 @@ if [ -n "${MVPS_BIN_DIR:-}" ]; then
 else
     log "building mvps-te (release)"
     (cd "$ROOT" && cargo build --release -q -p mvps-te --bins)
-    BIN=$ROOT/target/release
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 fi
 [ -x "$BIN/mvps-te" ] && [ -x "$BIN/mvpsctl" ] || die "no mvps-te/mvpsctl in $BIN"
 
@@ -153,8 +164,13 @@ mvps_idle() { # image
         | tail -n 1 | grep -q "idle, closed"
 }
 
+NO_UPLOAD=0
+case " ${BENCH_MVPS_ARGS:-} " in *" --disable-image-store-write "*) NO_UPLOAD=1 ;; esac
+
 wait_mvps_idle() { # [image]; prints the seconds it waited for checkpoint + close
     local t0=$SECONDS
+    # With uploads disabled the buffer never empties, so the session never closes.
+    if [ "$NO_UPLOAD" = 1 ]; then echo 0; return; fi
     until mvps_idle "${1:-bench}"; do
         kill -0 "$MVPS_PID" 2>/dev/null || die "mvps-te exited; see $OUT/mvps-te.log"
         [ $((SECONDS - t0)) -lt $IDLE_TIMEOUT ] || die "mvps-te did not checkpoint/close within ${IDLE_TIMEOUT}s"
@@ -205,7 +221,31 @@ perf_stop() {
     PERF_PID=
 }
 
-ckpt_lines() { grep -c "image bench.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true; }
+# Server cost over the measured window (after the ramp), via `perf stat` with software events
+# and syscall tracepoints (these work in VMs without PMU access). stat_end prints
+# "cpu-ms context-switches syscalls futex-calls fsync+fdatasync-calls".
+STAT_EVENTS=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_futex,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync
+stat_start() { # pid name
+    STAT_PID=
+    command -v perf >/dev/null || return 0
+    (sleep "$RAMP"; exec perf stat -x, -e "$STAT_EVENTS" -p "$1" -o "$OUT/stat-$2.csv" -- sleep "$RUNTIME") \
+        >/dev/null 2>&1 &
+    STAT_PID=$!
+}
+stat_wait() { # must run in the main shell (not in a $(...) subshell) to reap perf
+    [ -n "${STAT_PID:-}" ] && wait "$STAT_PID" 2>/dev/null || true
+    STAT_PID=
+}
+stat_end() { # name
+    if [ -s "$OUT/stat-$1.csv" ]; then
+        awk -F, '$3=="task-clock"{c=$1} $3=="context-switches"{x=$1} $3=="raw_syscalls:sys_enter"{s=$1}
+                 $3=="syscalls:sys_enter_futex"{f=$1} $3~/sys_enter_f(data)?sync$/{y+=$1}
+                 END{printf "%.0f %.0f %.0f %.0f %.0f\n", c, x, s, f, y}' "$OUT/stat-$1.csv"
+    else
+        echo "0 0 0 0 0"
+    fi
+}
+
 
 log "temp dir $TMP ($(df -T "$TMP" | awk 'NR==2{print $2}')); results in $OUT"
 log "nbdkit $NBDKIT_URI"
@@ -222,13 +262,56 @@ for srv in nbdkit mvps; do
     log "prefill $srv: $SIZE in $(printf '%.1f' "$(echo "$t1 - $t0" | bc)") s ($(summarize "$OUT/prefill-$srv.json" write | awk '{printf "%.0f MB/s", $2}'))${w:+, then ${w}s to checkpoint and close}"
 done
 
-RESULTS=$OUT/results.tsv
-printf 'job\tnbdkit_iops\tnbdkit_mbs\tnbdkit_p99_us\tmvps_iops\tmvps_mbs\tmvps_p99_us\tratio\tmvps_checkpoints\tmvps_data\n' >"$RESULTS"
+RAW=$OUT/raw.tsv   # one line per (job, repetition, server)
+printf 'job\trep\tserver\tiops\tmbs\tp99_us\tcpu_us_per_io\tctxsw_per_io\tsyscalls_per_io\tfutex_per_io\tfsyncs_per_io\tmvps_checkpoints\tmvps_data\n' >"$RAW"
+
+per_io() { printf "%.2f" "$(echo "scale=4; $1 * $3 / ($2 * $RUNTIME)" | bc)"; }
+
+layer_count() { # layers in the newest manifest of bench.mvps-image (names sort newest first)
+    local d=$TMP/mvps/image-store/images/bench.mvps-image m
+    m=$(find "$d" -maxdepth 1 -name '*.json' 2>/dev/null | sort | head -n 1)
+    [ -n "$m" ] && jq '.layers | length' "$m" 2>/dev/null || echo "?"
+}
+
+run_one() { # job rep server uri dir
+    local job=$1 rep=$2 srv=$3 uri=$4 dir=$5 pid=$NBDKIT_PID name="$1-$3-$2" c0 ck=- where=-
+    [ "$srv" = mvps ] && pid=$MVPS_PID
+    # shellcheck disable=SC2207
+    local args=($(job_args "$job"))
+    sync
+    log "$job #$rep: $srv"
+    if [ "$srv" = mvps ]; then
+        c0=$(grep -c "image $MVPS_IMAGE.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true)
+        perf_start "$name"
+    fi
+    stat_start "$pid" "$name"
+    run_fio "$OUT/$name.json" "$uri" "${args[@]}"
+    stat_wait
+    perf_stop
+    local cpu ctx sys fut syn iops mbs p99
+    read -r cpu ctx sys fut syn < <(stat_end "$name")
+    read -r iops mbs p99 < <(summarize "$OUT/$name.json" "$dir")
+    if [ "$srv" = mvps ]; then
+        ck=$(($(grep -c "image $MVPS_IMAGE.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true) - c0))
+        if [ "$NO_UPLOAD" = 1 ]; then where="WAL (uploads disabled)"
+        elif [ "$job" = wal-rand-read ]; then where="WAL (session held open)"
+        elif [ "$dir" = read ]; then where="layers (checkpointed, $(layer_count) layers)"
+        else where="WAL, checkpointing meanwhile"; fi
+        if [ "$job" != wal-rand-read ]; then
+            local w; w=$(wait_mvps_idle)
+            [ "$dir" = write ] && log "$job #$rep: mvps-te checkpointed and closed ${w}s after the job"
+        fi
+    fi
+    printf '%s\t%s\t%s\t%.0f\t%.1f\t%.0f' "$job" "$rep" "$srv" "$iops" "$mbs" "$p99" >>"$RAW"
+    printf '\t%s' "$(per_io "$cpu" "$iops" 1000)" "$(per_io "$ctx" "$iops" 1)" "$(per_io "$sys" "$iops" 1)" \
+        "$(per_io "$fut" "$iops" 1)" "$(per_io "$syn" "$iops" 1)" "$ck" "$where" >>"$RAW"
+    echo >>"$RAW"
+}
 
 for job in $JOBS; do
     dir=read; case $job in *write*) dir=write ;; esac
-    # shellcheck disable=SC2207
-    args=($(job_args "$job"))
+    MVPS_IMAGE=bench
+    nbdk=$NBDKIT_URI; mv=$MVPS_URI
     if [ "$job" = wal-rand-read ]; then
         # A holder connection keeps the session open, so no idle checkpoint moves the freshly
         # written pages out of the WAL before the read job runs.
@@ -237,39 +320,54 @@ for job in $JOBS; do
         HOLD_PID=$!; PIDS+=($HOLD_PID)
         run_fio "$OUT/walfill-nbdkit.json" "$NBDKIT_WAL_URI" --rw=write --bs=1M --iodepth=8 --size="$WAL_BYTES"
         run_fio "$OUT/walfill-mvps.json" "$MVPS_WAL_URI" --rw=write --bs=1M --iodepth=8 --size="$WAL_BYTES"
-        nbdk=$NBDKIT_WAL_URI; mv=$MVPS_WAL_URI
-    else
-        nbdk=$NBDKIT_URI; mv=$MVPS_URI
+        nbdk=$NBDKIT_WAL_URI; mv=$MVPS_WAL_URI; MVPS_IMAGE=bench-wal
     fi
-    sync
-    log "$job: nbdkit"
-    run_fio "$OUT/$job-nbdkit.json" "$nbdk" "${args[@]}"
-    sync
-    log "$job: mvps-te"
-    c0=$(ckpt_lines); wal_c0=$(grep -c "image bench-wal.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true)
-    perf_start "$job"
-    run_fio "$OUT/$job-mvps.json" "$mv" "${args[@]}"
-    perf_stop
+    for rep in $(seq 1 "$REPEAT"); do
+        # Alternate who goes first, so drift in the machine's load hits both alike.
+        if [ $((rep % 2)) = 1 ]; then
+            run_one "$job" "$rep" nbdkit "$nbdk" "$dir"; run_one "$job" "$rep" mvps "$mv" "$dir"
+        else
+            run_one "$job" "$rep" mvps "$mv" "$dir"; run_one "$job" "$rep" nbdkit "$nbdk" "$dir"
+        fi
+    done
     if [ "$job" = wal-rand-read ]; then
-        wal_c1=$(grep -c "image bench-wal.mvps-image: checkpoint:" "$OUT/mvps-te.log" || true)
-        ck=$((wal_c1 - wal_c0))
-        where="WAL (${ck} checkpoints during job)"
         kill "$HOLD_PID" 2>/dev/null || true; wait "$HOLD_PID" 2>/dev/null || true
         wait_mvps_idle bench-wal >/dev/null
-    else
-        ck=$(($(ckpt_lines) - c0))
-        case $dir in
-            read) where="layers (checkpointed)" ;;
-            write) where="WAL, $ck checkpoint(s) during job" ;;
-        esac
-        w=$(wait_mvps_idle)
-        log "$job: mvps-te checkpointed and closed ${w}s after the job"
     fi
-    read -r ni nm np < <(summarize "$OUT/$job-nbdkit.json" "$dir")
-    read -r mi mm mp < <(summarize "$OUT/$job-mvps.json" "$dir")
-    ratio=$(echo "scale=3; $mi / $ni" | bc)
-    printf '%s\t%.0f\t%.1f\t%.0f\t%.0f\t%.1f\t%.0f\t%.2f\t%s\t%s\n' "$job" "$ni" "$nm" "$np" "$mi" "$mm" "$mp" "$ratio" "$ck" "$where" >>"$RESULTS"
 done
+
+# Per job: means over the repetitions; ratio = mean mvps IOPS / mean nbdkit IOPS, and the
+# range of the per-repetition ratios.
+RESULTS=$OUT/results.tsv
+awk -F'\t' -v OFS='\t' '
+    NR == 1 { next }
+    {
+        k = $1 SUBSEP $3; n[k]++
+        for (i = 4; i <= 11; i++) sum[k, i] += $i
+        if ($3 == "mvps") { where[$1] = $13; ck[$1] = ck[$1] (ck[$1] == "" ? "" : "+") $12 }
+        if (!($1 in seen)) { seen[$1] = 1; order[++jobs] = $1 }
+        iops[$1, $2, $3] = $4; reps[$1] = ($2 > reps[$1] ? $2 : reps[$1])
+    }
+    END {
+        print "job", "nbdkit_iops", "nbdkit_mbs", "nbdkit_p99_us", "mvps_iops", "mvps_mbs", "mvps_p99_us", "ratio", "ratio_min", "ratio_max", "mvps_data",
+              "nbdkit_cpu_us_per_io", "mvps_cpu_us_per_io", "nbdkit_ctxsw_per_io", "mvps_ctxsw_per_io",
+              "nbdkit_syscalls_per_io", "mvps_syscalls_per_io", "nbdkit_futex_per_io", "mvps_futex_per_io",
+              "nbdkit_fsyncs_per_io", "mvps_fsyncs_per_io"
+        for (j = 1; j <= jobs; j++) {
+            job = order[j]; a = job SUBSEP "nbdkit"; b = job SUBSEP "mvps"
+            lo = 1e9; hi = 0
+            for (r = 1; r <= reps[job]; r++) {
+                x = iops[job, r, "mvps"] / iops[job, r, "nbdkit"]
+                if (x < lo) lo = x; if (x > hi) hi = x
+            }
+            line = sprintf("%s\t%.0f\t%.1f\t%.0f\t%.0f\t%.1f\t%.0f\t%.2f\t%.2f\t%.2f\t%s", job,
+                sum[a, 4] / n[a], sum[a, 5] / n[a], sum[a, 6] / n[a],
+                sum[b, 4] / n[b], sum[b, 5] / n[b], sum[b, 6] / n[b],
+                (sum[b, 4] / n[b]) / (sum[a, 4] / n[a]), lo, hi, where[job] " [" ck[job] "]")
+            for (i = 7; i <= 11; i++) line = line sprintf("\t%.2f\t%.2f", sum[a, i] / n[a], sum[b, i] / n[b])
+            print line
+        }
+    }' "$RAW" >"$RESULTS"
 
 # ------------------------------------------------------------------ table
 describe_job() {
@@ -291,12 +389,23 @@ goal() { # job ratio -> verdict
 }
 {
     echo
-    echo "fio nbd engine, $SIZE image, ${RUNTIME}s + ${RAMP}s ramp per job, transport $TRANSPORT; ratio = mvps / nbdkit (IOPS)"
+    echo "fio nbd engine, $SIZE image, ${RUNTIME}s + ${RAMP}s ramp per job, $REPEAT repetition(s) (alternating order), transport $TRANSPORT;"
+    echo "figures are means over the repetitions; ratio = mean mvps IOPS / mean nbdkit IOPS (range: per-repetition ratios)"
+    echo "mvps-te flags: --listen --data-dir ${BENCH_MVPS_ARGS:-(defaults otherwise)}; $(uptime | sed 's/.*load/load/')"
     echo
-    echo "| job | nbdkit IOPS | nbdkit MB/s | nbdkit p99 µs | mvps IOPS | mvps MB/s | mvps p99 µs | ratio | verdict | mvps data |"
+    echo "| job | nbdkit IOPS | nbdkit MB/s | nbdkit p99 µs | mvps IOPS | mvps MB/s | mvps p99 µs | ratio (range) | verdict | mvps data [checkpoints per run] |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
-    tail -n +2 "$RESULTS" | while IFS=$'\t' read -r job ni nm np mi mm mp ratio ck where; do
-        echo "| $(describe_job "$job") | $ni | $nm | $np | $mi | $mm | $mp | **$ratio** | $(goal "$job" "$ratio") | $where |"
+    tail -n +2 "$RESULTS" | while IFS=$'\t' read -r job ni nm np mi mm mp ratio lo hi where _; do
+        echo "| $(describe_job "$job") | $ni | $nm | $np | $mi | $mm | $mp | **$ratio** ($lo–$hi) | $(goal "$job" "$ratio") | $where |"
+    done
+    echo
+    echo "Server-side cost per I/O over the measured window (perf stat: task-clock, context switches,"
+    echo "syscalls, futex calls, fsync+fdatasync calls), nbdkit / mvps:"
+    echo
+    echo "| job | CPU µs/IO | ctx switches/IO | syscalls/IO | futex/IO | fsyncs/IO |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    tail -n +2 "$RESULTS" | while IFS=$'\t' read -r job _ _ _ _ _ _ _ _ _ _ nc mc nx mx ns ms nf mf ny my; do
+        echo "| $(describe_job "$job") | $nc / $mc | $nx / $mx | $ns / $ms | $nf / $mf | $ny / $my |"
     done
 } | tee "$OUT/table.md"
 log "results (fio JSON, server logs, table.md) kept in $OUT"
