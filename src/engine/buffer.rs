@@ -13,6 +13,21 @@ use std::sync::{Arc, Mutex};
 pub const LOCK_FILE: &str = "mvps-buffer-store.lock";
 pub const TMP_DIR: &str = "tmp";
 
+/// How long to retry the directory lock. A lock can be held for a moment by a child process
+/// forked (by anything in this process) between our close of the lock file and its exec.
+const LOCK_RETRY_MS: u64 = 500;
+
+fn lock_with_retry(f: &File) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(LOCK_RETRY_MS);
+    loop {
+        match f.try_lock_exclusive() {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
 pub struct BufferStore {
     pub dir: PathBuf,
     _lock: File,
@@ -36,7 +51,7 @@ impl BufferStore {
             .write(true)
             .open(dir.join(LOCK_FILE))
             .map_err(|e| format!("buffer store {d}: cannot open lock file: {e}"))?;
-        lock.try_lock_exclusive().map_err(|_| {
+        lock_with_retry(&lock).map_err(|_| {
             format!("buffer store {d} is in use by another mvps-te process (lock file {LOCK_FILE})")
         })?;
         for e in fs::read_dir(dir.join(TMP_DIR))

@@ -16,7 +16,7 @@
 //! The index sits before the data so a remote reader gets header and index with one ranged
 //! read of the first `data_offset` bytes.
 
-use super::checksum::{crc32c, CRC32C};
+use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
 use crate::store::{self, BlobReader};
 use std::fs::File;
@@ -135,7 +135,7 @@ fn encode_header(bits: u32, extent_count: u64, data_pages: u64, index_len: u64) 
     h[24..32].copy_from_slice(&data_pages.to_le_bytes());
     h[32..40].copy_from_slice(&index_len.to_le_bytes());
     h[40..48].copy_from_slice(&(HEADER_SIZE + index_len).to_le_bytes());
-    let crc = CRC32C.checksum(&h[..60]);
+    let crc = crc32c(&h[..60]);
     h[60..64].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -169,7 +169,7 @@ impl Layer {
         if &h[0..8] != LAYER_MAGIC {
             return Err(corrupt(blob_id, "bad magic"));
         }
-        if u32::from_le_bytes(h[60..64].try_into().unwrap()) != CRC32C.checksum(&h[..60]) {
+        if u32::from_le_bytes(h[60..64].try_into().unwrap()) != crc32c(&h[..60]) {
             return Err(corrupt(blob_id, "header checksum mismatch"));
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());

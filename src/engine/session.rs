@@ -35,7 +35,9 @@ pub struct SessionConfig {
 
 /// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
 /// slowed, never failed, so a store outage cannot turn into client errors here.
-pub const THROTTLE_WAIT_MAX_MS: u64 = 2_000;
+pub const THROTTLE_WAIT_MAX_MS: u64 = 1_000;
+/// Throttle delay per 10% the buffer is over its threshold.
+pub const THROTTLE_DELAY_STEP_MS: u64 = 10;
 
 /// Where a buffered page lives: at `offset` in the current WAL file, or zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -615,19 +617,24 @@ impl Session {
         self.append_end(w, Kind::Commit, txn_id, change)
     }
 
-    /// Slows writers while the buffer is over its threshold and uploads can drain it.
+    /// Slows writers while the buffer is over its threshold and uploads can drain it. The
+    /// delay grows with the overshoot (THROTTLE_DELAY_STEP_MS per 10% over, at most
+    /// THROTTLE_WAIT_MAX_MS) and ends early when a checkpoint drains the buffer: writes slow
+    /// down, they never fail.
     fn throttle(&self) {
         let cfg = &self.buffer.cfg;
-        if cfg.disable_image_store_write
-            || self.buffered_pages() <= cfg.write_throttle_threshold_pages
-        {
+        let limit = cfg.write_throttle_threshold_pages;
+        let pages = self.buffered_pages();
+        if cfg.disable_image_store_write || pages <= limit {
             return;
         }
         self.wake_checkpoint();
-        let deadline = Instant::now() + Duration::from_millis(THROTTLE_WAIT_MAX_MS);
+        let tenths_over = ((pages - limit) * 10 / limit.max(1)) + 1;
+        let delay = (tenths_over * THROTTLE_DELAY_STEP_MS).min(THROTTLE_WAIT_MAX_MS);
+        let deadline = Instant::now() + Duration::from_millis(delay);
         let (m, c) = &self.drained;
         let mut g = m.lock().unwrap();
-        while self.buffered_pages() > cfg.write_throttle_threshold_pages {
+        while self.buffered_pages() > limit {
             let now = Instant::now();
             if now >= deadline || self.closed.load(Ordering::Acquire) {
                 break;

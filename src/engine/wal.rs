@@ -16,7 +16,7 @@
 //! one `writev`. Nothing is ever overwritten in place: a rewrite makes a new file and renames
 //! it over the old one, so readers holding the old file handle keep reading valid bytes.
 
-use super::checksum::CRC32C;
+use super::checksum::{crc32c, Digest};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -104,7 +104,7 @@ pub fn encode_header(h: &WalHeader) -> [u8; HEADER_SIZE as usize] {
     );
     b[32..36].copy_from_slice(&(id.len() as u32).to_le_bytes());
     b[IMAGE_ID_OFFSET..IMAGE_ID_OFFSET + id.len()].copy_from_slice(id);
-    let crc = CRC32C.checksum(&b[..HEADER_CRC_OFFSET]);
+    let crc = crc32c(&b[..HEADER_CRC_OFFSET]);
     b[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -114,7 +114,7 @@ pub fn decode_header(b: &[u8]) -> Result<WalHeader, String> {
         return Err("not an mvps WAL (bad magic)".into());
     }
     let crc = u32::from_le_bytes(b[HEADER_CRC_OFFSET..128].try_into().unwrap());
-    if crc != CRC32C.checksum(&b[..HEADER_CRC_OFFSET]) {
+    if crc != crc32c(&b[..HEADER_CRC_OFFSET]) {
         return Err("WAL header checksum mismatch".into());
     }
     let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
@@ -148,7 +148,7 @@ pub fn encode_record(r: &Record, payload: &[u8]) -> [u8; RECORD_HEADER_SIZE as u
     b[32..40].copy_from_slice(&r.first_page.to_le_bytes());
     b[40..48].copy_from_slice(&r.page_count.to_le_bytes());
     b[48..52].copy_from_slice(&r.payload_len.to_le_bytes());
-    let mut d = CRC32C.digest();
+    let mut d = Digest::new();
     d.update(&b[..RECORD_CRC_OFFSET]);
     d.update(payload);
     b[RECORD_CRC_OFFSET..].copy_from_slice(&d.finalize().to_le_bytes());
@@ -313,7 +313,7 @@ fn replay(file: &File, page_size_bits: u32, size: u64) -> io::Result<(Recovery, 
         }
         payload.resize(r.payload_len as usize, 0);
         file.read_exact_at(&mut payload, pos + RECORD_HEADER_SIZE)?;
-        let mut d = CRC32C.digest();
+        let mut d = Digest::new();
         d.update(&hb[..RECORD_CRC_OFFSET]);
         d.update(&payload);
         if d.finalize() != crc {

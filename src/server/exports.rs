@@ -150,6 +150,24 @@ impl Drop for ConnectionExport {
 }
 
 impl ConnectionExport {
+    /// Runs a write inside the open transaction, or as a plain write. The connection's
+    /// transaction slot is held only while a transaction is open: plain writes of one
+    /// connection run concurrently. (Transaction commands are barriers, so the slot cannot
+    /// change while plain writes are in flight.)
+    fn with_txn(
+        &self,
+        f: impl FnOnce(&Session, Option<&mut Txn>) -> engine::Result<()>,
+    ) -> engine::Result<()> {
+        let mut slot = self.txn.lock().unwrap();
+        match slot.as_mut() {
+            Some(t) => f(&self.session, Some(t)),
+            None => {
+                drop(slot);
+                f(&self.session, None)
+            }
+        }
+    }
+
     fn misuse(&self, why: &str) -> engine::Error {
         engine::Error::Invalid {
             image: self.session.image_id.clone(),
@@ -176,19 +194,14 @@ impl Export for ConnectionExport {
         }
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> engine::Result<()> {
-        let mut txn = self.txn.lock().unwrap();
-        self.session.write(txn.as_mut(), offset, data)?;
-        drop(txn);
+        self.with_txn(|s, txn| s.write(txn, offset, data))?;
         if fua {
             self.session.flush()?;
         }
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> engine::Result<()> {
-        let mut txn = self.txn.lock().unwrap();
-        self.session
-            .write_zeroes(txn.as_mut(), offset, len, no_hole)?;
-        drop(txn);
+        self.with_txn(|s, txn| s.write_zeroes(txn, offset, len, no_hole))?;
         if fua {
             self.session.flush()?;
         }
