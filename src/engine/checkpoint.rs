@@ -82,7 +82,6 @@ struct Snapshot {
     extents: Vec<Extent<BufVal>>,
     wal: Arc<std::fs::File>,
     change_count: u64,
-    base: Manifest,
 }
 
 impl Session {
@@ -97,12 +96,6 @@ impl Session {
         };
         let refs = self.upload_layers(&snap)?;
         let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
-        let mut next = snap.base.clone();
-        next.generation += 1;
-        next.change_count = snap.change_count;
-        next.layers.extend(refs.iter().cloned());
-        next.created_at_unix = now_unix();
-        self.publish(&next)?;
         let mut opened = Vec::with_capacity(refs.len());
         for r in &refs {
             opened.push(Arc::new(open_layer(
@@ -111,6 +104,16 @@ impl Session {
                 &r.blob_id,
             )?));
         }
+        // Checkpoints and compactions publish one at a time, each on top of the newest
+        // manifest; the slow part (writing and uploading blobs) happened above, unlocked.
+        let _publishing = self.manifest_lock.lock().unwrap();
+        let base = self.writer.lock().unwrap().manifest.clone();
+        let Some(mut next) = base else { return Ok(0) };
+        next.generation += 1;
+        next.change_count = snap.change_count;
+        next.layers.extend(refs.iter().cloned());
+        next.created_at_unix = now_unix();
+        self.publish(&next)?;
         {
             let mut w = self.writer.lock().unwrap();
             let mut v = self.view.write().unwrap();
@@ -130,8 +133,9 @@ impl Session {
         let (m, c) = &self.drained;
         *m.lock().unwrap() += 1;
         c.notify_all();
+        drop(_publishing);
         self.maybe_rewrite_wal()?;
-        self.compact()?;
+        self.wake_compaction();
         Ok(pages)
     }
 
@@ -166,12 +170,11 @@ impl Session {
         if v.index.is_empty() {
             return None;
         }
-        let base = w.manifest.clone()?;
+        w.manifest.as_ref()?;
         Some(Snapshot {
             extents: v.index.iter().collect(),
             wal: v.wal_file.clone(),
             change_count: w.change_count,
-            base,
         })
     }
 

@@ -17,6 +17,7 @@ use super::open::{now_unix, open_layer};
 use super::session::Session;
 use super::Result;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Layers merged once this many adjacent ones share a size tier.
 pub const FANIN: usize = 4;
@@ -65,10 +66,56 @@ impl ExtentValue for Src {
     }
 }
 
+/// Backoff after a failed compaction.
+const RETRY_DELAY_MS: u64 = 5_000;
+/// Longest the compaction thread sleeps without being woken by a checkpoint.
+const IDLE_WAIT_MS: u64 = 60_000;
+
+/// Starts the session's compaction thread: it runs a pass whenever a checkpoint wakes it.
+pub fn start_thread(s: &Arc<Session>) {
+    let weak = Arc::downgrade(s);
+    let h = std::thread::Builder::new()
+        .name(format!("compact-{}", s.image_id))
+        .spawn(move || run(weak))
+        .expect("spawn compaction thread");
+    *s.compaction_thread.lock().unwrap() = Some(h);
+}
+
+fn run(weak: std::sync::Weak<Session>) {
+    let mut delay = IDLE_WAIT_MS;
+    loop {
+        let Some(s) = weak.upgrade() else { return };
+        {
+            let (m, c) = &s.compact_wake;
+            let mut woken = m.lock().unwrap();
+            if !*woken {
+                woken = c
+                    .wait_timeout(woken, Duration::from_millis(delay))
+                    .unwrap()
+                    .0;
+            }
+            *woken = false;
+        }
+        if s.is_stopped() {
+            return;
+        }
+        delay = match s.compact() {
+            Ok(()) => IDLE_WAIT_MS,
+            Err(e) => {
+                log::error!("{e} (compaction failed; will retry)");
+                RETRY_DELAY_MS
+            }
+        };
+    }
+}
+
 impl Session {
     /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges).
     pub fn compact(&self) -> Result<()> {
         for _ in 0..STEPS_PER_PASS_MAX {
+            if self.is_stopped() {
+                break;
+            }
             if !self.compact_step()? {
                 break;
             }
@@ -79,34 +126,31 @@ impl Session {
     /// One merge. Returns false when there was nothing to merge.
     fn compact_step(&self) -> Result<bool> {
         self.check_usable()?;
-        let (base, run_layers, (start, end)) = {
+        let (run_layers, run_ids, at_bottom) = {
             let w = self.writer.lock().unwrap();
-            let Some(m) = w.manifest.clone() else {
+            let Some(m) = w.manifest.as_ref() else {
                 return Ok(false);
             };
-            let Some(run) = pick_run(&m.layers, self.page_size_bits) else {
+            let Some((start, end)) = pick_run(&m.layers, self.page_size_bits) else {
                 return Ok(false);
             };
             let view = self.view.read().unwrap();
             // The view holds the same layers newest first.
             let n = m.layers.len();
-            let picked: Vec<Arc<Layer>> = (run.0..run.1)
+            let picked: Vec<Arc<Layer>> = (start..end)
                 .map(|i| view.layers[n - 1 - i].clone())
                 .collect();
-            for (i, l) in (run.0..run.1).zip(&picked) {
-                assert_eq!(l.blob_id, m.layers[i].blob_id, "view and manifest agree");
+            let ids: Vec<String> = m.layers[start..end]
+                .iter()
+                .map(|l| l.blob_id.clone())
+                .collect();
+            for (l, id) in picked.iter().zip(&ids) {
+                assert_eq!(&l.blob_id, id, "view and manifest list the same layers");
             }
-            (m, picked, run)
+            (picked, ids, start == 0)
         };
-        let merged_ref = self.merge(&run_layers, start == 0)?;
-        let mut next = base.clone();
-        next.generation += 1;
-        next.created_at_unix = now_unix();
-        let tail = next.layers.split_off(end);
-        next.layers.truncate(start);
-        next.layers.extend(merged_ref.iter().cloned());
-        next.layers.extend(tail);
-        self.publish(&next)?;
+        // The slow part, with no lock held: checkpoints go on meanwhile.
+        let merged_ref = self.merge(&run_layers, at_bottom)?;
         let opened = match &merged_ref {
             Some(r) => Some(Arc::new(open_layer(
                 &self.buffer,
@@ -115,6 +159,30 @@ impl Session {
             )?)),
             None => None,
         };
+        let _publishing = self.manifest_lock.lock().unwrap();
+        let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
+            return Ok(false);
+        };
+        // Checkpoints only append layers, so the run is still where it was; check anyway.
+        let Some(start) = base.layers.iter().position(|l| l.blob_id == run_ids[0]) else {
+            return Ok(false);
+        };
+        let end = start + run_ids.len();
+        if base
+            .layers
+            .get(start..end)
+            .is_none_or(|r| r.iter().zip(&run_ids).any(|(a, b)| &a.blob_id != b))
+        {
+            return Ok(false);
+        }
+        let mut next = base.clone();
+        next.generation += 1;
+        next.created_at_unix = now_unix();
+        let tail = next.layers.split_off(end);
+        next.layers.truncate(start);
+        next.layers.extend(merged_ref.iter().cloned());
+        next.layers.extend(tail);
+        self.publish(&next)?;
         self.install_compacted(&base, &next, opened);
         log::info!(
             "image {}: compaction: merged {} layers into {}, manifest generation {}",

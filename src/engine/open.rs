@@ -69,6 +69,7 @@ impl Session {
         };
         let s = Arc::new(Session::new(buffer, image_id, page_size_bits, writer, view));
         checkpoint::start_thread(&s);
+        super::compaction::start_thread(&s);
         Ok(s)
     }
 }

@@ -122,6 +122,11 @@ pub struct Session {
     /// Signalled after each checkpoint, for throttled writers.
     pub(super) drained: (Mutex<u64>, Condvar),
     pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Serializes manifest publication (checkpoints and compactions).
+    pub(super) manifest_lock: Mutex<()>,
+    /// Wakes the compaction thread (after a checkpoint, at shutdown).
+    pub(super) compact_wake: (Mutex<bool>, Condvar),
+    pub(super) compaction_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
     pub(super) lock_cv: Condvar,
     /// Serves the requests of every connection to this image.
@@ -159,6 +164,9 @@ impl Session {
             drained: (Mutex::new(0), Condvar::new()),
             checkpoint_thread: Mutex::new(None),
             lock_cv: Condvar::new(),
+            manifest_lock: Mutex::new(()),
+            compact_wake: (Mutex::new(false), Condvar::new()),
+            compaction_thread: Mutex::new(None),
             workers: Mutex::new(
                 threadpool::Builder::new()
                     .num_threads(crate::limits::SESSION_WORKER_THREADS)
@@ -219,6 +227,18 @@ impl Session {
     pub(super) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake_checkpoint();
+        self.wake_compaction();
+    }
+
+    pub fn wake_compaction(&self) {
+        let (m, c) = &self.compact_wake;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    /// Closed or fenced: background work stops.
+    pub fn is_stopped(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.fenced.load(Ordering::Acquire)
     }
 
     pub fn wake_checkpoint(&self) {
@@ -676,8 +696,11 @@ impl Session {
     pub fn shutdown(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake_checkpoint();
-        if let Some(h) = self.checkpoint_thread.lock().unwrap().take() {
-            let _ = h.join();
+        self.wake_compaction();
+        for t in [&self.checkpoint_thread, &self.compaction_thread] {
+            if let Some(h) = t.lock().unwrap().take() {
+                let _ = h.join();
+            }
         }
         let file = self.view.read().unwrap().wal_file.clone();
         if let Err(e) = file.sync_all() {
