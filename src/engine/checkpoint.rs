@@ -11,7 +11,6 @@ use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session};
-use super::wal::{self, Kind, Record, WalFile, FLAG_SELF_COMMIT, RECORD_HEADER_SIZE};
 use super::{Error, Result};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
@@ -260,84 +259,5 @@ impl Session {
             size_bytes,
             data_pages,
         })
-    }
-
-    /// Rewrites the WAL with only its live records when dead bytes dominate (or it is all
-    /// dead). Writers wait meanwhile; readers keep reading the old file through their handle.
-    fn maybe_rewrite_wal(&self) -> Result<()> {
-        let mut w = self.writer.lock().unwrap();
-        if w.txns.open > 0 {
-            // Open transactions hold WAL offsets of their records; rewrite later.
-            return Ok(());
-        }
-        let live: Vec<Extent<BufVal>> = self.view.read().unwrap().index.iter().collect();
-        let live_bytes: u64 = live
-            .iter()
-            .map(|e| {
-                RECORD_HEADER_SIZE
-                    + if e.value.is_zero() {
-                        0
-                    } else {
-                        e.len << self.page_size_bits
-                    }
-            })
-            .sum();
-        let used = w.wal.end - wal::HEADER_SIZE;
-        let dead = used.saturating_sub(live_bytes);
-        let all_dead = live.is_empty() && used > 0;
-        if !(all_dead || (dead >= self.buffer.cfg.wal_rewrite_dead_bytes_min && dead > live_bytes))
-        {
-            return Ok(());
-        }
-        let old = w.wal.file.clone();
-        let mut body: Vec<u8> = Vec::new();
-        let mut new_offsets = Vec::with_capacity(live.len());
-        let mut seq = w.next_seq;
-        for e in &live {
-            let mut payload = Vec::new();
-            if !e.value.is_zero() {
-                payload.resize((e.len << self.page_size_bits) as usize, 0);
-                old.read_exact_at(&mut payload, e.value.offset)
-                    .map_err(self.io_err("read WAL"))?;
-            }
-            let rec = Record {
-                kind: if e.value.is_zero() {
-                    Kind::Zero
-                } else {
-                    Kind::Data
-                },
-                flags: FLAG_SELF_COMMIT,
-                seq,
-                txn_id: 0,
-                change_count: e.value.change,
-                first_page: e.start,
-                page_count: e.len,
-                payload_len: payload.len() as u32,
-            };
-            seq += 1;
-            body.extend_from_slice(&wal::encode_record(&rec, &payload));
-            new_offsets.push(wal::HEADER_SIZE + body.len() as u64);
-            body.extend_from_slice(&payload);
-        }
-        let header = wal::encode_header(&w.wal.header);
-        let path = w.wal.path.clone();
-        wal::write_new_file(&path, &header, &[&body]).map_err(self.io_err("rewrite WAL"))?;
-        let (fresh, _) = WalFile::open(&path).map_err(self.io_err("reopen WAL"))?;
-        let mut v = self.view.write().unwrap();
-        for (e, off) in live.iter().zip(new_offsets) {
-            let offset = if e.value.is_zero() { BufVal::ZERO } else { off };
-            v.index.insert(e.start, e.len, BufVal { offset, ..e.value });
-        }
-        v.wal_file = fresh.file.clone();
-        w.next_seq = seq;
-        w.wal = fresh;
-        drop(v);
-        self.mark_all_durable();
-        log::info!(
-            "image {}: WAL rewritten: {} live bytes kept, {dead} dead bytes dropped",
-            self.image_id,
-            live_bytes
-        );
-        Ok(())
     }
 }

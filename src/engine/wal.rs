@@ -207,6 +207,18 @@ impl WalFile {
         })
     }
 
+    /// Opens a WAL known to be valid (just written by us) for appends, without replaying it.
+    pub fn reopen(path: &Path, header: WalHeader) -> io::Result<WalFile> {
+        let file = open_append(path)?;
+        let end = file.metadata()?.len();
+        Ok(WalFile {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            header,
+            end,
+        })
+    }
+
     /// Opens an existing WAL, replays it and cuts off a torn tail.
     pub fn open(path: &Path) -> io::Result<(WalFile, Recovery)> {
         let file = open_append(path)?;
