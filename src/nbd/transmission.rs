@@ -71,33 +71,56 @@ pub fn validate(r: &Request, size: u64) -> Result<(), u32> {
     }
 }
 
-/// Bounds what one connection holds in flight: request count and payload bytes.
+/// Bounds what one connection holds in flight: request count and payload bytes. Only the
+/// connection's reader thread ever waits on it.
 struct InFlight {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<InFlightState>,
     cv: Condvar,
 }
 
+struct InFlightState {
+    count: usize,
+    bytes: u64,
+    /// Someone waits on `cv`: only then does `release` pay for a wake-up (a syscall).
+    waiting: bool,
+}
+
 impl InFlight {
+    fn new() -> InFlight {
+        InFlight {
+            state: Mutex::new(InFlightState {
+                count: 0,
+                bytes: 0,
+                waiting: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
     fn acquire(&self, bytes: u64) {
         let mut g = self.state.lock().unwrap();
         // A single request larger than the byte budget still goes through, alone.
-        while g.0 >= CONNECTION_IN_FLIGHT_MAX
-            || (g.0 > 0 && g.1 + bytes > CONNECTION_IN_FLIGHT_BYTES_MAX)
+        while g.count >= CONNECTION_IN_FLIGHT_MAX
+            || (g.count > 0 && g.bytes + bytes > CONNECTION_IN_FLIGHT_BYTES_MAX)
         {
+            g.waiting = true;
             g = self.cv.wait(g).unwrap();
         }
-        g.0 += 1;
-        g.1 += bytes;
+        g.count += 1;
+        g.bytes += bytes;
     }
     fn release(&self, bytes: u64) {
         let mut g = self.state.lock().unwrap();
-        g.0 -= 1;
-        g.1 -= bytes;
-        self.cv.notify_all();
+        g.count -= 1;
+        g.bytes -= bytes;
+        if g.waiting {
+            g.waiting = false;
+            self.cv.notify_all();
+        }
     }
     fn wait_idle(&self) {
         let mut g = self.state.lock().unwrap();
-        while g.0 > 0 {
+        while g.count > 0 {
+            g.waiting = true;
             g = self.cv.wait(g).unwrap();
         }
     }
@@ -135,10 +158,7 @@ pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Res
     let conn = Arc::new(Conn {
         export,
         out: Mutex::new(output),
-        in_flight: InFlight {
-            state: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        },
+        in_flight: InFlight::new(),
     });
     let r = read_loop(input, &conn);
     conn.in_flight.wait_idle();
