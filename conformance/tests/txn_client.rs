@@ -246,9 +246,8 @@ fn rollback_discards_s3() {
     rollback_discards(Store::S3);
 }
 
-#[test]
-fn misuse_is_einval_and_the_connection_stays_usable() {
-    let s = start(Store::Local, &[]);
+fn misuse_is_einval_and_the_connection_stays_usable(store: Store) {
+    let s = start(store, &[]);
     let tok = image("txn-misuse", 4 * MIB);
     let (mut a, mut b) = (connect(&s, &tok), connect(&s, &tok));
     assert_errno(a.commit(), NBD_EINVAL, "COMMIT without a transaction");
@@ -293,6 +292,16 @@ fn misuse_is_einval_and_the_connection_stays_usable() {
     );
     assert_eq!(b.read(0, 5).unwrap(), b"rawst");
     raw.disconnect();
+}
+
+#[test]
+fn misuse_is_einval_and_the_connection_stays_usable_local() {
+    misuse_is_einval_and_the_connection_stays_usable(Store::Local);
+}
+
+#[test]
+fn misuse_is_einval_and_the_connection_stays_usable_s3() {
+    misuse_is_einval_and_the_connection_stays_usable(Store::S3);
 }
 
 // ---------------------------------------------------------------------- LOCK and OCC
@@ -643,9 +652,8 @@ fn is_fenced(c: &mut Client) -> Result<(), String> {
     }
 }
 
-#[test]
-fn client_id_fencing_replaces_the_old_connection() {
-    let s = start(Store::Local, &[]);
+fn client_id_fencing_replaces_the_old_connection(store: Store) {
+    let s = start(store, &[]);
     let id = token::image_id("txn-fence");
     let (mine, other_id) = (
         token_with_client_id(&id, Some("fence-client-1")),
@@ -709,11 +717,20 @@ fn client_id_fencing_replaces_the_old_connection() {
     );
 }
 
-// -------------------------------------------------------------- lock timeout, size cap
+#[test]
+fn client_id_fencing_replaces_the_old_connection_local() {
+    client_id_fencing_replaces_the_old_connection(Store::Local);
+}
 
 #[test]
-fn lock_timeout_rolls_the_holder_back() {
-    let s = start(Store::Local, &["--txn-lock-timeout-ms", "500"]);
+fn client_id_fencing_replaces_the_old_connection_s3() {
+    client_id_fencing_replaces_the_old_connection(Store::S3);
+}
+
+// -------------------------------------------------------------- lock timeout, size cap
+
+fn lock_timeout_rolls_the_holder_back(store: Store) {
+    let s = start(store, &["--txn-lock-timeout-ms", "500"]);
     let tok = image("txn-lock-timeout", 4 * MIB);
     let (mut holder, mut reader) = (connect(&s, &tok), connect(&s, &tok));
     let mut writer = connect(&s, &tok);
@@ -776,12 +793,21 @@ fn lock_timeout_rolls_the_holder_back() {
     eprintln!("lock timeout 500 ms: the blocked write waited {waited:?}");
 }
 
+#[test]
+fn lock_timeout_rolls_the_holder_back_local() {
+    lock_timeout_rolls_the_holder_back(Store::Local);
+}
+
+#[test]
+fn lock_timeout_rolls_the_holder_back_s3() {
+    lock_timeout_rolls_the_holder_back(Store::S3);
+}
+
 /// A transaction that lost the image lock to the timeout no longer holds it: a LOCK must
 /// not claim otherwise (the client would go on believing its read-modify-write is
 /// protected while other connections write), and its writes and COMMIT fail.
-#[test]
-fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict() {
-    let s = start(Store::Local, &["--txn-lock-timeout-ms", "300"]);
+fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict(store: Store) {
+    let s = start(store, &["--txn-lock-timeout-ms", "300"]);
     let tok = image("txn-lock-expired", 4 * MIB);
     let (mut holder, mut writer) = (connect(&s, &tok), connect(&s, &tok));
     holder.begin().unwrap();
@@ -802,8 +828,17 @@ fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict() {
 }
 
 #[test]
-fn transaction_over_the_size_cap_is_enospc() {
-    let s = start(Store::Local, &["--txn-bytes-max", "1048576"]);
+fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict_local() {
+    lock_after_losing_the_lock_to_the_timeout_is_a_conflict(Store::Local);
+}
+
+#[test]
+fn lock_after_losing_the_lock_to_the_timeout_is_a_conflict_s3() {
+    lock_after_losing_the_lock_to_the_timeout_is_a_conflict(Store::S3);
+}
+
+fn transaction_over_the_size_cap_is_enospc(store: Store) {
+    let s = start(store, &["--txn-bytes-max", "1048576"]);
     let tok = image("txn-cap", 8 * MIB);
     let (mut a, mut b) = (connect(&s, &tok), connect(&s, &tok));
     a.begin().unwrap();
@@ -861,6 +896,16 @@ fn transaction_over_the_size_cap_is_enospc() {
 }
 
 #[test]
+fn transaction_over_the_size_cap_is_enospc_local() {
+    transaction_over_the_size_cap_is_enospc(Store::Local);
+}
+
+#[test]
+fn transaction_over_the_size_cap_is_enospc_s3() {
+    transaction_over_the_size_cap_is_enospc(Store::S3);
+}
+
+#[test]
 fn client_over_a_unix_socket() {
     let s = Server::builder().unix().start();
     let tok = image("txn-unix", 64 * MIB);
@@ -902,9 +947,8 @@ fn code(o: &Output) -> Option<i32> {
     o.status.code()
 }
 
-#[test]
-fn mvpsctl_txn_end_to_end() {
-    let s = start(Store::Local, &[]);
+fn mvpsctl_txn_end_to_end(store: Store) {
+    let s = start(store, &[]);
     let tok = image("txn-ctl", 4 * MIB);
     let server = addr(&s);
     let mut c = connect(&s, &tok);
@@ -981,6 +1025,16 @@ fn mvpsctl_txn_end_to_end() {
         &want[..100],
         "after a failed mvpsctl txn",
     );
+}
+
+#[test]
+fn mvpsctl_txn_end_to_end_local() {
+    mvpsctl_txn_end_to_end(Store::Local);
+}
+
+#[test]
+fn mvpsctl_txn_end_to_end_s3() {
+    mvpsctl_txn_end_to_end(Store::S3);
 }
 
 #[test]
