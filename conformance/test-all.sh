@@ -21,7 +21,7 @@ fi
 # Debian packages: qemu-storage-daemon ships in qemu-system-common, qemu-io in qemu-utils,
 # nbdinfo/nbdcopy in libnbd-bin, fusermount3 in fuse3, losetup/mount in mount.
 packages=(fio nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common fuse3
-  e2fsprogs mount util-linux coreutils)
+  e2fsprogs mount util-linux coreutils groff-base)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
