@@ -17,11 +17,12 @@
 #   plain download     the layer blob(s) by curl ranged GETs of 8 MiB, BENCH_S3_PARALLEL at once
 #                      (the fastest of the values tried).
 #   warm random read   fio randread 4 KiB, iodepth 16, over the first BENCH_S3_WARM bytes
-#                      (which fit the default 256 MiB block cache) after one warm-up pass; the
-#                      same job against mvps-te with the local image store (data checkpointed
-#                      into layers, OS page cache warm).
-# Transfers are repeated BENCH_S3_REPEAT times, interleaved (mvps, plain, mvps, plain, …); the
-# table shows medians. Ratios are mvps / plain (higher is better; 1.0 = as fast as plain).
+#                      (which fit the default 256 MiB block cache) after one warm-up pass,
+#                      alternating with the same job against mvps-te with the local image store
+#                      (data checkpointed into layers, OS page cache warm).
+# Transfers and warm runs are repeated BENCH_S3_REPEAT times, interleaved (mvps, plain, mvps, plain, …); the
+# table shows medians, and as the ratio the median of the per-run ratios mvps / plain (higher
+# is better; 1.0 = as fast as plain).
 #
 # Knobs (environment):
 #   BENCH_S3_SIZE=1G        image size (a multiple of 16 MiB)
@@ -29,7 +30,7 @@
 #   BENCH_S3_PARALLEL="4 8" requests in flight for the plain upload and download: each
 #                           run tries each value and counts the fastest
 #   BENCH_S3_WARM=192M      region of the warm random-read job
-#   BENCH_S3_RUNTIME=15     seconds of the warm random-read job
+#   BENCH_S3_RUNTIME=10     seconds of each warm random-read run
 #   BENCH_TMPDIR=/tmp       parent of the temp dir
 #   BENCH_OUT=DIR           keep logs and results there (default: a kept temp dir)
 #   MVPS_BIN_DIR=DIR        use mvps-te/mvpsctl from DIR instead of building
@@ -45,7 +46,7 @@ SIZE=${BENCH_S3_SIZE:-1G}
 REPEAT=${BENCH_S3_REPEAT:-3}
 PARS=${BENCH_S3_PARALLEL:-"4 8"}
 WARM=${BENCH_S3_WARM:-192M}
-RUNTIME=${BENCH_S3_RUNTIME:-15}
+RUNTIME=${BENCH_S3_RUNTIME:-10}
 KEY=mvps-bench-key
 SECRET=mvps-bench-secret-0123456789
 REGION=us-east-1
@@ -103,6 +104,8 @@ ss = [socket.socket() for _ in range($1)]
 for s in ss: s.bind(('127.0.0.1', 0))
 print(' '.join(str(s.getsockname()[1]) for s in ss))"
 }
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------------ SeaweedFS
 mkdir -p "$TMP/weed/data"
@@ -246,25 +249,37 @@ for i in $(seq 1 "$REPEAT"); do
 done
 
 # ------------------------------------------------------------------ warm random reads
-warm_job() { # URI OUTPUT-JSON: one warm-up pass, then the measured random reads
+# Both servers run at once; after one warm-up pass each, their measured runs alternate.
+warm_up() { # URI
     fio --name=warmup --ioengine=nbd --uri="$1" --rw=read --bs=1M --iodepth=8 \
         --size="$WARM_BYTES" >/dev/null
+}
+warm_job() { # URI OUTPUT-JSON: the measured random reads; prints IOPS
     fio --name=warm --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=16 \
         --size="$WARM_BYTES" --time_based --runtime="$RUNTIME" --ramp_time=2 \
         --randrepeat=0 --output-format=json --output="$2" >/dev/null
     jq '.jobs[0].read.iops' "$2"
 }
+start_mvps warm-local --image-store local
+LOCAL_PID=$MPID LOCAL_URI=$(uri "$PORT" "$(token local.mvps-image)")
+nbdcopy "$TMP/src.img" "$LOCAL_URI"
+wait_log "$OUT/mvps-warm-local.log" "image local.mvps-image: idle, closed" >/dev/null
 # shellcheck disable=SC2046
 start_mvps warm-s3 $(s3_args)
-iops_s3=$(warm_job "$(uri "$PORT" "$(token up1.mvps-image)")" "$OUT/warm-s3.json")
-stop_mvps "$MPID"
-start_mvps warm-local --image-store local
-id=local.mvps-image
-nbdcopy "$TMP/src.img" "$(uri "$PORT" "$(token "$id")")"
-wait_log "$OUT/mvps-warm-local.log" "image $id: idle, closed" >/dev/null
-iops_local=$(warm_job "$(uri "$PORT" "$(token "$id")")" "$OUT/warm-local.json")
-stop_mvps "$MPID"
-log "warm random 4k reads: S3 $(fmt "$iops_s3") IOPS, local $(fmt "$iops_local") IOPS"
+S3_PID=$MPID S3_URI=$(uri "$PORT" "$(token up1.mvps-image)")
+warm_up "$S3_URI"
+warm_up "$LOCAL_URI"
+warm_s3=() warm_local=()
+for i in $(seq 1 "$REPEAT"); do
+    warm_s3+=("$(warm_job "$S3_URI" "$OUT/warm-s3-$i.json")")
+    warm_local+=("$(warm_job "$LOCAL_URI" "$OUT/warm-local-$i.json")")
+    log "warm random 4k reads $i: S3 $(fmt "${warm_s3[-1]}") IOPS," \
+        "local $(fmt "${warm_local[-1]}") IOPS"
+done
+stop_mvps "$S3_PID"
+stop_mvps "$LOCAL_PID"
+iops_s3=$(echo "${warm_s3[*]}" | median)
+iops_local=$(echo "${warm_local[*]}" | median)
 
 # ------------------------------------------------------------------ table
 m_up=$(echo "${up_mvps[*]}" | median)
@@ -273,25 +288,36 @@ m_upp=$(echo "${up_plain[*]}" | median)
 m_rd=$(echo "${rd_mvps[*]}" | median)
 m_rdp=$(echo "${rd_plain[*]}" | median)
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
+# paired A B: the median over runs of A[i] / B[i] (each pair ran back to back, so this is
+# steadier than a ratio of medians when other work shares the machine)
+paired() {
+    local -n a=$1 b=$2
+    local i r=()
+    for i in "${!a[@]}"; do r+=("$(echo "${a[$i]} / ${b[$i]}" | bc -l)"); done
+    printf '%.2f' "$(echo "${r[*]}" | median)"
+}
 {
     echo "machine: $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p' | head -1)), $(free -g |
         awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(weed version 2>/dev/null |
         head -1 | sed 's/^version //'), $(curl --version | head -1 | cut -d' ' -f1-2)"
-    echo "image $SIZE, $REPEAT runs each (median); plain transfers: best of $PARS requests in flight"
+    echo "image $SIZE, $REPEAT runs each: medians, and the median of the per-run ratios" \
+        "(each mvps run and its plain run go back to back); plain transfers: best of $PARS" \
+        "requests in flight; load average before: $LOAD_BEFORE"
     echo
     echo "| measure | mvps | plain / local | ratio | target |"
     echo "|---|---|---|---|---|"
     echo "| checkpoint upload (multipart, 4 parts in flight), MiB/s | $(fmt "$m_up") |" \
-        "$(fmt "$m_upp") | $(ratio "$m_up" "$m_upp") | ≥ 0.7 |"
+        "$(fmt "$m_upp") | $(paired up_mvps up_plain) | ≥ 0.7 |"
     echo "| whole checkpoint (layer file + upload + manifest), MiB/s | $(fmt "$m_ck") |" \
-        "$(fmt "$m_upp") | $(ratio "$m_ck" "$m_upp") | — |"
+        "$(fmt "$m_upp") | $(paired up_ckpt up_plain) | — |"
     echo "| cold sequential read (nbdcopy, fresh buffer store), MiB/s | $(fmt "$m_rd") |" \
-        "$(fmt "$m_rdp") | $(ratio "$m_rd" "$m_rdp") | ≥ 0.7 |"
+        "$(fmt "$m_rdp") | $(paired rd_mvps rd_plain) | ≥ 0.7 |"
     echo "| warm random 4 KiB reads (fio, iodepth 16), IOPS | $(fmt "$iops_s3") |" \
-        "$(fmt "$iops_local") | $(ratio "$iops_s3" "$iops_local") | ≥ 0.8 |"
+        "$(fmt "$iops_local") | $(paired warm_s3 warm_local) | ≥ 0.8 |"
     echo
     echo "runs (MiB/s): upload $(fmts "${up_mvps[@]}")/ checkpoint $(fmts "${up_ckpt[@]}")/" \
         "plain $(fmts "${up_plain[@]}"); cold read $(fmts "${rd_mvps[@]}")/ plain" \
-        "$(fmts "${rd_plain[@]}")"
+        "$(fmts "${rd_plain[@]}"); warm IOPS S3 $(fmts "${warm_s3[@]}")/ local" \
+        "$(fmts "${warm_local[@]}")"
 } | tee "$OUT/results.md"
 log "results and logs in $OUT"

@@ -412,14 +412,20 @@ impl ImageStore for S3Store {
             let b = blob::S3Blob::new(self.client.clone(), key.to_string(), full, size);
             return Ok(Box::new(b));
         };
-        // One GET for the size and the first block (header and index of a layer).
-        let first = blob::S3Blob::open_first_block(&self.client, key, &full, cache.block_bytes())?;
-        let size = match first {
-            Some((size, data)) => {
-                cache.insert(&full, 0, data);
-                size
+        // Opened before, first block still cached: no request. Otherwise one GET for the
+        // size and the first block (header and index of a layer).
+        let size = match cache.known_size(&full) {
+            Some(size) => size,
+            None => {
+                let bs = cache.block_bytes();
+                match blob::S3Blob::open_first_block(&self.client, key, &full, bs)? {
+                    Some((size, data)) => {
+                        cache.insert(&full, 0, data);
+                        size
+                    }
+                    None => self.head_size(key, &full)?,
+                }
             }
-            None => self.head_size(key, &full)?,
         };
         let b = blob::S3Blob::new(self.client.clone(), key.to_string(), full.clone(), size);
         Ok(Box::new(cache.wrap_source(&full, Box::new(b))))

@@ -224,11 +224,16 @@ fn layers_open_with_one_request_and_read_through_the_cache() {
     s.put_file("blobs/l.mvps-blob", &path).unwrap();
     let n0 = s.requests_sent();
     let layer = Layer::open("l", s.open_blob("blobs/l.mvps-blob").unwrap()).unwrap();
+    let first = "header and index come with the first block";
+    assert_eq!(s.requests_sent() - n0, 1, "{first}");
+    // Opened again (a session reopening the image): nothing to ask.
+    let again = Layer::open("l", s.open_blob("blobs/l.mvps-blob").unwrap()).unwrap();
     assert_eq!(
         s.requests_sent() - n0,
         1,
-        "header and index come with the first block"
+        "a reopened layer costs no request"
     );
+    assert_eq!(again.lookup(0, 6000).len(), layer.lookup(0, 6000).len());
     // Pages 100..=163 are data pages 10..=73: 256 KiB spanning blocks 0..=4.
     let mut buf = vec![0u8; 64 << 12];
     layer.read_data(10, &mut buf).unwrap();

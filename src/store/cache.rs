@@ -10,12 +10,14 @@
 //!   most [`FETCH_BYTES_MAX`]; longer runs are split and fetched in parallel;
 //! - **single flight**: a block being fetched is marked in the map; a second reader that
 //!   wants it waits for that fetch instead of starting its own;
-//! - **bounded**: ready blocks are kept in LRU order and the least recently used are dropped
-//!   as soon as the buffers they hold exceed `capacity_bytes`. Blocks cut from one GET share
-//!   its buffer, which counts whole while any of them is cached; once fewer than half remain,
-//!   they are copied out so that the buffer can go. Blocks being fetched, and blocks a reader
-//!   is still copying out of, are not counted (they are transient, bounded by the reads in
-//!   flight);
+//! - **bounded** (CLOCK, an LRU approximation): ready blocks sit on a ring; a read sets a
+//!   block's reference bit (under the read lock only, so warm hits never contend for an
+//!   exclusive lock); when the buffers held exceed `capacity_bytes` the hand passes over the
+//!   ring, clearing set bits and evicting the first block whose bit was clear. Blocks cut
+//!   from one GET share its buffer, which counts whole while any of them is cached; once
+//!   fewer than half remain, they are copied out so that the buffer can go. Blocks being
+//!   fetched, and blocks a reader is still copying out of, are not counted (they are
+//!   transient, bounded by the reads in flight);
 //! - **readahead**: reads that continue a sequential stream (up to [`STREAMS_MAX`] per blob)
 //!   keep the next [`READAHEAD_BYTES`] (at most a quarter of the cache) being fetched in the
 //!   background, in GETs of [`FETCH_BYTES_MAX`].
@@ -24,9 +26,9 @@
 //! layer must not evict everything), as does every read when `capacity_bytes` is 0.
 
 use super::{BlobReader, Error, Result};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Longest single ranged read the cache issues. A longer run of missing blocks is split into
 /// reads of this size, fetched in parallel (a single stream rarely fills a link to S3).
@@ -81,9 +83,10 @@ pub struct CacheStats {
     pub held_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A block: the blob's number (interned from its key) and the block's index in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct BlockKey {
-    blob: Arc<str>,
+    blob: u64,
     index: u64,
 }
 
@@ -124,24 +127,20 @@ impl Flight {
 }
 
 enum Slot {
-    Ready { data: Block, tick: u64 },
+    /// `referenced`: read since the clock hand last passed (set under the read lock).
+    Ready {
+        data: Block,
+        referenced: AtomicBool,
+    },
     Loading(Arc<Flight>),
 }
 
 #[derive(Default)]
 struct State {
     map: HashMap<BlockKey, Slot>,
-    /// Ready blocks by last use (ascending tick = least recently used first).
-    lru: BTreeMap<u64, BlockKey>,
-    next_tick: u64,
+    /// The CLOCK: every ready block once, in the order the hand visits them (front first).
+    ring: VecDeque<BlockKey>,
     held_bytes: u64,
-}
-
-impl State {
-    fn tick(&mut self) -> u64 {
-        self.next_tick += 1;
-        self.next_tick
-    }
 }
 
 #[derive(Default)]
@@ -156,13 +155,19 @@ struct Counters {
     readahead_blocks: AtomicU64,
 }
 
+/// A blob's number in block keys, and its size once opened.
+type BlobId = (u64, Option<u64>);
+
 /// The cache. Share it (`Arc`) between every blob of a store: the byte bound is global.
 pub struct BlockCache {
     capacity_bytes: u64,
     block_bytes: u64,
     /// Blocks fetched ahead of a sequential reader (0: no readahead).
     readahead_blocks: u64,
-    state: Mutex<State>,
+    /// Hits take the read lock; misses, fills and evictions the write lock.
+    state: RwLock<State>,
+    /// Blob keys → the numbers block keys use, and the blob's size once opened.
+    ids: Mutex<HashMap<Arc<str>, BlobId>>,
     counters: Counters,
     /// Runs the readahead fetches.
     pool: Mutex<threadpool::ThreadPool>,
@@ -191,7 +196,8 @@ impl BlockCache {
             capacity_bytes,
             block_bytes,
             readahead_blocks: if readahead >= 2 { readahead } else { 0 },
-            state: Mutex::new(State::default()),
+            state: RwLock::new(State::default()),
+            ids: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             pool: Mutex::new(
                 threadpool::Builder::new()
@@ -222,7 +228,7 @@ impl BlockCache {
             evicted_blocks: get(&c.evicted_blocks),
             bypass_reads: get(&c.bypass_reads),
             readahead_blocks: get(&c.readahead_blocks),
-            held_bytes: self.state.lock().unwrap().held_bytes,
+            held_bytes: self.state.read().unwrap().held_bytes,
         }
     }
 
@@ -233,9 +239,14 @@ impl BlockCache {
 
     /// [`BlockCache::wrap`] for a [`Source`].
     pub fn wrap_source(self: &Arc<Self>, key: &str, source: Box<dyn Source>) -> CachedBlob {
+        let id = self.id(key);
+        if let Some(e) = self.ids.lock().unwrap().get_mut(key) {
+            e.1 = Some(source.size_bytes());
+        }
         CachedBlob {
             shared: Arc::new(Blob {
                 cache: self.clone(),
+                id,
                 key: Arc::from(key),
                 inner: source,
                 seq: Mutex::new(Sequence::default()),
@@ -252,39 +263,73 @@ impl BlockCache {
             return;
         }
         let k = BlockKey {
-            blob: Arc::from(key),
+            blob: self.id(key),
             index,
         };
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.write().unwrap();
         if st.map.contains_key(&k) {
             return;
         }
         let bs = self.block_bytes as usize;
         let mut data = data;
         data.truncate(bs);
-        let block = Block::cut(&k.blob, index, data, bs).swap_remove(0);
+        let block = Block::cut(k.blob, index, data, bs).swap_remove(0);
         self.put_ready(&mut st, k, block);
     }
 
-    /// Inserts (or replaces) a ready block and evicts down to the bound.
+    /// The number of the blob stored under `key` (the same for every opening of it, so that
+    /// its blocks are shared). One entry per blob ever opened: a few dozen bytes each.
+    fn id(&self, key: &str) -> u64 {
+        let mut ids = self.ids.lock().unwrap();
+        let next = ids.len() as u64;
+        ids.entry(Arc::from(key)).or_insert((next, None)).0
+    }
+
+    /// The size of the blob under `key` if it was opened before and its first block is still
+    /// cached: opening it again needs no request.
+    pub fn known_size(&self, key: &str) -> Option<u64> {
+        let (id, size) = *self.ids.lock().unwrap().get(key)?;
+        let size = size?;
+        let st = self.state.read().unwrap();
+        let first = BlockKey { blob: id, index: 0 };
+        (size == 0 || matches!(st.map.get(&first), Some(Slot::Ready { .. }))).then_some(size)
+    }
+
+    /// Inserts (or replaces) a ready block and evicts down to the bound: the CLOCK hand
+    /// passes over the ring, giving blocks read since its last pass a second chance and
+    /// evicting the first one that was not.
     fn put_ready(&self, st: &mut State, k: BlockKey, data: Block) {
-        let tick = st.tick();
         hold(st, &data);
-        st.lru.insert(tick, k.clone());
-        if let Some(Slot::Ready { data: old, tick: t }) =
-            st.map.insert(k, Slot::Ready { data, tick })
-        {
-            // Fetched twice (a reader refetching after a failed readahead raced another).
-            st.lru.remove(&t);
-            release(st, &old);
+        let slot = Slot::Ready {
+            data,
+            referenced: AtomicBool::new(false),
+        };
+        match st.map.insert(k, slot) {
+            // Fetched twice (a reader refetching after a failed readahead raced another):
+            // the key is on the ring already.
+            Some(Slot::Ready { data: old, .. }) => release(st, &old),
+            _ => st.ring.push_back(k),
         }
-        while st.held_bytes > self.capacity_bytes {
-            let Some((_, victim)) = st.lru.pop_first() else {
+        // Each pass clears the bits it skips, so two passes over the ring always evict.
+        let mut budget = 2 * st.ring.len() + 1;
+        while st.held_bytes > self.capacity_bytes && budget > 0 {
+            budget -= 1;
+            let Some(victim) = st.ring.pop_front() else {
                 break;
             };
-            if let Some(Slot::Ready { data, .. }) = st.map.remove(&victim) {
-                release(st, &data);
-                self.counters.evicted_blocks.fetch_add(1, Ordering::Relaxed);
+            match st.map.get(&victim) {
+                Some(Slot::Ready { referenced, .. })
+                    if referenced.swap(false, Ordering::Relaxed) =>
+                {
+                    st.ring.push_back(victim);
+                }
+                Some(Slot::Ready { .. }) => {
+                    if let Some(Slot::Ready { data, .. }) = st.map.remove(&victim) {
+                        release(st, &data);
+                        self.counters.evicted_blocks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -311,7 +356,7 @@ fn release(st: &mut State, b: &Block) {
     }
     for index in run.first..run.first + run.blocks {
         let k = BlockKey {
-            blob: run.blob.clone(),
+            blob: run.blob,
             index,
         };
         let Some(Slot::Ready { data, .. }) = st.map.get_mut(&k) else {
@@ -320,7 +365,7 @@ fn release(st: &mut State, b: &Block) {
         if !Arc::ptr_eq(&data.run, run) {
             continue;
         }
-        let copy = Block::cut(&run.blob, index, data.bytes().to_vec(), data.len()).swap_remove(0);
+        let copy = Block::cut(run.blob, index, data.bytes().to_vec(), data.len()).swap_remove(0);
         copy.run.cached.store(1, Ordering::Relaxed);
         st.held_bytes += copy.len() as u64;
         *data = copy;
@@ -334,7 +379,7 @@ fn release(st: &mut State, b: &Block) {
 struct Run {
     bytes: Vec<u8>,
     /// The blob and first block of the run, to find its blocks again.
-    blob: Arc<str>,
+    blob: u64,
     first: u64,
     blocks: u64,
     /// Blocks of this run in the cache. Changed only under the state lock.
@@ -354,10 +399,10 @@ pub struct Block {
 
 impl Block {
     /// `bytes` (blocks `first..`, the last possibly short) cut into blocks of `block_bytes`.
-    fn cut(blob: &Arc<str>, first: u64, bytes: Vec<u8>, block_bytes: usize) -> Vec<Block> {
+    fn cut(blob: u64, first: u64, bytes: Vec<u8>, block_bytes: usize) -> Vec<Block> {
         let len = bytes.len();
         let run = Arc::new(Run {
-            blob: blob.clone(),
+            blob,
             first,
             blocks: len.div_ceil(block_bytes) as u64,
             bytes,
@@ -433,6 +478,9 @@ pub struct CachedBlob {
 /// What a [`CachedBlob`] shares with its readahead jobs.
 struct Blob {
     cache: Arc<BlockCache>,
+    /// The number its block keys use.
+    id: u64,
+    /// The blob's key, for messages.
     key: Arc<str>,
     inner: Box<dyn Source>,
     seq: Mutex<Sequence>,
@@ -458,7 +506,7 @@ struct Stream {
 impl Blob {
     fn key(&self, index: u64) -> BlockKey {
         BlockKey {
-            blob: self.key.clone(),
+            blob: self.id,
             index,
         }
     }
@@ -467,22 +515,40 @@ impl Blob {
         self.inner.size_bytes().div_ceil(self.cache.block_bytes)
     }
 
-    /// Decides, under the lock, which blocks are present, awaited or ours to fetch.
-    fn plan(&self, first: u64, last: u64) -> Vec<Plan> {
+    /// All of blocks `[first, last]` if they are cached (marked as read), under the read
+    /// lock: the common case of a warm cache takes no exclusive lock.
+    fn hits(&self, first: u64, last: u64) -> Option<Vec<Plan>> {
         let c = &self.cache;
-        let mut st = c.state.lock().unwrap();
+        let st = c.state.read().unwrap();
+        let mut plans = Vec::with_capacity((last - first + 1) as usize);
+        for index in first..=last {
+            let Some(Slot::Ready { data, referenced }) = st.map.get(&self.key(index)) else {
+                return None;
+            };
+            referenced.store(true, Ordering::Relaxed);
+            plans.push(Plan::Have(data.clone()));
+        }
+        c.counters
+            .hit_blocks
+            .fetch_add(plans.len() as u64, Ordering::Relaxed);
+        Some(plans)
+    }
+
+    /// Decides, under the write lock, which blocks are present, awaited or ours to fetch.
+    fn plan(&self, first: u64, last: u64) -> Vec<Plan> {
+        if let Some(p) = self.hits(first, last) {
+            return p;
+        }
+        let c = &self.cache;
+        let mut st = c.state.write().unwrap();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
         for index in first..=last {
             let k = self.key(index);
-            let tick = st.tick();
-            let plan = match st.map.get_mut(&k) {
-                Some(Slot::Ready { data, tick: t }) => {
-                    let old = std::mem::replace(t, tick);
-                    let data = data.clone();
-                    st.lru.remove(&old);
-                    st.lru.insert(tick, k);
+            let plan = match st.map.get(&k) {
+                Some(Slot::Ready { data, referenced }) => {
+                    referenced.store(true, Ordering::Relaxed);
                     c.counters.hit_blocks.fetch_add(1, Ordering::Relaxed);
-                    Plan::Have(data)
+                    Plan::Have(data.clone())
                 }
                 Some(Slot::Loading(f)) => {
                     c.counters.joined_blocks.fetch_add(1, Ordering::Relaxed);
@@ -519,12 +585,12 @@ impl Blob {
                 })
             }
         });
-        let mut st = self.cache.state.lock().unwrap();
+        let mut st = self.cache.state.write().unwrap();
         let keys = (start..start + n).map(|index| self.key(index));
         match r {
             Ok(bytes) => {
                 c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                let blocks = Block::cut(&self.key, start, bytes, bs as usize);
+                let blocks = Block::cut(self.id, start, bytes, bs as usize);
                 for ((k, f), data) in keys.zip(flights).zip(&blocks) {
                     self.cache.put_ready(&mut st, k, data.clone());
                     f.finish(Ok(data.clone()));
@@ -583,15 +649,26 @@ impl Blob {
         if window == 0 || last + 1 >= end {
             return;
         }
+        // Blocks present (or coming) right after `last`, up to half the window.
+        let ahead = |st: &State| {
+            let mut n = 0;
+            while last + 1 + n < end
+                && n < window / 2
+                && st.map.contains_key(&self.key(last + 1 + n))
+            {
+                n += 1;
+            }
+            n
+        };
+        if ahead(&c.state.read().unwrap()) >= window / 2 {
+            return; // the usual case: checked without the write lock
+        }
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
         {
-            let mut st = c.state.lock().unwrap();
-            let mut ahead = 0;
-            while last + 1 + ahead < end && st.map.contains_key(&self.key(last + 1 + ahead)) {
-                ahead += 1;
-                if ahead >= window / 2 {
-                    return;
-                }
+            let mut st = c.state.write().unwrap();
+            let ahead = ahead(&st);
+            if ahead >= window / 2 {
+                return;
             }
             let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
             let stop = (last + 1 + window).min(end);
@@ -867,7 +944,7 @@ mod tests {
     }
 
     #[test]
-    fn eviction_keeps_the_byte_bound_and_drops_least_recently_used() {
+    fn eviction_keeps_the_byte_bound_and_spares_blocks_read_since_the_last_pass() {
         let bs = 16 * KIB;
         let cache = Arc::new(BlockCache::new(4 * bs, bs).unwrap());
         let (b, reads) = blob(&cache, "blobs/a", 10 * bs as usize, 0);
@@ -876,7 +953,7 @@ mod tests {
         }
         assert_eq!(cache.stats().held_bytes, 4 * bs);
         read(&b, 0, 1); // block 0 is now the most recently used
-        read(&b, 4 * bs, 1); // evicts block 1, the least recently used
+        read(&b, 4 * bs, 1); // the hand spares block 0 (read since) and evicts block 1
         let s = cache.stats();
         assert_eq!((s.held_bytes, s.evicted_blocks), (4 * bs, 1));
         let before = reads.lock().unwrap().len();
@@ -917,7 +994,7 @@ mod tests {
         // cached block now owns exactly its bytes.
         assert_eq!(reads.lock().unwrap()[0], (0, 8 * bs as usize));
         assert!(!reads.lock().unwrap()[1..].iter().any(|&(o, _)| o == 0));
-        let st = cache.state.lock().unwrap();
+        let st = cache.state.read().unwrap();
         let ready: u64 = st
             .map
             .values()
@@ -930,6 +1007,16 @@ mod tests {
             })
             .sum();
         assert_eq!(ready, st.held_bytes);
+        let ready_blocks = st
+            .map
+            .values()
+            .filter(|s| matches!(s, Slot::Ready { .. }))
+            .count();
+        assert_eq!(
+            st.ring.len(),
+            ready_blocks,
+            "the clock ring lists each ready block once"
+        );
         assert_eq!(st.held_bytes, 16 * bs);
     }
 
@@ -1044,7 +1131,7 @@ mod tests {
             off += step;
         }
         let n = reads.lock().unwrap().len();
-        assert!(n <= 16, "{n} reads for two streams");
+        assert!(n <= 24, "{n} reads for two streams");
         // Random reads far apart never look sequential.
         let (b, reads) = blob(&cache, "blobs/rnd", size, 0);
         for i in 0..40u64 {
@@ -1063,13 +1150,13 @@ mod tests {
         // A readahead of block 2 is in flight and will fail in 200 ms.
         let f = Flight::new(true);
         let k = b.shared.key(2);
-        let mut st = cache.state.lock().unwrap();
-        st.map.insert(k.clone(), Slot::Loading(f.clone()));
+        let mut st = cache.state.write().unwrap();
+        st.map.insert(k, Slot::Loading(f.clone()));
         drop(st);
         let c2 = cache.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
-            c2.state.lock().unwrap().map.remove(&k);
+            c2.state.write().unwrap().map.remove(&k);
             f.finish(Err(Error::Unavailable {
                 key: "k".into(),
                 message: "injected".into(),
