@@ -11,7 +11,7 @@
 use super::client::{Client, Response};
 use super::error::Error;
 use super::{request, store_error};
-use crate::store::cache::Source;
+use crate::store::cache::{self, Source};
 use crate::store::{self, BlobReader};
 use std::sync::Arc;
 
@@ -73,10 +73,19 @@ impl S3Blob {
     }
 }
 
-/// The block cache fetches through here, keeping the response bodies it is handed.
+/// The block cache fetches through here: the body is read straight into a recycled buffer,
+/// which the cache keeps.
 impl Source for S3Blob {
     fn fetch(&self, offset: u64, len: usize) -> store::Result<Vec<u8>> {
-        self.fetch_vec(offset, len as u64)
+        debug_assert!(len > 0 && offset + len as u64 <= self.size);
+        let full = self.full_key.as_str();
+        let len64 = len as u64;
+        let sign = |b: &_, c: &_| request::get(b, c, full, Some((offset, len64)));
+        self.client
+            .call_into("ranged get", sign, cache::take_buffer(len), |r| {
+                check_range(r, offset, len64, self.size)
+            })
+            .map_err(|f| store_error(&self.client, &self.key, full, f))
     }
 
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> store::Result<()> {

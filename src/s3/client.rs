@@ -139,12 +139,39 @@ impl Client {
         sign: impl Fn(&Bucket, &Credentials) -> Request,
         body: &[u8],
         body_limit: u64,
+        accept: impl FnMut(Response) -> Result<T, Error>,
+    ) -> Result<(T, bool), Failure> {
+        self.call_inner(what, sign, body, body_limit, None, accept)
+    }
+
+    /// [`Client::call`] for a request whose success body has exactly `buf.len()` bytes (a
+    /// ranged GET): the body is read into `buf` (a recycled buffer: no allocation, no zeroing)
+    /// and handed to `accept` as `Response::body`.
+    pub fn call_into<T>(
+        &self,
+        what: &str,
+        sign: impl Fn(&Bucket, &Credentials) -> Request,
+        buf: Vec<u8>,
+        accept: impl FnMut(Response) -> Result<T, Error>,
+    ) -> Result<T, Failure> {
+        let limit = buf.len() as u64;
+        self.call_inner(what, sign, &[], limit, Some(buf), accept)
+            .map(|(v, _)| v)
+    }
+
+    fn call_inner<T>(
+        &self,
+        what: &str,
+        sign: impl Fn(&Bucket, &Credentials) -> Request,
+        body: &[u8],
+        body_limit: u64,
+        mut into: Option<Vec<u8>>,
         mut accept: impl FnMut(Response) -> Result<T, Error>,
     ) -> Result<(T, bool), Failure> {
         let mut maybe_applied = false;
         for attempt in 1..=retry::REQUEST_ATTEMPTS_MAX {
             let request = sign(&self.bucket, &self.credentials);
-            let err = match self.send_once(&request, body, body_limit) {
+            let err = match self.send_once(&request, body, body_limit, &mut into) {
                 Ok(response) => match accept(response) {
                     Ok(v) => return Ok((v, maybe_applied)),
                     Err(e) => e,
@@ -173,8 +200,15 @@ impl Client {
         unreachable!("the last attempt returns")
     }
 
-    /// One attempt: send, then read the whole (bounded) body.
-    fn send_once(&self, r: &Request, body: &[u8], body_limit: u64) -> Result<Response, Error> {
+    /// One attempt: send, then read the whole (bounded) body — into `into`'s buffer if it
+    /// has exactly the success body's announced length (the buffer is then used up).
+    fn send_once(
+        &self,
+        r: &Request,
+        body: &[u8],
+        body_limit: u64,
+        into: &mut Option<Vec<u8>>,
+    ) -> Result<Response, Error> {
         let a = &self.agent;
         self.requests_sent.fetch_add(1, Ordering::Relaxed);
         let sent = match r.method {
@@ -207,6 +241,22 @@ impl Client {
         } else {
             ERROR_BODY_BYTES_MAX
         };
+        let reading = |e: std::io::Error| Error::Transport {
+            retryable: true,
+            message: format!("reading body: {e}"),
+        };
+        let exact = into.as_ref().map(|b| b.len() as u64);
+        if out.is_success() && exact.is_some() && out.content_length == exact {
+            // ureq stops at Content-Length and fails on a short body.
+            let mut buf = into.take().expect("checked above");
+            response
+                .into_body()
+                .into_reader()
+                .read_exact(&mut buf)
+                .map_err(reading)?;
+            out.body = buf;
+            return Ok(out);
+        }
         // Trust Content-Length only as a hint for the allocation, never past the limit.
         out.body
             .reserve(out.content_length.unwrap_or(0).min(limit) as usize);

@@ -335,10 +335,10 @@ impl BlockCache {
     }
 }
 
-/// Counts a block entering the cache (its buffer's size, if it is the buffer's first).
+/// Counts a block entering the cache (its buffer's capacity, if it is the buffer's first).
 fn hold(st: &mut State, b: &Block) {
     if b.run.cached.fetch_add(1, Ordering::Relaxed) == 0 {
-        st.held_bytes += b.run.bytes.len() as u64;
+        st.held_bytes += b.run.bytes.capacity() as u64;
     }
 }
 
@@ -348,7 +348,7 @@ fn release(st: &mut State, b: &Block) {
     let run = &b.run;
     let left = run.cached.fetch_sub(1, Ordering::Relaxed) - 1;
     if left == 0 {
-        st.held_bytes -= run.bytes.len() as u64;
+        st.held_bytes -= run.bytes.capacity() as u64;
         return;
     }
     if left * 2 >= run.blocks {
@@ -370,7 +370,7 @@ fn release(st: &mut State, b: &Block) {
         st.held_bytes += copy.len() as u64;
         *data = copy;
         if run.cached.fetch_sub(1, Ordering::Relaxed) == 1 {
-            st.held_bytes -= run.bytes.len() as u64;
+            st.held_bytes -= run.bytes.capacity() as u64;
         }
     }
 }
@@ -384,6 +384,51 @@ struct Run {
     blocks: u64,
     /// Blocks of this run in the cache. Changed only under the state lock.
     cached: AtomicU64,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.bytes));
+    }
+}
+
+/// Fetch buffers no longer used by any block, for the next fetches: a fresh multi-megabyte
+/// buffer costs a page fault per 4 KiB and zeroing; a recycled one neither. Bounded by
+/// [`POOL_BUFFERS_MAX`] buffers (extra memory beyond the cache's bound).
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Most buffers kept for reuse (a sequential stream uses about as many as readahead threads).
+pub const POOL_BUFFERS_MAX: usize = 6;
+
+/// Buffers smaller than this are not worth keeping.
+pub const POOL_BUFFER_BYTES_MIN: usize = 1 << 20;
+
+/// A buffer of `len` bytes for a fetch (contents unspecified): recycled when one fits (at
+/// most a quarter larger), else new.
+pub fn take_buffer(len: usize) -> Vec<u8> {
+    if len >= POOL_BUFFER_BYTES_MIN {
+        let mut pool = BUFFERS.lock().unwrap();
+        // A buffer much larger than needed would be counted whole against the cache bound.
+        let fits = (pool.iter().enumerate())
+            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= len + len / 4);
+        if let Some(i) = fits.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
+            let mut b = pool.swap_remove(i);
+            drop(pool);
+            // Only bytes never initialized are zeroed (none, for same-sized fetches).
+            b.resize(len, 0);
+            return b;
+        }
+    }
+    vec![0; len]
+}
+
+fn give_buffer(b: Vec<u8>) {
+    if b.capacity() >= POOL_BUFFER_BYTES_MIN {
+        let mut pool = BUFFERS.lock().unwrap();
+        if pool.len() < POOL_BUFFERS_MAX {
+            pool.push(b);
+        }
+    }
 }
 
 /// One cached block: a range of the buffer its fetch filled. The blocks of one ranged read
@@ -435,7 +480,8 @@ impl Block {
 /// a store that receives bytes into a buffer of its own (S3) implements this to hand that
 /// buffer over instead of copying it.
 pub trait Source: Send + Sync {
-    /// `len` bytes at `offset` (inside the blob), in a buffer of exactly that length.
+    /// `len` bytes at `offset` (inside the blob), in a buffer of exactly that length
+    /// (ideally from [`take_buffer`]; the cache recycles it when its blocks are gone).
     fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// [`BlobReader::read_at`], for reads that bypass the cache.
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
@@ -446,7 +492,7 @@ struct ReaderSource(Box<dyn BlobReader>);
 
 impl Source for ReaderSource {
     fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
+        let mut buf = take_buffer(len);
         self.0.read_at(offset, &mut buf)?;
         Ok(buf)
     }
@@ -613,7 +659,11 @@ impl Blob {
     /// out of order), and extends its streak if it moves the frontier forward; a read near no
     /// stream starts a new one, replacing the least recently used of [`STREAMS_MAX`].
     fn note_read(&self, first: u64, last: u64) -> bool {
-        let mut q = self.seq.lock().unwrap();
+        // Never wait for it: a read that finds another one noting is not noted (a stream's
+        // other reads still are), which keeps warm random reads from queueing here.
+        let Ok(mut q) = self.seq.try_lock() else {
+            return false;
+        };
         q.clock += 1;
         let now = q.clock;
         let near =
@@ -1169,6 +1219,25 @@ mod tests {
         assert_eq!(cache.stats().joined_blocks, 1);
         // A reader's own failed fetch is not retried by the readers waiting for it (see
         // a_failed_fetch_fails_its_waiters_and_is_not_cached).
+    }
+
+    #[test]
+    fn fetch_buffers_are_recycled_within_a_bound() {
+        for _ in 0..(POOL_BUFFERS_MAX + 4) {
+            give_buffer(vec![7u8; 2 << 20]);
+        }
+        assert!(BUFFERS.lock().unwrap().len() <= POOL_BUFFERS_MAX);
+        give_buffer(vec![0u8; 1000]); // too small to keep
+        assert!(BUFFERS
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.capacity() >= POOL_BUFFER_BYTES_MIN));
+        let b = take_buffer(3 << 20);
+        assert_eq!(b.len(), 3 << 20);
+        let b = take_buffer(1 << 20);
+        assert_eq!(b.len(), 1 << 20);
+        assert!(b.capacity() >= 1 << 20);
     }
 
     #[test]
