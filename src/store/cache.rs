@@ -15,9 +15,9 @@
 //!   exclusive lock); when the buffers held exceed `capacity_bytes` the hand passes over the
 //!   ring, clearing set bits and evicting the first block whose bit was clear. Blocks cut
 //!   from one GET share its buffer, which counts whole while any of them is cached; once
-//!   fewer than half remain, they are copied out so that the buffer can go. Blocks being
-//!   fetched, and blocks a reader is still copying out of, are not counted (they are
-//!   transient, bounded by the reads in flight);
+//!   fewer than half remain, the hot ones are copied out and the rest evicted, so that the
+//!   buffer can go. Blocks being fetched, and blocks a reader is still copying out of, are
+//!   not counted (they are transient, bounded by the reads in flight);
 //! - **readahead**: reads that continue a sequential stream (up to [`STREAMS_MAX`] per blob)
 //!   keep the next [`READAHEAD_BYTES`] (at most a quarter of the cache) being fetched in the
 //!   background, in GETs of [`FETCH_BYTES_MAX`].
@@ -27,7 +27,7 @@
 
 use super::{BlobReader, Error, Result};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Longest single ranged read the cache issues. A longer run of missing blocks is split into
@@ -50,6 +50,10 @@ pub const SEQUENTIAL_SLACK_BLOCKS: u64 = 32;
 
 /// Reads that moved a stream forward before readahead starts for it.
 pub const SEQUENTIAL_READS_MIN: u32 = 3;
+
+/// A block read this often is hot: kept (copied out) when the rest of its fetch buffer goes.
+/// A sequential scan reads each block once or twice (reads straddle block boundaries).
+pub const HOT_READS: u32 = 3;
 
 /// Sequential streams tracked per blob.
 pub const STREAMS_MAX: usize = 4;
@@ -79,6 +83,8 @@ pub struct CacheStats {
     pub bypass_reads: u64,
     /// Blocks fetched ahead of sequential readers.
     pub readahead_blocks: u64,
+    /// Hot blocks copied out of a mostly evicted fetch buffer.
+    pub copied_blocks: u64,
     /// Bytes of ready blocks held now.
     pub held_bytes: u64,
 }
@@ -127,10 +133,12 @@ impl Flight {
 }
 
 enum Slot {
-    /// `referenced`: read since the clock hand last passed (set under the read lock).
+    /// `referenced`: read since the clock hand last passed; `reads`: times read. Both are
+    /// updated under the read lock.
     Ready {
         data: Block,
         referenced: AtomicBool,
+        reads: AtomicU32,
     },
     Loading(Arc<Flight>),
 }
@@ -153,6 +161,7 @@ struct Counters {
     evicted_blocks: AtomicU64,
     bypass_reads: AtomicU64,
     readahead_blocks: AtomicU64,
+    copied_blocks: AtomicU64,
 }
 
 /// A blob's number in block keys, and its size once opened.
@@ -228,6 +237,7 @@ impl BlockCache {
             evicted_blocks: get(&c.evicted_blocks),
             bypass_reads: get(&c.bypass_reads),
             readahead_blocks: get(&c.readahead_blocks),
+            copied_blocks: get(&c.copied_blocks),
             held_bytes: self.state.read().unwrap().held_bytes,
         }
     }
@@ -303,11 +313,15 @@ impl BlockCache {
         let slot = Slot::Ready {
             data,
             referenced: AtomicBool::new(false),
+            reads: AtomicU32::new(0),
         };
         match st.map.insert(k, slot) {
             // Fetched twice (a reader refetching after a failed readahead raced another):
             // the key is on the ring already.
-            Some(Slot::Ready { data: old, .. }) => release(st, &old),
+            Some(Slot::Ready { data: old, .. }) => {
+                let n = release(st, &old, &self.counters);
+                self.counters.evicted_blocks.fetch_add(n, Ordering::Relaxed);
+            }
             _ => st.ring.push_back(k),
         }
         // Each pass clears the bits it skips, so two passes over the ring always evict.
@@ -325,8 +339,8 @@ impl BlockCache {
                 }
                 Some(Slot::Ready { .. }) => {
                     if let Some(Slot::Ready { data, .. }) = st.map.remove(&victim) {
-                        release(st, &data);
-                        self.counters.evicted_blocks.fetch_add(1, Ordering::Relaxed);
+                        let n = 1 + release(st, &data, &self.counters);
+                        self.counters.evicted_blocks.fetch_add(n, Ordering::Relaxed);
                     }
                 }
                 _ => {}
@@ -342,37 +356,61 @@ fn hold(st: &mut State, b: &Block) {
     }
 }
 
-/// Counts a block leaving the cache. When fewer than half of its buffer's blocks remain, they
-/// are copied into buffers of their own, so the big one can be freed.
-fn release(st: &mut State, b: &Block) {
+/// Counts a block leaving the cache. When fewer than half of its buffer's blocks remain, the
+/// hot ones (read since the clock hand last passed, or [`HOT_READS`] times) are copied into
+/// buffers of their own and the others are evicted with it (after a scan they are next
+/// anyway), so the big buffer can be freed. Returns how many blocks that evicted.
+fn release(st: &mut State, b: &Block, counters: &Counters) -> u64 {
     let run = &b.run;
     let left = run.cached.fetch_sub(1, Ordering::Relaxed) - 1;
     if left == 0 {
         st.held_bytes -= run.bytes.capacity() as u64;
-        return;
+        return 0;
     }
     if left * 2 >= run.blocks {
-        return;
+        return 0;
     }
+    let mut cold = Vec::new();
     for index in run.first..run.first + run.blocks {
         let k = BlockKey {
             blob: run.blob,
             index,
         };
-        let Some(Slot::Ready { data, .. }) = st.map.get_mut(&k) else {
+        let Some(Slot::Ready {
+            data,
+            referenced,
+            reads,
+        }) = st.map.get_mut(&k)
+        else {
             continue;
         };
         if !Arc::ptr_eq(&data.run, run) {
+            continue;
+        }
+        let hot = referenced.load(Ordering::Relaxed) || reads.load(Ordering::Relaxed) >= HOT_READS;
+        if !hot {
+            cold.push(k);
             continue;
         }
         let copy = Block::cut(run.blob, index, data.bytes().to_vec(), data.len()).swap_remove(0);
         copy.run.cached.store(1, Ordering::Relaxed);
         st.held_bytes += copy.len() as u64;
         *data = copy;
+        counters.copied_blocks.fetch_add(1, Ordering::Relaxed);
         if run.cached.fetch_sub(1, Ordering::Relaxed) == 1 {
             st.held_bytes -= run.bytes.capacity() as u64;
         }
     }
+    for k in &cold {
+        st.map.remove(k);
+        if run.cached.fetch_sub(1, Ordering::Relaxed) == 1 {
+            st.held_bytes -= run.bytes.capacity() as u64;
+        }
+    }
+    if !cold.is_empty() {
+        st.ring.retain(|k| !cold.contains(k));
+    }
+    cold.len() as u64
 }
 
 /// The buffer one fetch filled, shared by the blocks cut from it.
@@ -568,10 +606,16 @@ impl Blob {
         let st = c.state.read().unwrap();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
         for index in first..=last {
-            let Some(Slot::Ready { data, referenced }) = st.map.get(&self.key(index)) else {
+            let Some(Slot::Ready {
+                data,
+                referenced,
+                reads,
+            }) = st.map.get(&self.key(index))
+            else {
                 return None;
             };
             referenced.store(true, Ordering::Relaxed);
+            reads.fetch_add(1, Ordering::Relaxed);
             plans.push(Plan::Have(data.clone()));
         }
         c.counters
@@ -591,8 +635,13 @@ impl Blob {
         for index in first..=last {
             let k = self.key(index);
             let plan = match st.map.get(&k) {
-                Some(Slot::Ready { data, referenced }) => {
+                Some(Slot::Ready {
+                    data,
+                    referenced,
+                    reads,
+                }) => {
                     referenced.store(true, Ordering::Relaxed);
+                    reads.fetch_add(1, Ordering::Relaxed);
                     c.counters.hit_blocks.fetch_add(1, Ordering::Relaxed);
                     Plan::Have(data.clone())
                 }
@@ -1068,6 +1117,31 @@ mod tests {
             "the clock ring lists each ready block once"
         );
         assert_eq!(st.held_bytes, 16 * bs);
+        drop(st);
+        assert!(cache.stats().copied_blocks >= 1, "{:?}", cache.stats());
+    }
+
+    #[test]
+    fn a_scanned_fetch_buffer_goes_whole_without_copies() {
+        let bs = 16 * KIB;
+        let cache = Arc::new(BlockCache::new(16 * bs, bs).unwrap());
+        let (b, _) = blob(&cache, "blobs/s", 1700 * bs as usize, 0);
+        read(&b, 0, 8 * bs as usize); // one GET, every block read once
+        for i in 1..=20u64 {
+            read(&b, i * 41 * bs, 1);
+        }
+        let st = cache.state.read().unwrap();
+        for index in 0..8 {
+            let k = BlockKey { blob: 0, index };
+            assert!(
+                st.map.get(&k).is_none(),
+                "block {index} of the scanned run was kept"
+            );
+        }
+        assert_eq!(st.ring.len(), st.map.len());
+        assert!(st.held_bytes <= 16 * bs);
+        drop(st);
+        assert_eq!(cache.stats().copied_blocks, 0, "{:?}", cache.stats());
     }
 
     #[test]
