@@ -1134,7 +1134,7 @@ mod tests {
         for index in 0..8 {
             let k = BlockKey { blob: 0, index };
             assert!(
-                st.map.get(&k).is_none(),
+                !st.map.contains_key(&k),
                 "block {index} of the scanned run was kept"
             );
         }
