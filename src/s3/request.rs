@@ -48,14 +48,7 @@ pub fn is_valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= KEY_BYTES_MAX && key.split('/').all(is_valid_component)
 }
 
-fn is_valid_component(c: &str) -> bool {
-    !c.is_empty()
-        && c != "."
-        && c != ".."
-        && !c.starts_with(".tmp")
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
+use crate::store::keys::is_valid_key_component as is_valid_component;
 
 /// A listing prefix: empty, or whole valid components, each followed by `/`, then possibly
 /// the start of one more component (`images/`, `blobs/01H`, `images/x.mvps-image/`).

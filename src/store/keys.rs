@@ -43,6 +43,17 @@ pub fn is_valid_blob_id(id: &str) -> bool {
     }
 }
 
+/// One component of an object key, as both stores accept it: `[A-Za-z0-9._-]+`, not `.` or
+/// `..`, not starting with `.tmp` (the local store's temp files).
+pub fn is_valid_key_component(c: &str) -> bool {
+    !c.is_empty()
+        && c != "."
+        && c != ".."
+        && !c.starts_with(".tmp")
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 pub fn manifest_prefix(image_id: &str) -> String {
     debug_assert!(is_valid_image_id(image_id));
     format!("{IMAGES_PREFIX}{image_id}/")

@@ -37,16 +37,7 @@ fn io_err<'a>(key: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> Error
 
 /// Keys may only be made of safe path components: no `..`, no absolute paths, no empties.
 fn check_key(key: &str) -> Result<()> {
-    let ok = !key.is_empty()
-        && !key.starts_with('/')
-        && key.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && !c.starts_with(".tmp")
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        });
+    let ok = !key.is_empty() && key.split('/').all(super::keys::is_valid_key_component);
     if ok {
         Ok(())
     } else {
