@@ -39,8 +39,10 @@ pub const PAGE_SIZE_BITS_MAX: u32 = 16;
 /// several layers in one manifest. Bounds temp-file size and per-upload time.
 pub const CHECKPOINT_LAYER_PAGES_MAX: u64 = 262_144;
 
-/// The WAL is rewritten when at least this many bytes are dead and dead bytes outnumber live ones.
-pub const WAL_REWRITE_DEAD_BYTES_MIN: u64 = 64 << 20;
+/// A checkpoint starts early once the newest WAL segment holds this many bytes (each
+/// checkpoint moves the WAL on to a new segment and deletes the checkpointed ones), so the
+/// buffer store's disk use stays bounded even when writes keep overwriting a few pages.
+pub const WAL_SEGMENT_CHECKPOINT_BYTES: u64 = 256 << 20;
 
 /// Handshake must complete within this long, or the connection is dropped.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;

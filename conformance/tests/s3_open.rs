@@ -38,7 +38,7 @@ fn opening_an_image_is_a_handful_of_requests_and_layers_open_in_parallel() {
             start,
             len: PAGES_PER_LAYER,
         }];
-        let (size_bytes, data_pages) = write_layer(&path, 12, &extents, |first, _, buf| {
+        let (size_bytes, data_pages) = write_layer(&path, 12, &extents, |first, _, buf, _crcs| {
             for (j, p) in buf.chunks_mut(4096).enumerate() {
                 p.fill(page_byte(first + j as u64));
             }

@@ -74,7 +74,7 @@ fn run(c: Config) -> Result<(), String> {
         checkpoint_interval_jitter_ms: c.checkpoint_interval_jitter_ms,
         write_throttle_threshold_pages: c.write_throttle_threshold_pages,
         disable_image_store_write: c.disable_image_store_write,
-        wal_rewrite_dead_bytes_min: mvps::limits::WAL_REWRITE_DEAD_BYTES_MIN,
+        wal_segment_checkpoint_bytes: mvps::limits::WAL_SEGMENT_CHECKPOINT_BYTES,
         txn_bytes_max: c.txn_bytes_max,
         txn_lock_timeout_ms: c.txn_lock_timeout_ms,
     };

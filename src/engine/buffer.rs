@@ -69,7 +69,13 @@ impl BufferStore {
         })
     }
 
-    pub fn wal_path(&self, image_id: &str) -> PathBuf {
+    /// The file of WAL segment `segment` of `image_id`.
+    pub fn wal_segment_path(&self, image_id: &str, segment: u64) -> PathBuf {
+        super::wal::segment_path(&self.dir, image_id, segment)
+    }
+
+    /// Where WAL format 1 (one file per image, before segments) kept an image's log.
+    pub fn legacy_wal_path(&self, image_id: &str) -> PathBuf {
         self.dir.join(format!("{image_id}.wal"))
     }
 

@@ -1,19 +1,23 @@
-//! The checkpoint loop (DESIGN §7): snapshot the committed buffered pages, write them as layer
-//! blobs, publish manifest g+1 (conditional create), and only then drop the checkpointed
-//! entries from the index. Afterwards the WAL is rewritten if it is mostly dead.
+//! The checkpoint loop (DESIGN §7): snapshot the committed buffered pages and move the WAL on
+//! to a new segment, write the snapshot as layer blobs, publish manifest g+1 (conditional
+//! create), and only then drop the checkpointed entries from the index and delete the WAL
+//! segments nothing refers to any more.
 //!
 //! Crash cases: a crash before the manifest is created leaves orphan blobs (the GC collects
-//! them) and the WAL unchanged; after it, recovery skips WAL changes with a change count at or
-//! below the manifest's.
+//! them) and every segment in place; after it, recovery skips WAL changes with a change count
+//! at or below the manifest's, and the next checkpoint deletes the segments that held them.
 
 use super::extent::{Extent, ExtentValue};
 use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session};
+use super::wal::{self, Kind, Record, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -70,16 +74,24 @@ fn run(weak: Weak<Session>) {
                 continue;
             }
         }
-        if s.connection_count() == 0 && s.buffer.try_close_idle(&s) {
-            log::info!("image {}: idle, closed", s.image_id);
-            return;
+        if s.connection_count() == 0 {
+            // Merges deferred during a write burst run now; the compaction thread wakes us
+            // when it is done, and only then does the session close.
+            let merging = s.compaction_pending() && !s.compaction_failing();
+            if merging {
+                s.wake_compaction();
+            } else if s.buffer.try_close_idle(&s) {
+                log::info!("image {}: idle, closed", s.image_id);
+                return;
+            }
         }
     }
 }
 
 struct Snapshot {
     extents: Vec<Extent<BufVal>>,
-    wal: Arc<std::fs::File>,
+    /// The segments the extents point into.
+    segments: BTreeMap<u64, Arc<File>>,
     change_count: u64,
 }
 
@@ -90,8 +102,28 @@ impl Session {
             return Ok(0);
         }
         self.check_usable()?;
-        let Some(snap) = self.snapshot() else {
+        let _one_at_a_time = self.checkpointing.lock().unwrap();
+        if self.buffer_is_empty() || self.writer.lock().unwrap().manifest.is_none() {
+            self.retire_segments()?;
             return Ok(0);
+        }
+        // Creating a segment costs two fsyncs: do it before taking the writer lock.
+        let next = self.prepare_segment()?;
+        let next_path = next.path.clone();
+        let snap = match self.snapshot_and_rotate(next) {
+            Ok((snap, rotated)) => {
+                if !rotated {
+                    let _ = std::fs::remove_file(&next_path);
+                }
+                match snap {
+                    Some(s) => s,
+                    None => return Ok(0),
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&next_path);
+                return Err(e);
+            }
         };
         let refs = self.upload_layers(&snap)?;
         let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
@@ -133,9 +165,119 @@ impl Session {
         *m.lock().unwrap() += 1;
         c.notify_all();
         drop(_publishing);
-        self.maybe_rewrite_wal()?;
+        self.retire_segments()?;
         self.wake_compaction();
         Ok(pages)
+    }
+
+    /// Creates the WAL segment that follows the newest one (only the checkpoint thread moves
+    /// the WAL on, so the number stays right until `snapshot_and_rotate`).
+    fn prepare_segment(&self) -> Result<WalFile> {
+        let header = {
+            let w = self.writer.lock().unwrap();
+            WalHeader {
+                segment: w.wal.segment() + 1,
+                ..w.wal.header.clone()
+            }
+        };
+        if header.segment > wal::SEGMENT_NUMBER_MAX {
+            return Err(Error::Io {
+                image: self.image_id.clone(),
+                op: "create WAL segment",
+                source: std::io::Error::other("WAL segment numbers exhausted"),
+            });
+        }
+        let path = self.buffer.wal_segment_path(&self.image_id, header.segment);
+        WalFile::create(&path, &header).map_err(self.io_err("create WAL segment"))
+    }
+
+    /// Under the writer lock: the committed buffered pages and their change count, and — if
+    /// the newest segment holds records — a SEAL on it and `next` as the newest segment, so
+    /// that every record in the snapshot's segments is at or below that change count, or
+    /// belongs to a transaction still open. Returns whether `next` was taken.
+    fn snapshot_and_rotate(&self, next: WalFile) -> Result<(Option<Snapshot>, bool)> {
+        let mut w = self.writer.lock().unwrap();
+        let (extents, segments) = {
+            let v = self.view.read().unwrap();
+            if v.index.is_empty() || w.manifest.is_none() {
+                return Ok((None, false));
+            }
+            (v.index.iter().collect(), v.segments.clone())
+        };
+        let snap = Snapshot {
+            extents,
+            segments,
+            change_count: w.change_count,
+        };
+        if w.wal.end == wal::HEADER_SIZE {
+            return Ok((Some(snap), false));
+        }
+        assert_eq!(next.segment(), w.wal.segment() + 1, "one rotator");
+        let seal = Record {
+            kind: Kind::Seal,
+            flags: 0,
+            seq: w.next_seq,
+            txn_id: 0,
+            change_count: 0,
+            first_page: 0,
+            page_count: 0,
+            payload_len: 0,
+        };
+        w.wal
+            .append(&seal, &[])
+            .map_err(self.io_err("seal WAL segment"))?;
+        w.next_seq += 1;
+        // The new segment joins the view before it takes an append (see `Session::flush`).
+        self.view
+            .write()
+            .unwrap()
+            .segments
+            .insert(next.segment(), next.file.clone());
+        w.wal = next;
+        Ok((Some(snap), true))
+    }
+
+    /// Deletes the WAL segments older than anything still needed: the newest segment, the
+    /// oldest one a buffered page points into, and the oldest one an open transaction may
+    /// have written to. Their contents are all in the image store.
+    pub(super) fn retire_segments(&self) -> Result<()> {
+        let retired: Vec<u64> = {
+            let w = self.writer.lock().unwrap();
+            let pinned = w.txns.pinned_segments.keys().next().copied();
+            let indexed = {
+                let v = self.view.read().unwrap();
+                v.index.iter().filter_map(|e| e.value.segment()).min()
+            };
+            let keep_from = [Some(w.wal.segment()), pinned, indexed]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("the newest segment is always kept");
+            let mut v = self.view.write().unwrap();
+            let kept = v.segments.split_off(&keep_from);
+            std::mem::replace(&mut v.segments, kept)
+                .into_keys()
+                .collect()
+        };
+        if retired.is_empty() {
+            return Ok(());
+        }
+        for seg in &retired {
+            let path = self.buffer.wal_segment_path(&self.image_id, *seg);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io_err("delete WAL segment")(e)),
+            }
+        }
+        crate::store::local::fsync_dir(&self.buffer.dir)
+            .map_err(self.io_err("fsync buffer store"))?;
+        log::debug!(
+            "image {}: deleted WAL segment(s) {:?}",
+            self.image_id,
+            retired
+        );
+        Ok(())
     }
 
     /// Creates manifest `next` (generation g+1) with a conditional create. If another buffer
@@ -160,20 +302,6 @@ impl Session {
         );
         Err(Error::Fenced {
             image: self.image_id.clone(),
-        })
-    }
-
-    fn snapshot(&self) -> Option<Snapshot> {
-        let w = self.writer.lock().unwrap();
-        let v = self.view.read().unwrap();
-        if v.index.is_empty() {
-            return None;
-        }
-        w.manifest.as_ref()?;
-        Some(Snapshot {
-            extents: v.index.iter().collect(),
-            wal: v.wal_file.clone(),
-            change_count: w.change_count,
         })
     }
 
@@ -215,15 +343,18 @@ impl Session {
             })
             .collect();
         let mut next_extent = 0;
-        self.write_and_upload(&sources, |start, n, buf| {
+        self.write_and_upload(&sources, |start, n, buf, _crcs| {
             // Extents are visited in order; find the one holding `start`.
             while group[next_extent].end() <= start {
                 next_extent += 1;
             }
             let e = group[next_extent];
-            let off = e.value.advance(start - e.start).offset;
+            let (seg, off) = wal::split_position(e.value.advance(start - e.start).pos);
             debug_assert!(start + n <= e.end());
-            snap.wal.read_exact_at(buf, off)
+            let file = snap.segments.get(&seg).ok_or_else(|| {
+                std::io::Error::other(format!("WAL segment {seg} is not open (page {start})"))
+            })?;
+            file.read_exact_at(buf, off)
         })
     }
 
@@ -231,7 +362,7 @@ impl Session {
     pub(super) fn write_and_upload(
         &self,
         sources: &[SourceExtent],
-        read_pages: impl FnMut(u64, u64, &mut [u8]) -> std::io::Result<()>,
+        read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> std::io::Result<()>,
     ) -> Result<LayerRef> {
         let blob_id = keys::new_blob_id();
         let tmp = self.buffer.tmp_dir().join(&blob_id);

@@ -1,7 +1,7 @@
 //! CRC-32C (Castagnoli; the `crc` crate's CRC_32_ISCSI), the checksum of every persisted
 //! record. It runs on every page read and written, so on x86-64 CPUs with SSE4.2 it uses the
-//! `crc32` instruction (about 4x the table-driven speed); elsewhere the `crc` crate's
-//! slice-by-16 tables. Both give identical values (tested below).
+//! `crc32` instruction in three interleaved lanes (about 10x the table-driven speed);
+//! elsewhere the `crc` crate's slice-by-16 tables. Both give identical values (tested below).
 
 use crc::{Crc, Table, CRC_32_ISCSI};
 
@@ -72,17 +72,89 @@ fn hw_update(_reg: u32, _data: &[u8]) -> u32 {
     unreachable!("Digest::Hw is never built without the instruction")
 }
 
+/// Bytes per lane of the three-lane loop. The `crc32` instruction takes 3 cycles but can
+/// start one per cycle, so three independent lanes run about 3x as fast as one; the lanes'
+/// registers are then joined by "shifting" a register past `LANE_BYTES` bytes (a linear map,
+/// done with the tables of [`lane_shift`]). 680 = 85 words: a 4 KiB page is two rounds.
+const LANE_BYTES: usize = 680;
+
+/// `shift(reg)` = the register after feeding `LANE_BYTES` zero bytes to `reg`. CRC is linear
+/// over GF(2), so the map is fixed by the images of the 32 single-bit registers; the tables
+/// hold it byte by byte: `shift(r) = t[0][r & 0xff] ^ t[1][r >> 8 & 0xff] ^ ...`.
+fn lane_shift() -> &'static [[u32; 256]; 4] {
+    static TABLES: std::sync::OnceLock<Box<[[u32; 256]; 4]>> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let zeros = [0u8; LANE_BYTES];
+        let bit_image: Vec<u32> = (0..32).map(|b| sw_update(1u32 << b, &zeros)).collect();
+        let mut t = Box::new([[0u32; 256]; 4]);
+        for (k, table) in t.iter_mut().enumerate() {
+            for (v, slot) in table.iter_mut().enumerate() {
+                *slot = (0..8)
+                    .filter(|bit| v >> bit & 1 == 1)
+                    .fold(0, |acc, bit| acc ^ bit_image[8 * k + bit]);
+            }
+        }
+        t
+    })
+}
+
+/// The raw-register update, one byte at a time (for building the shift tables only).
+fn sw_update(mut reg: u32, data: &[u8]) -> u32 {
+    const POLY_REFLECTED: u32 = 0x82F6_3B78;
+    for &b in data {
+        reg ^= b as u32;
+        for _ in 0..8 {
+            reg = if reg & 1 == 1 {
+                (reg >> 1) ^ POLY_REFLECTED
+            } else {
+                reg >> 1
+            };
+        }
+    }
+    reg
+}
+
+fn shift_lane(t: &[[u32; 256]; 4], r: u32) -> u32 {
+    t[0][(r & 0xff) as usize]
+        ^ t[1][(r >> 8 & 0xff) as usize]
+        ^ t[2][(r >> 16 & 0xff) as usize]
+        ^ t[3][(r >> 24) as usize]
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn hw_update_sse42(reg: u32, data: &[u8]) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
-    let mut crc = reg as u64;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        crc = _mm_crc32_u64(crc, u64::from_le_bytes(c.try_into().unwrap()));
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap());
+    let mut crc = reg;
+    let mut rounds = data.chunks_exact(3 * LANE_BYTES);
+    if data.len() >= 3 * LANE_BYTES {
+        let t = lane_shift();
+        for round in &mut rounds {
+            let (a, rest) = round.split_at(LANE_BYTES);
+            let (b, c) = rest.split_at(LANE_BYTES);
+            let (mut ra, mut rb, mut rc) = (crc as u64, 0u64, 0u64);
+            for ((x, y), z) in a
+                .chunks_exact(8)
+                .zip(b.chunks_exact(8))
+                .zip(c.chunks_exact(8))
+            {
+                ra = _mm_crc32_u64(ra, word(x));
+                rb = _mm_crc32_u64(rb, word(y));
+                rc = _mm_crc32_u64(rc, word(z));
+            }
+            // Lane b continued from lane a's register = shift(a) ^ b, by linearity.
+            crc = shift_lane(t, shift_lane(t, ra as u32) ^ rb as u32) ^ rc as u32;
+        }
     }
-    let mut crc = crc as u32;
-    for &b in chunks.remainder() {
+    let rest = rounds.remainder();
+    let mut reg64 = crc as u64;
+    let mut words = rest.chunks_exact(8);
+    for c in &mut words {
+        reg64 = _mm_crc32_u64(reg64, word(c));
+    }
+    let mut crc = reg64 as u32;
+    for &b in words.remainder() {
         crc = _mm_crc32_u8(crc, b);
     }
     crc
@@ -91,6 +163,12 @@ unsafe fn hw_update_sse42(reg: u32, data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytewise_update_matches_the_crate() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        assert_eq!(!sw_update(!0, &data), CRC32C.checksum(&data));
+    }
 
     #[test]
     fn known_vector() {
@@ -103,7 +181,21 @@ mod tests {
         let data: Vec<u8> = (0..10_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        for len in [0, 1, 7, 8, 9, 63, 4096, 10_000] {
+        let lanes = 3 * LANE_BYTES;
+        for len in [
+            0,
+            1,
+            7,
+            8,
+            9,
+            63,
+            lanes - 1,
+            lanes,
+            lanes + 1,
+            4096,
+            8191,
+            10_000,
+        ] {
             let want = CRC32C.checksum(&data[..len]);
             assert_eq!(crc32c(&data[..len]), want, "len {len}");
             // Split updates give the same value as one.

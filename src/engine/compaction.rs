@@ -16,6 +16,7 @@ use super::manifest::{LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::Session;
 use super::Result;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub const RUN_MAX: usize = 8;
 pub const TIER_BASE_BYTES: u64 = 4 << 20;
 /// Merges per compaction pass (a pass runs after each checkpoint).
 pub const STEPS_PER_PASS_MAX: usize = 4;
+/// While writes keep the checkpoints busy, compaction waits (it competes with them for CPU
+/// and disk, and merging layers that are about to be shadowed is wasted work), unless the
+/// image has more layers than this: then read cost comes first.
+pub const LAYERS_DEFER_MAX: usize = 24;
 
 const _: () = assert!(FANIN >= 2 && RUN_MAX >= FANIN);
 
@@ -70,6 +75,19 @@ impl ExtentValue for Src {
 const RETRY_DELAY_MS: u64 = 5_000;
 /// Longest the compaction thread sleeps without being woken by a checkpoint.
 const IDLE_WAIT_MS: u64 = 60_000;
+/// How soon a deferred compaction looks again (checkpoints also wake it).
+const DEFER_RECHECK_MS: u64 = 1_000;
+/// How long after a session opens its compaction thread first looks for merges.
+const OPEN_DELAY_MS: u64 = 5_000;
+
+/// What a compaction pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Nothing (more) to merge, or the session stopped.
+    Done,
+    /// Merges are due but wait for write pressure to ease.
+    Deferred,
+}
 
 /// Starts the session's compaction thread: it runs a pass whenever a checkpoint wakes it.
 pub fn start_thread(s: &Arc<Session>) {
@@ -82,7 +100,9 @@ pub fn start_thread(s: &Arc<Session>) {
 }
 
 fn run(weak: std::sync::Weak<Session>) {
-    let mut delay = IDLE_WAIT_MS;
+    // A session may open with merges due (written by an earlier session): look soon, once
+    // its first requests (and the open itself) are served.
+    let mut delay = OPEN_DELAY_MS;
     loop {
         let Some(s) = weak.upgrade() else { return };
         {
@@ -100,27 +120,65 @@ fn run(weak: std::sync::Weak<Session>) {
             return;
         }
         delay = match s.compact() {
-            Ok(()) => IDLE_WAIT_MS,
+            Ok(Pass::Done) => IDLE_WAIT_MS,
+            Ok(Pass::Deferred) => DEFER_RECHECK_MS,
             Err(e) => {
+                s.compaction_failing.store(true, Ordering::Release);
                 log::error!("{e} (compaction failed; will retry)");
                 RETRY_DELAY_MS
             }
         };
+        if s.connection_count() == 0 {
+            // An idle session closes once checkpointed and compacted: tell the checkpoint
+            // thread, which closes it.
+            s.wake_checkpoint();
+        }
     }
 }
 
 impl Session {
-    /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges).
-    pub fn compact(&self) -> Result<()> {
+    /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges), unless
+    /// write pressure defers them (see LAYERS_DEFER_MAX).
+    pub fn compact(&self) -> Result<Pass> {
         for _ in 0..STEPS_PER_PASS_MAX {
             if self.is_stopped() {
                 break;
+            }
+            if self.compaction_deferred() {
+                return Ok(Pass::Deferred);
             }
             if !self.compact_step()? {
                 break;
             }
         }
-        Ok(())
+        self.compaction_failing.store(false, Ordering::Release);
+        Ok(Pass::Done)
+    }
+
+    /// Some run of layers qualifies for a merge.
+    pub fn compaction_pending(&self) -> bool {
+        let w = self.writer.lock().unwrap();
+        w.manifest
+            .as_ref()
+            .is_some_and(|m| pick_run(&m.layers, self.page_size_bits).is_some())
+    }
+
+    /// The last compaction failed (the image store is failing): an idle session may close
+    /// without waiting for it.
+    pub fn compaction_failing(&self) -> bool {
+        self.compaction_failing.load(Ordering::Acquire)
+    }
+
+    /// Write pressure: clients are connected and the buffer holds over a quarter of the
+    /// throttle threshold, so checkpoints are busy draining it. Merges wait then, unless
+    /// the layer count passed LAYERS_DEFER_MAX.
+    fn compaction_deferred(&self) -> bool {
+        let limit = self.buffer.cfg.write_throttle_threshold_pages;
+        if self.connection_count() == 0 || self.buffered_pages() <= limit / 4 {
+            return false;
+        }
+        let layers = self.view.read().unwrap().layers.len();
+        layers <= LAYERS_DEFER_MAX
     }
 
     /// One merge. Returns false when there was nothing to merge.
@@ -227,7 +285,8 @@ impl Session {
             })
             .collect();
         let mut next = 0;
-        let r = self.write_and_upload(&sources, |start, _n, buf| {
+        // Pages are copied after their checksums are verified, so those checksums carry over.
+        let r = self.write_and_upload(&sources, |start, _n, buf, crcs| {
             while extents[next].end() <= start {
                 next += 1;
             }
@@ -235,7 +294,9 @@ impl Session {
             let Src(i, LayerVal::Data(page)) = e.value.advance(start - e.start) else {
                 unreachable!("only data extents are read");
             };
-            run[i].read_data(page, buf).map_err(std::io::Error::other)
+            run[i]
+                .read_data_with_crcs(page, buf, crcs)
+                .map_err(std::io::Error::other)
         })?;
         Ok(Some(r))
     }

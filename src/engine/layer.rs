@@ -53,13 +53,15 @@ pub enum SourceExtent {
     Zero { start: u64, len: u64 },
 }
 
-/// Writes a layer file at `path`. `read_pages(start, len, buf)` fills the data of one data
-/// extent. Returns (size in bytes, data page count). The file is fsynced.
+/// Writes a layer file at `path`. `read_pages(start, len, buf, crcs)` fills the data of `len`
+/// pages of a data extent; it may also push their `len` CRC-32Cs onto `crcs` when it knows
+/// them already (a compaction copying verified pages), or push none (they are computed here).
+/// Returns (size in bytes, data page count). The file is fsynced.
 pub fn write_layer(
     path: &Path,
     page_size_bits: u32,
     extents: &[SourceExtent],
-    mut read_pages: impl FnMut(u64, u64, &mut [u8]) -> io::Result<()>,
+    mut read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> io::Result<()>,
 ) -> io::Result<(u64, u64)> {
     let page_size = 1usize << page_size_bits;
     let data_pages: u64 = extents
@@ -99,9 +101,16 @@ pub fn write_layer(
             while done < len {
                 let n = chunk_pages.min(len - done);
                 buf.resize((n as usize) * page_size, 0);
-                read_pages(start + done, n, &mut buf)?;
-                for page in buf.chunks(page_size) {
-                    crcs.push(crc32c(page));
+                let known = crcs.len();
+                read_pages(start + done, n, &mut buf, &mut crcs)?;
+                match (crcs.len() - known) as u64 {
+                    0 => crcs.extend(buf.chunks(page_size).map(crc32c)),
+                    k if k == n => {}
+                    k => {
+                        return Err(io::Error::other(format!(
+                            "layer source gave {k} checksums for {n} pages"
+                        )))
+                    }
                 }
                 w.write_all(&buf)?;
                 done += n;
@@ -230,6 +239,20 @@ impl Layer {
         self.index.lookup(start, len)
     }
 
+    /// `read_data`, and pushes the (verified) checksums of the pages read onto `crcs`.
+    pub fn read_data_with_crcs(
+        &self,
+        data_page: u64,
+        buf: &mut [u8],
+        crcs: &mut Vec<u32>,
+    ) -> store::Result<()> {
+        self.read_data(data_page, buf)?;
+        let n = buf.len() >> self.page_size_bits;
+        let first = data_page as usize;
+        crcs.extend_from_slice(&self.crcs[first..first + n]);
+        Ok(())
+    }
+
     /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums.
     pub fn read_data(&self, data_page: u64, buf: &mut [u8]) -> store::Result<()> {
         let ps = 1usize << self.page_size_bits;
@@ -268,7 +291,7 @@ mod tests {
             },
             SourceExtent::Data { start: 200, len: 1 },
         ];
-        let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf| {
+        let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf, _crcs| {
             for (i, p) in buf.chunks_mut(512).enumerate() {
                 p.fill((start + i as u64) as u8);
             }
@@ -303,5 +326,40 @@ mod tests {
         raw[70] ^= 0xff;
         store.put("blobs/bad2", &raw).unwrap();
         assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());
+    }
+
+    /// Checksums a source already knows are written as given (compaction copies verified
+    /// pages); a wrong count is an error, not a silently short index.
+    #[test]
+    fn known_checksums_are_used_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s")).unwrap();
+        let exts = vec![SourceExtent::Data { start: 0, len: 2 }];
+        let path = dir.path().join("given");
+        write_layer(&path, 9, &exts, |_, n, buf, crcs| {
+            buf.fill(7);
+            // The first page's checksum is deliberately wrong: reads of it must fail.
+            crcs.push(0);
+            crcs.extend(buf.chunks(512).skip(1).map(crc32c));
+            assert_eq!(n, 2);
+            Ok(())
+        })
+        .unwrap();
+        store.put_file("blobs/given", &path).unwrap();
+        let layer = Layer::open("given", store.open_blob("blobs/given").unwrap()).unwrap();
+        let mut page = vec![0u8; 512];
+        assert!(layer.read_data(0, &mut page).is_err());
+        layer.read_data(1, &mut page).unwrap();
+        let mut crcs = Vec::new();
+        layer.read_data_with_crcs(1, &mut page, &mut crcs).unwrap();
+        assert_eq!(crcs, vec![crc32c(&[7u8; 512])]);
+        let bad = write_layer(&dir.path().join("short"), 9, &exts, |_, _, _, crcs| {
+            crcs.push(1);
+            Ok(())
+        });
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("1 checksums for 2 pages"));
     }
 }

@@ -12,7 +12,6 @@ pub mod open;
 pub mod session;
 pub mod txn;
 pub mod wal;
-pub mod wal_rewrite;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -10,9 +10,11 @@ use super::extent::ExtentMap;
 use super::layer::Layer;
 use super::manifest::{self, writer_id_hex, Manifest, MANIFEST_FORMAT_VERSION};
 use super::session::{BufVal, Session, View, WriterState};
-use super::wal::{WalFile, WalHeader};
+use super::wal::{self, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::store::keys;
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -53,17 +55,34 @@ impl Session {
                 });
             }
         }
-        let path = buffer.wal_path(image_id);
-        let _ = std::fs::remove_file(path.with_extension("wal.tmp"));
-        let writer = if path.exists() {
-            resume(&buffer, image_id, page_size_bits, manifest)?
-        } else {
-            take_over(&buffer, image_id, page_size_bits, manifest)?
+        let legacy = buffer.legacy_wal_path(image_id);
+        if legacy.exists() {
+            return Err(Error::Refused {
+                image,
+                why: format!(
+                    "{} is a WAL in format 1 (one file per image); this build keeps the WAL \
+                     in segment files (format 2). Let the previous mvps-te version checkpoint \
+                     it (connect, disconnect, wait for \"idle, closed\" in its log), or move \
+                     it aside (its un-checkpointed writes are then lost)",
+                    legacy.display()
+                ),
+            });
+        }
+        let io = |op| {
+            let image = image.clone();
+            move |source| Error::Io { image, op, source }
         };
-        let (writer, index) = writer;
+        wal::remove_stale_temps(&buffer.dir, image_id).map_err(io("remove WAL temp files"))?;
+        let segments =
+            wal::list_segments(&buffer.dir, image_id).map_err(io("list WAL segments"))?;
+        let (writer, index, files) = if segments.is_empty() {
+            take_over(&buffer, image_id, page_size_bits, manifest)?
+        } else {
+            resume(&buffer, image_id, page_size_bits, manifest, &segments)?
+        };
         let layers = open_layers(&buffer, image_id, writer.manifest.as_ref())?;
         let view = View {
-            wal_file: writer.wal.file.clone(),
+            segments: files,
             index,
             layers,
         };
@@ -74,19 +93,25 @@ impl Session {
     }
 }
 
+/// What opening a session's WAL gives: the writer's state, the buffered pages, and every
+/// segment file by number.
+type Opened = (WriterState, ExtentMap<BufVal>, BTreeMap<u64, Arc<File>>);
+
 fn resume(
     buffer: &BufferStore,
     image_id: &str,
     bits: u32,
     manifest: Option<Manifest>,
-) -> Result<(WriterState, ExtentMap<BufVal>)> {
+    segments: &[(u64, std::path::PathBuf)],
+) -> Result<Opened> {
     let image = image_id.to_string();
-    let path = buffer.wal_path(image_id);
-    let (wal, rec) = WalFile::open(&path).map_err(|source| Error::Io {
+    let path = &segments[segments.len() - 1].1;
+    let (mut wal, files, rec) = wal::recover(segments).map_err(|source| Error::Io {
         image: image.clone(),
         op: "open WAL",
         source,
     })?;
+    let mut files: BTreeMap<u64, Arc<File>> = files.into_iter().collect();
     let h = &wal.header;
     if h.image_id != image_id || h.page_size_bits != bits {
         return Err(Error::Refused {
@@ -107,20 +132,36 @@ fn resume(
                 why: format!(
                     "image is owned by buffer store {} (newest manifest, generation {}), but \
                      this buffer store's WAL was written by {ours}. Another buffer store took \
-                     the image over. To serve it here, move {} aside (its un-checkpointed \
-                     writes are then lost) and reconnect",
+                     the image over. To serve it here, move its WAL segments {} aside (their \
+                     un-checkpointed writes are then lost) and reconnect",
                     m.writer_id,
                     m.generation,
-                    path.display()
+                    buffer.dir.join(format!("{image_id}.*.wal")).display()
                 ),
             });
         }
     }
     if rec.truncated_bytes > 0 {
         log::warn!(
-            "image {image_id}: WAL recovery cut {} bytes of torn or corrupt tail",
-            rec.truncated_bytes
+            "image {image_id}: WAL recovery cut {} bytes of torn or corrupt tail ({} later \
+             segment(s) dropped)",
+            rec.truncated_bytes,
+            rec.dropped_segments
         );
+    }
+    if rec.last_sealed {
+        // Stopped right after a seal: appends go to a fresh segment.
+        let header = WalHeader {
+            segment: wal.segment() + 1,
+            ..wal.header.clone()
+        };
+        let p = buffer.wal_segment_path(image_id, header.segment);
+        wal = WalFile::create(&p, &header).map_err(|source| Error::Io {
+            image: image.clone(),
+            op: "create WAL segment",
+            source,
+        })?;
+        files.insert(wal.segment(), wal.file.clone());
     }
     let base = manifest.as_ref().map(|m| m.change_count).unwrap_or(0);
     let mut index = ExtentMap::new();
@@ -129,10 +170,9 @@ fn resume(
         if c.change_count <= base {
             continue; // already in a layer
         }
-        let offset = c.payload_offset.unwrap_or(BufVal::ZERO);
         let v = BufVal {
             change: c.change_count,
-            offset,
+            pos: c.payload_pos.unwrap_or(BufVal::ZERO),
             page_size_bits: bits as u8,
         };
         index.insert(c.first_page, c.page_count, v);
@@ -157,7 +197,7 @@ fn resume(
         let first = initial_manifest(image_id, bits, h_writer(&w), 1, 0, vec![]);
         publish_takeover(buffer, &mut w, first)?;
     }
-    Ok((w, index))
+    Ok((w, index, files))
 }
 
 fn h_writer(w: &WriterState) -> u128 {
@@ -190,15 +230,16 @@ fn take_over(
     image_id: &str,
     bits: u32,
     manifest: Option<Manifest>,
-) -> Result<(WriterState, ExtentMap<BufVal>)> {
+) -> Result<Opened> {
     let image = image_id.to_string();
     let writer_id = keys::random_u128();
     let header = WalHeader {
         page_size_bits: bits,
         writer_id,
         image_id: image.clone(),
+        segment: 1,
     };
-    let path = buffer.wal_path(image_id);
+    let path = buffer.wal_segment_path(image_id, header.segment);
     let wal = WalFile::create(&path, &header).map_err(|source| Error::Io {
         image: image.clone(),
         op: "create WAL",
@@ -218,7 +259,8 @@ fn take_over(
             "image {image_id}: new writer {} (image store writes disabled)",
             writer_id_hex(writer_id)
         );
-        return Ok((w, ExtentMap::new()));
+        let files = BTreeMap::from([(w.wal.segment(), w.wal.file.clone())]);
+        return Ok((w, ExtentMap::new(), files));
     }
     let next = match &w.manifest {
         Some(m) => initial_manifest(
@@ -242,7 +284,8 @@ fn take_over(
         writer_id_hex(writer_id),
         w.manifest.as_ref().map(|m| m.generation).unwrap_or(0)
     );
-    Ok((w, ExtentMap::new()))
+    let files = BTreeMap::from([(w.wal.segment(), w.wal.file.clone())]);
+    Ok((w, ExtentMap::new(), files))
 }
 
 /// Writes `next` with a conditional create; if another writer raced us to that generation,

@@ -4,15 +4,17 @@
 //! Locks, always taken in this order: `writer` (serializes every change), then `view` (what
 //! reads see). Reads take only `view`, briefly, to resolve pages to locations; the I/O happens
 //! after the lock is released. That is safe because nothing is overwritten in place: WAL
-//! records are append-only (a rewrite makes a new file) and layers are immutable.
+//! segments are append-only (an old one is deleted whole, and an open handle keeps its bytes)
+//! and layers are immutable.
 
 use super::buffer::BufferStore;
 use super::extent::{gaps, ExtentMap, ExtentValue};
 use super::layer::{Layer, LayerVal};
 use super::manifest::Manifest;
 use super::txn::Txn;
-use super::wal::{Kind, Record, WalFile, FLAG_SELF_COMMIT};
+use super::wal::{self, Kind, Record, WalFile, FLAG_SELF_COMMIT};
 use super::{Error, Result};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,8 +27,9 @@ pub struct SessionConfig {
     pub checkpoint_interval_jitter_ms: u64,
     pub write_throttle_threshold_pages: u64,
     pub disable_image_store_write: bool,
-    /// Rewrite the WAL once this many bytes are dead (and dead outnumber live).
-    pub wal_rewrite_dead_bytes_min: u64,
+    /// A checkpoint starts early once the newest WAL segment holds this many bytes, so that
+    /// overwrites of a few pages cannot grow the log without bound between checkpoints.
+    pub wal_segment_checkpoint_bytes: u64,
     /// Largest transaction (bytes of page data); larger ones fail with ENOSPC.
     pub txn_bytes_max: u64,
     /// How long a LOCK_TXN holder may block other writers.
@@ -39,20 +42,25 @@ pub const THROTTLE_WAIT_MAX_MS: u64 = 1_000;
 /// Throttle delay per 10% the buffer is over its threshold.
 pub const THROTTLE_DELAY_STEP_MS: u64 = 10;
 
-/// Where a buffered page lives: at `offset` in the current WAL file, or zeros.
+/// Where a buffered page lives: at log position `pos` in the WAL (`wal::position`: segment
+/// and byte offset), or zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufVal {
     /// The change count of the transaction that wrote it.
     pub change: u64,
-    /// WAL byte offset of the page, or `ZERO`.
-    pub offset: u64,
+    /// WAL log position of the page, or `ZERO`.
+    pub pos: u64,
     pub page_size_bits: u8,
 }
 
 impl BufVal {
     pub const ZERO: u64 = u64::MAX;
     pub fn is_zero(&self) -> bool {
-        self.offset == Self::ZERO
+        self.pos == Self::ZERO
+    }
+    /// The WAL segment holding the page (None: zeros).
+    pub fn segment(&self) -> Option<u64> {
+        (!self.is_zero()).then(|| wal::split_position(self.pos).0)
     }
 }
 
@@ -62,7 +70,7 @@ impl ExtentValue for BufVal {
             *self
         } else {
             BufVal {
-                offset: self.offset + (pages << self.page_size_bits),
+                pos: self.pos + (pages << self.page_size_bits),
                 ..*self
             }
         }
@@ -83,7 +91,8 @@ pub struct WriterState {
 
 /// What reads see.
 pub struct View {
-    pub wal_file: Arc<File>,
+    /// Every WAL segment still on disk, by number; the newest takes the appends.
+    pub segments: BTreeMap<u64, Arc<File>>,
     pub index: ExtentMap<BufVal>,
     /// Newest first.
     pub layers: Vec<Arc<Layer>>,
@@ -122,11 +131,15 @@ pub struct Session {
     /// Signalled after each checkpoint, for throttled writers.
     pub(super) drained: (Mutex<u64>, Condvar),
     pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held for a whole checkpoint: one at a time moves the WAL on to its next segment.
+    pub(super) checkpointing: Mutex<()>,
     /// Serializes manifest publication (checkpoints and compactions).
     pub(super) manifest_lock: Mutex<()>,
     /// Wakes the compaction thread (after a checkpoint, at shutdown).
     pub(super) compact_wake: (Mutex<bool>, Condvar),
     pub(super) compaction_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The last compaction attempt failed.
+    pub(super) compaction_failing: AtomicBool,
     /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
     pub(super) lock_cv: Condvar,
     /// Serves the requests of every connection to this image.
@@ -135,7 +148,8 @@ pub struct Session {
 
 /// A resolved piece of a read: `len` pages starting at `start` come from `src`.
 enum Src {
-    Wal(u64),
+    /// A WAL segment file, at a byte offset.
+    Wal(Arc<File>, u64),
     Layer(Arc<Layer>, u64),
     Zero,
 }
@@ -164,9 +178,11 @@ impl Session {
             drained: (Mutex::new(0), Condvar::new()),
             checkpoint_thread: Mutex::new(None),
             lock_cv: Condvar::new(),
+            checkpointing: Mutex::new(()),
             manifest_lock: Mutex::new(()),
             compact_wake: (Mutex::new(false), Condvar::new()),
             compaction_thread: Mutex::new(None),
+            compaction_failing: AtomicBool::new(false),
             workers: Mutex::new(
                 threadpool::Builder::new()
                     .num_threads(crate::limits::SESSION_WORKER_THREADS)
@@ -279,14 +295,14 @@ impl Session {
         n: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let (pieces, wal) = self.resolve(overlay, first, n);
+        let pieces = self.resolve(overlay, first, n)?;
         let bits = self.page_size_bits;
         for (start, len, src) in pieces {
             let at = ((start - first) << bits) as usize;
             let out = &mut buf[at..at + (len << bits) as usize];
             match src {
                 Src::Zero => out.fill(0),
-                Src::Wal(off) => wal
+                Src::Wal(file, off) => file
                     .read_exact_at(out, off)
                     .map_err(self.io_err("read WAL"))?,
                 Src::Layer(layer, data_page) => {
@@ -309,7 +325,7 @@ impl Session {
         overlay: Option<&ExtentMap<BufVal>>,
         first: u64,
         n: u64,
-    ) -> (Vec<(u64, u64, Src)>, Arc<File>) {
+    ) -> Result<Vec<(u64, u64, Src)>> {
         let view = self.view.read().unwrap();
         let mut pieces = Vec::new();
         let mut todo = vec![(first, n)];
@@ -321,7 +337,16 @@ impl Session {
                     let src = if e.value.is_zero() {
                         Src::Zero
                     } else {
-                        Src::Wal(e.value.offset)
+                        let (seg, off) = wal::split_position(e.value.pos);
+                        let file = view.segments.get(&seg).ok_or_else(|| Error::Io {
+                            image: self.image_id.clone(),
+                            op: "read WAL",
+                            source: std::io::Error::other(format!(
+                                "segment {seg} is not open (page {})",
+                                e.start
+                            )),
+                        })?;
+                        Src::Wal(file.clone(), off)
                     };
                     pieces.push((e.start, e.len, src));
                 }
@@ -350,7 +375,7 @@ impl Session {
         for (s, l) in todo {
             pieces.push((s, l, Src::Zero));
         }
-        (pieces, view.wal_file.clone())
+        Ok(pieces)
     }
 
     // ---------------------------------------------------------------- writes
@@ -557,28 +582,29 @@ impl Session {
                 page_count: count,
                 payload_len: data.len() as u32,
             };
-            w.next_seq += 1;
-            let off = w
+            let pos = w
                 .wal
                 .append(&rec, data)
                 .map_err(self.io_err("append to WAL"))?;
-            placed.push((first_page, count, (kind == Kind::Data).then_some(off)));
+            // Only a record that is in the file uses up its seq: replay needs no gaps.
+            w.next_seq += 1;
+            placed.push((first_page, count, (kind == Kind::Data).then_some(pos)));
         }
         self.write_seq.fetch_add(1, Ordering::AcqRel);
         let bits = self.page_size_bits as u8;
         if let Some(t) = txn {
-            for (first, count, off) in placed {
-                let offset = off.unwrap_or(BufVal::ZERO);
+            for (first, count, at) in placed {
+                let pos = at.unwrap_or(BufVal::ZERO);
                 t.overlay.insert(
                     first,
                     count,
                     BufVal {
                         change: 0,
-                        offset,
+                        pos,
                         page_size_bits: bits,
                     },
                 );
-                t.bytes += if off.is_some() { count << bits } else { 0 };
+                t.bytes += if at.is_some() { count << bits } else { 0 };
             }
             return Ok(());
         }
@@ -587,21 +613,23 @@ impl Session {
         }
         w.change_count = change;
         let mut view = self.view.write().unwrap();
-        for (first, count, off) in placed {
-            let offset = off.unwrap_or(BufVal::ZERO);
+        for (first, count, at) in placed {
+            let pos = at.unwrap_or(BufVal::ZERO);
             view.index.insert(
                 first,
                 count,
                 BufVal {
                     change,
-                    offset,
+                    pos,
                     page_size_bits: bits,
                 },
             );
         }
         let pages = view.index.pages();
         drop(view);
-        if pages > self.buffer.cfg.write_throttle_threshold_pages / 2 {
+        if pages > self.buffer.cfg.write_throttle_threshold_pages / 2
+            || w.wal.end > self.buffer.cfg.wal_segment_checkpoint_bytes
+        {
             self.wake_checkpoint();
         }
         Ok(())
@@ -625,10 +653,10 @@ impl Session {
             page_count: 0,
             payload_len: 0,
         };
-        w.next_seq += 1;
         w.wal
             .append(&rec, &[])
             .map_err(self.io_err("append to WAL"))?;
+        w.next_seq += 1;
         self.write_seq.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -677,19 +705,27 @@ impl Session {
         if self.durable_seq.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        // Read the counter before taking the file: every append it counts is in this file or
-        // was copied into a (fsynced) rewritten one.
+        // Read the counter before taking the files: every append it counts is in one of the
+        // segments listed now (a segment joins the view before it takes appends), or in one
+        // deleted after a checkpoint made its contents durable in the image store.
         let covered = self.write_seq.load(Ordering::Acquire);
-        let file = self.view.read().unwrap().wal_file.clone();
-        file.sync_data().map_err(self.io_err("fdatasync WAL"))?;
+        for file in self.segment_files() {
+            // A sealed segment already synced has nothing dirty: this returns at once.
+            file.sync_data().map_err(self.io_err("fdatasync WAL"))?;
+        }
         self.durable_seq.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Marks all appends so far durable (after a WAL rewrite, which fsyncs the new file).
-    pub(super) fn mark_all_durable(&self) {
-        self.durable_seq
-            .fetch_max(self.write_seq.load(Ordering::Acquire), Ordering::AcqRel);
+    /// The open WAL segment files, oldest first.
+    fn segment_files(&self) -> Vec<Arc<File>> {
+        self.view
+            .read()
+            .unwrap()
+            .segments
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Server shutdown: stop the checkpoint thread and make the WAL durable.
@@ -702,9 +738,10 @@ impl Session {
                 let _ = h.join();
             }
         }
-        let file = self.view.read().unwrap().wal_file.clone();
-        if let Err(e) = file.sync_all() {
-            log::error!("image {}: fsync WAL at shutdown: {e}", self.image_id);
+        for file in self.segment_files() {
+            if let Err(e) = file.sync_all() {
+                log::error!("image {}: fsync WAL at shutdown: {e}", self.image_id);
+            }
         }
     }
 }

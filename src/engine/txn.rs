@@ -15,7 +15,7 @@ use super::extent::ExtentMap;
 use super::session::{BufVal, Session, WriterState};
 use super::wal::Kind;
 use super::{Error, Result};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,11 @@ pub struct Txn {
     pub id: u64,
     /// The image's change count at BEGIN; LOCK fails if it moved.
     pub begin_change: u64,
-    /// This transaction's writes, at WAL offsets (read-your-writes).
+    /// This transaction's writes, at WAL positions (read-your-writes).
     pub overlay: ExtentMap<BufVal>,
+    /// The WAL segment that was newest at BEGIN: its records are there or in later ones, so
+    /// no segment from this one on is deleted while the transaction is open.
+    pub first_segment: u64,
     /// Page data bytes written so far (bounded by `txn_bytes_max`).
     pub bytes: u64,
     pub holds_lock: bool,
@@ -50,6 +53,8 @@ pub struct TxnTable {
     pub lock: Option<LockHolder>,
     /// Transactions that lost the lock to a timeout; their COMMIT fails.
     pub expired: HashSet<u64>,
+    /// `first_segment` of each open transaction → how many: WAL segments they pin.
+    pub pinned_segments: BTreeMap<u64, usize>,
 }
 
 impl Session {
@@ -75,10 +80,13 @@ impl Session {
         let id = w.next_txn_id;
         w.next_txn_id += 1;
         w.txns.open += 1;
+        let first_segment = w.wal.segment();
+        *w.txns.pinned_segments.entry(first_segment).or_default() += 1;
         Ok(Txn {
             id,
             begin_change: w.change_count,
             overlay: ExtentMap::new(),
+            first_segment,
             bytes: 0,
             holds_lock: false,
             too_large: false,
@@ -228,6 +236,12 @@ impl Session {
 
     fn release(&self, w: &mut WriterState, txn: &Txn) {
         w.txns.open -= 1;
+        if let Some(n) = w.txns.pinned_segments.get_mut(&txn.first_segment) {
+            *n -= 1;
+            if *n == 0 {
+                w.txns.pinned_segments.remove(&txn.first_segment);
+            }
+        }
         w.txns.expired.remove(&txn.id);
         if w.txns.lock.is_some_and(|h| h.txn_id == txn.id) {
             w.txns.lock = None;
