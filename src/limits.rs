@@ -25,8 +25,10 @@ pub const CONNECTION_IN_FLIGHT_MAX: usize = 64;
 /// Payload bytes one connection may have in flight (WRITE payloads held plus READ buffers).
 pub const CONNECTION_IN_FLIGHT_BYTES_MAX: u64 = 128 << 20;
 
-/// Worker threads per session (shared by all connections to one image).
-pub const SESSION_WORKER_THREADS: usize = 16;
+/// Threads serving one connection at most: the requests it can have executing at once.
+/// Started as the client's queue depth needs them; each keeps one request buffer of at most
+/// 4 MiB between requests.
+pub const CONNECTION_WORKER_THREADS: usize = 8;
 
 /// Simultaneous client connections to one server process.
 pub const CONNECTIONS_MAX: usize = 1024;

@@ -142,8 +142,6 @@ pub struct Session {
     pub(super) compaction_failing: AtomicBool,
     /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
     pub(super) lock_cv: Condvar,
-    /// Serves the requests of every connection to this image.
-    pub workers: Mutex<threadpool::ThreadPool>,
 }
 
 /// A resolved piece of a read: `len` pages starting at `start` come from `src`.
@@ -183,12 +181,6 @@ impl Session {
             compact_wake: (Mutex::new(false), Condvar::new()),
             compaction_thread: Mutex::new(None),
             compaction_failing: AtomicBool::new(false),
-            workers: Mutex::new(
-                threadpool::Builder::new()
-                    .num_threads(crate::limits::SESSION_WORKER_THREADS)
-                    .thread_name(format!("io-{image_id}"))
-                    .build(),
-            ),
         }
     }
 

@@ -48,8 +48,6 @@ pub trait Export: Send + Sync {
     /// The transactional extension (commands 64–67). Runs with no other request of this
     /// connection in flight.
     fn transaction(&self, cmd: TxnCommand) -> engine::Result<()>;
-    /// Runs `job` on the export's worker pool.
-    fn spawn(&self, job: Box<dyn FnOnce() + Send>);
 }
 
 /// The transactional extension's commands (DESIGN §6, docs/PROTOCOL.md).

@@ -1,6 +1,9 @@
-//! The transmission phase: one reader thread per connection parses requests, validates them
-//! (`validate`), and hands valid ones to the export's worker pool; replies are written under
-//! one lock per socket and may come out of order, as the spec allows.
+//! The transmission phase. A connection is served by up to CONNECTION_WORKER_THREADS
+//! threads that take turns at the socket: a worker holds the read side while it reads one
+//! request (and a WRITE's payload), lets go, serves the request and replies under the
+//! socket's write lock. Requests therefore run concurrently and replies may come out of
+//! order, as the spec allows, with no hand-off between threads per request. Workers are
+//! started as the client's queue depth needs them.
 //!
 //! Invalid requests get an error reply (a WRITE's payload is drained first); only a bad
 //! request magic or an I/O failure ends the connection.
@@ -9,10 +12,12 @@ use super::consts::*;
 use super::stream::Stream;
 use super::{errno_for, Export, TxnCommand};
 use crate::limits::{
-    CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, REQUEST_PAYLOAD_BYTES_MAX,
+    CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, CONNECTION_WORKER_THREADS,
+    REQUEST_PAYLOAD_BYTES_MAX,
 };
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 pub const REQUEST_SIZE: usize = 28;
 pub const SIMPLE_REPLY_SIZE: usize = 16;
@@ -126,54 +131,22 @@ impl InFlight {
     }
 }
 
-/// WRITE payload buffers a connection keeps for reuse, and the largest one kept. A fresh
-/// 1 MiB buffer per request costs a page fault per 4 KiB (and zeroing); a reused one costs
-/// neither. Bounded: at most this many, each at most this big.
-const PAYLOAD_BUFFERS_KEPT_MAX: usize = 16;
-const PAYLOAD_BUFFER_KEEP_BYTES: usize = 4 << 20;
-
-/// A WRITE payload: the first `len` bytes of `buf` (which may be longer: it is reused).
-struct Payload {
-    buf: Vec<u8>,
-    len: usize,
-}
-
-impl Payload {
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
 struct Conn {
     export: Box<dyn Export>,
     out: Mutex<Stream>,
     in_flight: InFlight,
-    payload_buffers: Mutex<Vec<Vec<u8>>>,
+    /// The socket's read side: held while one worker reads one request. `true` once the
+    /// stream ended (EOF, DISC, bad magic or an error): workers then stop.
+    reading: Mutex<bool>,
+    /// Workers waiting for `reading`; when none is, the next request would wait for a busy
+    /// one, so another worker is started (up to CONNECTION_WORKER_THREADS).
+    waiting: AtomicUsize,
+    workers: AtomicUsize,
+    /// The first I/O error that ended the connection.
+    failure: Mutex<Option<io::Error>>,
 }
 
 impl Conn {
-    /// A buffer with at least `len` initialized bytes, reused when one is free.
-    fn payload_buffer(&self, len: usize) -> Payload {
-        let mut buf = self
-            .payload_buffers
-            .lock()
-            .unwrap()
-            .pop()
-            .unwrap_or_default();
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        Payload { buf, len }
-    }
-    fn recycle(&self, p: Payload) {
-        if p.buf.len() > PAYLOAD_BUFFER_KEEP_BYTES {
-            return;
-        }
-        let mut kept = self.payload_buffers.lock().unwrap();
-        if kept.len() < PAYLOAD_BUFFERS_KEPT_MAX {
-            kept.push(p.buf);
-        }
-    }
     fn reply(&self, bytes: &[u8]) {
         let s = self.out.lock().unwrap();
         if let Err(e) = { &*s }.write_all(bytes) {
@@ -193,80 +166,147 @@ impl Conn {
     }
 }
 
+/// Largest buffer a worker keeps between requests (bigger ones are freed after use). It
+/// holds a WRITE's payload or a READ's reply; reusing it saves a page fault per 4 KiB.
+const WORKER_BUFFER_KEEP_BYTES: usize = 4 << 20;
+
 /// Serves requests until the client disconnects, sends NBD_CMD_DISC, or breaks framing.
-/// Returns after every in-flight request has been replied to.
+/// Returns after every request read has been replied to.
 pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Result<()> {
-    let conn = Arc::new(Conn {
+    let conn = Conn {
         export,
         out: Mutex::new(output),
         in_flight: InFlight::new(),
-        payload_buffers: Mutex::new(Vec::new()),
-    });
-    let r = read_loop(input, &conn);
-    conn.in_flight.wait_idle();
-    r
+        reading: Mutex::new(false),
+        waiting: AtomicUsize::new(0),
+        workers: AtomicUsize::new(1),
+        failure: Mutex::new(None),
+    };
+    // The scope joins every worker: all replies are sent when it ends.
+    std::thread::scope(|scope| worker(scope, input, &conn));
+    match conn.failure.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-fn read_loop(input: &Stream, conn: &Arc<Conn>) -> io::Result<()> {
-    let size = conn.export.info().size;
+/// What the worker holding the read side got from the stream.
+enum Next {
+    /// A request to serve (its payload, if a WRITE, is in the worker's buffer).
+    Serve(Request),
+    /// Handled already (an error reply, a transaction command).
+    Handled,
+    /// The stream ended; an error is kept for `serve` to return.
+    End(Option<io::Error>),
+}
+
+fn worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'s Conn) {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let mut h = [0u8; REQUEST_SIZE];
-        match { input }.read_exact(&mut h) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+        conn.waiting.fetch_add(1, Ordering::AcqRel);
+        let mut ended = conn.reading.lock().unwrap();
+        conn.waiting.fetch_sub(1, Ordering::AcqRel);
+        if *ended {
+            return;
         }
-        let Some(r) = parse_request(&h) else {
-            log::warn!(
-                "{}: bad request magic; closing the connection",
-                conn.export.label()
-            );
-            return Ok(());
-        };
-        if let Err(err) = validate(&r, size) {
-            if r.kind == NBD_CMD_WRITE {
-                io::copy(&mut { input }.take(r.length as u64), &mut io::sink())?;
+        let r = match read_request(input, conn, &mut buf) {
+            Next::Serve(r) => r,
+            Next::Handled => continue,
+            Next::End(e) => {
+                *ended = true;
+                if let Some(e) = e {
+                    *conn.failure.lock().unwrap() = Some(e);
+                }
+                return;
             }
-            conn.reply_error(&r, err);
-            continue;
-        }
-        if r.kind == NBD_CMD_DISC {
-            return Ok(());
-        }
-        if let Some(cmd) = txn_command(r.kind) {
-            // A barrier: everything sent before it has been executed, nothing after it starts
-            // until it is done, so a transaction contains exactly the writes between its
-            // BEGIN and COMMIT in stream order.
-            conn.in_flight.wait_idle();
-            execute_txn(conn, &r, cmd);
-            continue;
-        }
-        let bytes = if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) {
-            r.length as u64
-        } else {
-            0
         };
-        conn.in_flight.acquire(bytes);
-        let payload = if r.kind == NBD_CMD_WRITE {
-            let mut p = conn.payload_buffer(r.length as usize);
-            let len = p.len;
-            if let Err(e) = { input }.read_exact(&mut p.buf[..len]) {
-                conn.in_flight.release(bytes);
-                return Err(e);
-            }
-            Some(p)
-        } else {
-            None
-        };
-        let c = conn.clone();
-        conn.export.spawn(Box::new(move || {
-            execute(&c, &r, payload.as_ref().map_or(&[], Payload::bytes));
-            if let Some(p) = payload {
-                c.recycle(p);
-            }
-            c.in_flight.release(bytes);
-        }));
+        if conn.waiting.load(Ordering::Acquire) == 0 {
+            start_worker(scope, input, conn);
+        }
+        drop(ended);
+        let bytes = in_flight_bytes(&r);
+        execute(conn, &r, &mut buf);
+        conn.in_flight.release(bytes);
+        if buf.capacity() > WORKER_BUFFER_KEEP_BYTES {
+            buf = Vec::new();
+        }
     }
+}
+
+/// Starts one more worker for this connection, if it has fewer than the limit.
+fn start_worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'s Conn) {
+    let n = conn.workers.fetch_add(1, Ordering::AcqRel);
+    if n >= CONNECTION_WORKER_THREADS {
+        conn.workers.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let name = format!("{}-w{n}", std::thread::current().name().unwrap_or("conn"));
+    let spawned = std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, move || worker(scope, input, conn));
+    if let Err(e) = spawned {
+        conn.workers.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("{}: cannot start a worker thread: {e}", conn.export.label());
+    }
+}
+
+fn in_flight_bytes(r: &Request) -> u64 {
+    if matches!(r.kind, NBD_CMD_READ | NBD_CMD_WRITE) {
+        r.length as u64
+    } else {
+        0
+    }
+}
+
+/// Reads one request (and a WRITE's payload into `buf`). Called with the read side held.
+fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
+    let size = conn.export.info().size;
+    let mut h = [0u8; REQUEST_SIZE];
+    match { input }.read_exact(&mut h) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Next::End(None),
+        Err(e) => return Next::End(Some(e)),
+    }
+    let Some(r) = parse_request(&h) else {
+        log::warn!(
+            "{}: bad request magic; closing the connection",
+            conn.export.label()
+        );
+        return Next::End(None);
+    };
+    if let Err(err) = validate(&r, size) {
+        if r.kind == NBD_CMD_WRITE {
+            if let Err(e) = io::copy(&mut { input }.take(r.length as u64), &mut io::sink()) {
+                return Next::End(Some(e));
+            }
+        }
+        conn.reply_error(&r, err);
+        return Next::Handled;
+    }
+    if r.kind == NBD_CMD_DISC {
+        return Next::End(None);
+    }
+    if let Some(cmd) = txn_command(r.kind) {
+        // A barrier: everything read before it has been executed, and nothing after it is
+        // read until it is done (this worker keeps the read side meanwhile), so a
+        // transaction contains exactly the writes between its BEGIN and COMMIT in stream
+        // order.
+        conn.in_flight.wait_idle();
+        execute_txn(conn, &r, cmd);
+        return Next::Handled;
+    }
+    conn.in_flight.acquire(in_flight_bytes(&r));
+    if r.kind == NBD_CMD_WRITE {
+        let len = r.length as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        if let Err(e) = { input }.read_exact(&mut buf[..len]) {
+            conn.in_flight.release(in_flight_bytes(&r));
+            return Next::End(Some(e));
+        }
+    }
+    Next::Serve(r)
 }
 
 fn txn_command(kind: u16) -> Option<TxnCommand> {
@@ -294,42 +334,28 @@ fn execute_txn(conn: &Conn, r: &Request, cmd: TxnCommand) {
     }
 }
 
-/// Largest read buffer a worker thread keeps between requests (bigger ones are freed).
-const READ_BUFFER_KEEP_BYTES: usize = 4 << 20;
-
-thread_local! {
-    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn execute(conn: &Conn, r: &Request, payload: &[u8]) {
+/// Serves request `r`; `buf` holds a WRITE's payload, or becomes a READ's reply.
+fn execute(conn: &Conn, r: &Request, buf: &mut Vec<u8>) {
     let e = &conn.export;
     let fua = r.flags & NBD_CMD_FLAG_FUA != 0;
+    let len = r.length as usize;
     let result = match r.kind {
         NBD_CMD_READ => {
-            let result = READ_BUFFER.with_borrow_mut(|buf| {
-                // Reused per worker thread: a fresh 1 MiB buffer would cost a page fault per
-                // 4 KiB. Every byte is overwritten by the read (zero pieces are filled).
-                let len = SIMPLE_REPLY_SIZE + r.length as usize;
-                if buf.len() < len {
-                    buf.resize(len, 0);
+            // Every byte is overwritten by the read (zero pieces are filled).
+            if buf.len() < SIMPLE_REPLY_SIZE + len {
+                buf.resize(SIMPLE_REPLY_SIZE + len, 0);
+            }
+            let reply = &mut buf[..SIMPLE_REPLY_SIZE + len];
+            match e.read(r.offset, &mut reply[SIMPLE_REPLY_SIZE..]) {
+                Ok(()) => {
+                    reply[..SIMPLE_REPLY_SIZE].copy_from_slice(&simple_reply_header(0, r.cookie));
+                    conn.reply(reply);
+                    return;
                 }
-                let buf = &mut buf[..len];
-                e.read(r.offset, &mut buf[SIMPLE_REPLY_SIZE..])?;
-                buf[..SIMPLE_REPLY_SIZE].copy_from_slice(&simple_reply_header(0, r.cookie));
-                conn.reply(buf);
-                Ok(())
-            });
-            READ_BUFFER.with_borrow_mut(|buf| {
-                if buf.capacity() > READ_BUFFER_KEEP_BYTES {
-                    *buf = Vec::new();
-                }
-            });
-            match result {
-                Ok(()) => return,
                 Err(err) => Err(err),
             }
         }
-        NBD_CMD_WRITE => e.write(r.offset, payload, fua),
+        NBD_CMD_WRITE => e.write(r.offset, &buf[..len], fua),
         NBD_CMD_FLUSH => e.flush(),
         NBD_CMD_TRIM => e.trim(r.offset, r.length as u64, fua),
         NBD_CMD_WRITE_ZEROES => e.write_zeroes(

@@ -238,7 +238,4 @@ impl Export for ConnectionExport {
             (_, None) => Err(self.misuse("no transaction is open")),
         }
     }
-    fn spawn(&self, job: Box<dyn FnOnce() + Send>) {
-        self.session.workers.lock().unwrap().execute(job);
-    }
 }
