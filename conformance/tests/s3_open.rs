@@ -70,6 +70,16 @@ fn opening_an_image_is_a_handful_of_requests_and_layers_open_in_parallel() {
     proxy.set_stall(STALL);
     s3.endpoint = proxy.endpoint();
     let s = s3.start(&[]);
+    // The server opens its port before its start-up checks of the bucket (a probe PUT, a
+    // conditional PUT, a DELETE) are done: wait for them, so that none is counted below.
+    let ready = Instant::now() + Duration::from_secs(30);
+    while !s.log().contains("listening on") {
+        assert!(
+            Instant::now() < ready,
+            "mvps-te never logged that it listens"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let tok = token::token(&id, 1 << 20);
     let before = proxy.counts().total();
     proxy.set_faults(true);

@@ -103,8 +103,10 @@ impl BufferStore {
         }
         // Opening reads the manifest and replays the WAL; holding the registry lock meanwhile
         // keeps two connections from opening the same image twice.
+        // Opened with this connection attached already: its background threads never see
+        // a new session as idle (and start closing or compacting it) before the first
+        // client is in.
         let s = Session::open(self.clone(), image_id, page_size_bits)?;
-        s.attach();
         sessions.insert(image_id.to_string(), s.clone());
         Ok(s)
     }

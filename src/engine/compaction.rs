@@ -77,8 +77,6 @@ const RETRY_DELAY_MS: u64 = 5_000;
 const IDLE_WAIT_MS: u64 = 60_000;
 /// How soon a deferred compaction looks again (checkpoints also wake it).
 const DEFER_RECHECK_MS: u64 = 1_000;
-/// How long after a session opens its compaction thread first looks for merges.
-const OPEN_DELAY_MS: u64 = 5_000;
 
 /// What a compaction pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,9 +98,9 @@ pub fn start_thread(s: &Arc<Session>) {
 }
 
 fn run(weak: std::sync::Weak<Session>) {
-    // A session may open with merges due (written by an earlier session): look soon, once
-    // its first requests (and the open itself) are served.
-    let mut delay = OPEN_DELAY_MS;
+    // Merges due when the session opened run after its first checkpoint, or when its last
+    // client leaves (the idle session compacts before it closes).
+    let mut delay = IDLE_WAIT_MS;
     loop {
         let Some(s) = weak.upgrade() else { return };
         {

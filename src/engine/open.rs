@@ -32,6 +32,7 @@ pub fn now_unix() -> u64 {
 }
 
 impl Session {
+    /// Opens the session of `image_id` with one connection attached (the caller's).
     pub fn open(
         buffer: Arc<BufferStore>,
         image_id: &str,
@@ -87,6 +88,7 @@ impl Session {
             layers,
         };
         let s = Arc::new(Session::new(buffer, image_id, page_size_bits, writer, view));
+        s.attach(); // the opener's connection (see BufferStore::attach)
         checkpoint::start_thread(&s);
         super::compaction::start_thread(&s);
         Ok(s)
