@@ -12,7 +12,7 @@ use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session};
-use super::wal::{self, Kind, Record, WalFile, WalHeader};
+use super::wal::{self, Kind, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
@@ -213,20 +213,7 @@ impl Session {
             return Ok((Some(snap), false));
         }
         assert_eq!(next.segment(), w.wal.segment() + 1, "one rotator");
-        let seal = Record {
-            kind: Kind::Seal,
-            flags: 0,
-            seq: w.next_seq,
-            txn_id: 0,
-            change_count: 0,
-            first_page: 0,
-            page_count: 0,
-            payload_len: 0,
-        };
-        w.wal
-            .append(&seal, &[])
-            .map_err(self.io_err("seal WAL segment"))?;
-        w.next_seq += 1;
+        self.append_end(&mut w, Kind::Seal, 0, 0)?;
         // The new segment joins the view before it takes an append (see `Session::flush`).
         self.view
             .write()

@@ -627,7 +627,8 @@ impl Session {
         Ok(())
     }
 
-    /// Appends the COMMIT (or ABORT) record of transaction `txn_id`.
+    /// Appends a record without pages: the COMMIT or ABORT of transaction `txn_id`, or the
+    /// SEAL that ends a segment.
     pub(super) fn append_end(
         &self,
         w: &mut WriterState,
