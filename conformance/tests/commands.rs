@@ -181,3 +181,46 @@ fn disc_closes_the_connection_after_pending_replies() {
     assert!(c.closed_within(std::time::Duration::from_secs(10)));
     assert_eq!(s.open(&tok).read(9, 4), Ok(b"last".to_vec()));
 }
+
+/// Requests on one connection are served concurrently: while another connection holds the
+/// image's write lock (LOCK_TXN), a plain WRITE waits for it, and READs sent after that WRITE
+/// on the same connection are answered meanwhile. When the lock goes (ROLLBACK), the WRITE
+/// completes. Guards a server that serves one request of a connection at a time.
+#[test]
+fn reads_are_answered_while_a_write_of_the_same_connection_waits() {
+    let s = Server::builder()
+        .args(["--txn-lock-timeout-ms", "20000"])
+        .start();
+    let (mut holder, tok) = open(&s, "concurrent");
+    holder.write(0, &pattern(1, 4096)).unwrap();
+    let mut c = s.open(&tok);
+    assert_eq!(
+        holder.request(0, nbd::CMD_MVPS_BEGIN_TXN, 0, 0, &[]),
+        Ok(vec![])
+    );
+    assert_eq!(
+        holder.request(0, nbd::CMD_MVPS_LOCK_TXN, 0, 0, &[]),
+        Ok(vec![])
+    );
+    let w = c
+        .send_request(0, nbd::CMD_WRITE, 8192, 4096, &pattern(2, 4096))
+        .unwrap();
+    let reads: Vec<u64> = (0..4)
+        .map(|_| c.send_request(0, nbd::CMD_READ, 0, 4096, &[]).unwrap())
+        .collect();
+    for _ in &reads {
+        let (h, reply) = c.read_reply().unwrap();
+        assert!(
+            reads.contains(&h),
+            "reply {h} came before the reads' (write is {w})"
+        );
+        assert_eq!(reply, Ok(pattern(1, 4096)));
+    }
+    assert_eq!(
+        holder.request(0, nbd::CMD_MVPS_ROLLBACK_TXN, 0, 0, &[]),
+        Ok(vec![])
+    );
+    let (h, reply) = c.read_reply().unwrap();
+    assert_eq!((h, reply), (w, Ok(vec![])));
+    assert_eq!(c.read(8192, 4096), Ok(pattern(2, 4096)));
+}

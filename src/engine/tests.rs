@@ -458,3 +458,79 @@ fn checkpoints_concurrent_with_writes() {
     check_all(&s, &model);
     b.shutdown();
 }
+
+/// An image whose manifest lists `n` one-page layers (page `i` of layer `i` holds `i + 1`),
+/// written straight into `store`, owned by nobody yet.
+fn image_of_small_layers(dir: &Path, store: &dyn ImageStore, n: u64) {
+    use super::layer::{write_layer, SourceExtent};
+    use super::manifest::{self, LayerRef, Manifest};
+    use crate::store::keys;
+    let mut layers = Vec::new();
+    for i in 0..n {
+        let path = dir.join(format!("layer{i}"));
+        let extents = [SourceExtent::Data { start: i, len: 1 }];
+        let (size_bytes, data_pages) = write_layer(&path, 9, &extents, |_, _, buf, _| {
+            buf.fill(i as u8 + 1);
+            Ok(())
+        })
+        .unwrap();
+        let blob_id = keys::new_blob_id();
+        store.put_file(&keys::blob_key(&blob_id), &path).unwrap();
+        layers.push(LayerRef {
+            blob_id,
+            size_bytes,
+            data_pages,
+        });
+    }
+    let m = Manifest {
+        format_version: manifest::MANIFEST_FORMAT_VERSION,
+        image_id: "model.mvps-image".into(),
+        generation: 1,
+        change_count: n,
+        writer_id: manifest::writer_id_hex(1),
+        page_size_bits: 9,
+        layers,
+        created_at_unix: 0,
+    };
+    assert!(manifest::create(store, &m).unwrap());
+}
+
+/// Merges wait while a connected client keeps the buffer over a quarter of the throttle
+/// threshold, until the image has more than LAYERS_DEFER_MAX layers; with no client
+/// connected they run at once. No page reads differently either way.
+#[test]
+fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
+    use super::compaction::{Pass, LAYERS_DEFER_MAX};
+    for (layers, deferred) in [(6u64, true), (LAYERS_DEFER_MAX as u64 + 2, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        image_of_small_layers(dir.path(), store.as_ref(), layers);
+        let cfg = SessionConfig {
+            write_throttle_threshold_pages: 8,
+            ..cfg()
+        };
+        let b = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg).unwrap());
+        let s = b.attach("model.mvps-image", 9).unwrap();
+        // Three buffered pages: over 8 / 4.
+        s.write(None, 1000 << 9, &[9u8; 3 << 9]).unwrap();
+        let before = s.view.read().unwrap().layers.len();
+        assert_eq!(before as u64, layers);
+        let pass = s.compact().unwrap();
+        let after = s.view.read().unwrap().layers.len();
+        if deferred {
+            assert_eq!((pass, after), (Pass::Deferred, before));
+            s.detach();
+            assert_eq!(s.compact().unwrap(), Pass::Done);
+            assert!(s.view.read().unwrap().layers.len() < before);
+        } else {
+            // Merges run until the count is back within the bound, then wait again.
+            assert!(after <= LAYERS_DEFER_MAX, "{after} layers, {pass:?}");
+        }
+        for i in 0..layers {
+            let mut page = [0u8; 512];
+            s.read(None, i << 9, &mut page).unwrap();
+            assert_eq!(page, [i as u8 + 1; 512], "page {i}");
+        }
+        b.shutdown();
+    }
+}
