@@ -619,8 +619,11 @@ impl Session {
         }
         let pages = view.index.pages();
         drop(view);
-        if pages > self.buffer.cfg.write_throttle_threshold_pages / 2
-            || w.wal.end > self.buffer.cfg.wal_segment_checkpoint_bytes
+        let cfg = &self.buffer.cfg;
+        // (With uploads disabled there is nothing a checkpoint could do: no wake-up per write.)
+        if !cfg.disable_image_store_write
+            && (pages > cfg.write_throttle_threshold_pages / 2
+                || w.wal.end > cfg.wal_segment_checkpoint_bytes)
         {
             self.wake_checkpoint();
         }
