@@ -18,16 +18,13 @@ pub const EXPORT_NAME_LENGTH_MAX: usize = 4096;
 /// How many options one handshake may send before we judge it a denial of service.
 pub const OPTIONS_COUNT_MAX: u32 = 64;
 
-/// Requests one connection may have in flight (read but not yet replied). The reader
-/// thread stops reading the socket past this, which is the client's backpressure.
-pub const CONNECTION_IN_FLIGHT_MAX: usize = 64;
-
 /// Payload bytes one connection may have in flight (WRITE payloads held plus READ buffers).
 pub const CONNECTION_IN_FLIGHT_BYTES_MAX: u64 = 128 << 20;
 
-/// Threads serving one connection at most: the requests it can have executing at once.
-/// Started as the client's queue depth needs them; each keeps one request buffer of at most
-/// 4 MiB between requests.
+/// Threads serving one connection at most: the requests it can have executing at once (each
+/// worker holds one request from reading it to replying; the socket is not read further
+/// while all are busy, which is the client's backpressure). Started as the client's queue
+/// depth needs them; each keeps one request buffer of at most 4 MiB between requests.
 pub const CONNECTION_WORKER_THREADS: usize = 8;
 
 /// Simultaneous client connections to one server process.

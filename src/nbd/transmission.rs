@@ -12,8 +12,7 @@ use super::consts::*;
 use super::stream::Stream;
 use super::{errno_for, Export, TxnCommand};
 use crate::limits::{
-    CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_IN_FLIGHT_MAX, CONNECTION_WORKER_THREADS,
-    REQUEST_PAYLOAD_BYTES_MAX,
+    CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_WORKER_THREADS, REQUEST_PAYLOAD_BYTES_MAX,
 };
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -76,8 +75,8 @@ pub fn validate(r: &Request, size: u64) -> Result<(), u32> {
     }
 }
 
-/// Bounds what one connection holds in flight: request count and payload bytes. Only the
-/// connection's reader thread ever waits on it.
+/// What one connection holds in flight: the request count (for the transaction barrier) and
+/// payload bytes (bounded). Only the worker holding the read side ever waits on it.
 struct InFlight {
     state: Mutex<InFlightState>,
     cv: Condvar,
@@ -104,9 +103,7 @@ impl InFlight {
     fn acquire(&self, bytes: u64) {
         let mut g = self.state.lock().unwrap();
         // A single request larger than the byte budget still goes through, alone.
-        while g.count >= CONNECTION_IN_FLIGHT_MAX
-            || (g.count > 0 && g.bytes + bytes > CONNECTION_IN_FLIGHT_BYTES_MAX)
-        {
+        while g.count > 0 && g.bytes + bytes > CONNECTION_IN_FLIGHT_BYTES_MAX {
             g.waiting = true;
             g = self.cv.wait(g).unwrap();
         }
