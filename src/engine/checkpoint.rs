@@ -11,7 +11,7 @@ use super::extent::{Extent, ExtentValue};
 use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
-use super::session::{BufVal, Session};
+use super::session::{BufVal, Session, WriterState};
 use super::wal::{self, Kind, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
@@ -98,11 +98,20 @@ struct Snapshot {
 impl Session {
     /// One checkpoint. Returns the number of pages moved out of the buffer.
     pub fn checkpoint(&self) -> Result<u64> {
-        if self.buffer.cfg.disable_image_store_write {
-            return Ok(0);
-        }
         self.check_usable()?;
         let _one_at_a_time = self.checkpointing.lock().unwrap();
+        if self.buffer.cfg.disable_image_store_write {
+            // Nothing is uploaded and no segment deleted, but the log still moves on to new
+            // segments, so that none outgrows SEGMENT_BYTES_MAX.
+            let full =
+                self.writer.lock().unwrap().wal.end > self.buffer.cfg.wal_segment_checkpoint_bytes;
+            if full {
+                let next = self.prepare_segment()?;
+                let mut w = self.writer.lock().unwrap();
+                self.rotate(&mut w, next)?;
+            }
+            return Ok(0);
+        }
         if self.buffer_is_empty() || self.writer.lock().unwrap().manifest.is_none() {
             self.retire_segments()?;
             return Ok(0);
@@ -212,8 +221,14 @@ impl Session {
         if w.wal.end == wal::HEADER_SIZE {
             return Ok((Some(snap), false));
         }
+        self.rotate(&mut w, next)?;
+        Ok((Some(snap), true))
+    }
+
+    /// Seals the newest segment and makes `next` (from `prepare_segment`) the newest.
+    fn rotate(&self, w: &mut WriterState, next: WalFile) -> Result<()> {
         assert_eq!(next.segment(), w.wal.segment() + 1, "one rotator");
-        self.append_end(&mut w, Kind::Seal, 0, 0)?;
+        self.append_end(w, Kind::Seal, 0, 0)?;
         // The new segment joins the view before it takes an append (see `Session::flush`).
         self.view
             .write()
@@ -221,7 +236,7 @@ impl Session {
             .segments
             .insert(next.segment(), next.file.clone());
         w.wal = next;
-        Ok((Some(snap), true))
+        Ok(())
     }
 
     /// Deletes the WAL segments older than anything still needed: the newest segment, the

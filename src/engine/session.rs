@@ -620,11 +620,10 @@ impl Session {
         let pages = view.index.pages();
         drop(view);
         let cfg = &self.buffer.cfg;
-        // (With uploads disabled there is nothing a checkpoint could do: no wake-up per write.)
-        if !cfg.disable_image_store_write
-            && (pages > cfg.write_throttle_threshold_pages / 2
-                || w.wal.end > cfg.wal_segment_checkpoint_bytes)
-        {
+        // (With uploads disabled a checkpoint only moves the WAL on to a new segment.)
+        let filling =
+            !cfg.disable_image_store_write && pages > cfg.write_throttle_threshold_pages / 2;
+        if filling || w.wal.end > cfg.wal_segment_checkpoint_bytes {
             self.wake_checkpoint();
         }
         Ok(())

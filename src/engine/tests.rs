@@ -534,3 +534,41 @@ fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
         b.shutdown();
     }
 }
+
+/// With image-store writes disabled nothing is checkpointed, but the WAL still moves on to
+/// new segments as they fill (none outgrows its limit), and a restart replays them all.
+#[test]
+fn without_uploads_the_wal_still_moves_on_to_new_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local(dir.path());
+    let cfg = SessionConfig {
+        disable_image_store_write: true,
+        wal_segment_checkpoint_bytes: 64 << 10,
+        ..cfg()
+    };
+    let open_it = || {
+        let b = Arc::new(
+            BufferStore::open(&dir.path().join("buffer"), store.clone(), cfg.clone()).unwrap(),
+        );
+        let s = b.attach("model.mvps-image", 12).unwrap();
+        (b, s)
+    };
+    let (b, s) = open_it();
+    for i in 0..64u64 {
+        s.write(None, (i % 16) << 12, &[i as u8 + 1; 4096]).unwrap();
+        if i % 8 == 7 {
+            assert_eq!(s.checkpoint().unwrap(), 0);
+        }
+    }
+    let segments = segments_on_disk(dir.path());
+    assert!(segments.len() >= 3, "segments {segments:?}");
+    b.shutdown();
+    drop((s, b));
+    let (b, s) = open_it();
+    for page in 0..16u64 {
+        let mut got = vec![0u8; 4096];
+        s.read(None, page << 12, &mut got).unwrap();
+        assert_eq!(got, vec![48 + page as u8 + 1; 4096], "page {page}");
+    }
+    b.shutdown();
+}

@@ -45,8 +45,10 @@ pub const RECORD_HEADER_SIZE: u64 = 56;
 const RECORD_CRC_OFFSET: usize = 52;
 
 /// Low bits of a log position that hold the byte offset inside its segment. A segment never
-/// grows past 2^40 bytes (appends beyond that fail), so positions never collide.
-pub const SEGMENT_OFFSET_BITS: u32 = 40;
+/// grows past 2^36 bytes = 64 GiB (appends beyond that fail: a checkpoint starts a new
+/// segment long before, at WAL_SEGMENT_CHECKPOINT_BYTES), so positions never collide; the
+/// other 28 bits number segments: 2^28 checkpoints, over 4 years even at two a second.
+pub const SEGMENT_OFFSET_BITS: u32 = 36;
 pub const SEGMENT_BYTES_MAX: u64 = 1 << SEGMENT_OFFSET_BITS;
 /// Segment numbers stay below this, so no position equals the index's "zeros" marker
 /// (`u64::MAX`).
