@@ -229,40 +229,37 @@ pub fn segment_path(dir: &Path, image_id: &str, segment: u64) -> PathBuf {
     dir.join(format!("{image_id}.{segment:016x}.wal"))
 }
 
-/// The segments of `image_id` in `dir`, oldest first.
-pub fn list_segments(dir: &Path, image_id: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+/// The names in `dir` that start with `<image_id>.`, without that prefix.
+fn image_files(dir: &Path, image_id: &str) -> io::Result<Vec<(String, PathBuf)>> {
     let prefix = format!("{image_id}.");
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(hex) = rest.strip_suffix(".wal") else {
-            continue;
-        };
-        if hex.len() != 16 {
-            continue;
-        }
-        if let Ok(n) = u64::from_str_radix(hex, 16) {
-            out.push((n, e.path()));
+        if let Some(rest) = e.file_name().to_str().and_then(|n| n.strip_prefix(&prefix)) {
+            out.push((rest.to_string(), e.path()));
         }
     }
+    Ok(out)
+}
+
+/// The segments of `image_id` in `dir`, oldest first.
+pub fn list_segments(dir: &Path, image_id: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out: Vec<(u64, PathBuf)> = image_files(dir, image_id)?
+        .into_iter()
+        .filter_map(|(rest, path)| {
+            let hex = rest.strip_suffix(".wal").filter(|h| h.len() == 16)?;
+            Some((u64::from_str_radix(hex, 16).ok()?, path))
+        })
+        .collect();
     out.sort();
     Ok(out)
 }
 
 /// Deletes `<image_id>.*.wal.tmp`: segments whose creation a crash interrupted.
 pub fn remove_stale_temps(dir: &Path, image_id: &str) -> io::Result<()> {
-    let prefix = format!("{image_id}.");
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with(&prefix) && name.ends_with(".wal.tmp") {
-            std::fs::remove_file(e.path())?;
+    for (rest, path) in image_files(dir, image_id)? {
+        if rest.ends_with(".wal.tmp") {
+            std::fs::remove_file(path)?;
         }
     }
     Ok(())
@@ -285,7 +282,7 @@ impl WalFile {
     /// Creates a segment holding only a header, atomically (temp file, fsync, rename, fsync
     /// dir): once this returns, a later `fdatasync` of appended records makes them durable.
     pub fn create(path: &Path, header: &WalHeader) -> io::Result<WalFile> {
-        write_new_file(path, &encode_header(header), &[])?;
+        write_new_file(path, &encode_header(header))?;
         let file = Arc::new(open_append(path)?);
         Ok(WalFile {
             path: path.to_path_buf(),
@@ -347,15 +344,13 @@ impl WalFile {
     }
 }
 
-/// Writes `header` and then `body` chunks into a new file that replaces `path` atomically.
-pub fn write_new_file(path: &Path, header: &[u8], body: &[&[u8]]) -> io::Result<()> {
+/// Writes `bytes` into a new file that replaces `path` atomically (temp file, fsync, rename,
+/// fsync the directory).
+fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("wal.tmp");
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(header)?;
-        for b in body {
-            f.write_all(b)?;
-        }
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

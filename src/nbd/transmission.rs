@@ -130,6 +130,8 @@ impl InFlight {
 
 struct Conn {
     export: Box<dyn Export>,
+    /// The export's size, for validating requests.
+    size: u64,
     out: Mutex<Stream>,
     in_flight: InFlight,
     /// The socket's read side: held while one worker reads one request. `true` once the
@@ -171,6 +173,7 @@ const WORKER_BUFFER_KEEP_BYTES: usize = 4 << 20;
 /// Returns after every request read has been replied to.
 pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Result<()> {
     let conn = Conn {
+        size: export.info().size,
         export,
         out: Mutex::new(output),
         in_flight: InFlight::new(),
@@ -257,7 +260,6 @@ fn in_flight_bytes(r: &Request) -> u64 {
 
 /// Reads one request (and a WRITE's payload into `buf`). Called with the read side held.
 fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
-    let size = conn.export.info().size;
     let mut h = [0u8; REQUEST_SIZE];
     match { input }.read_exact(&mut h) {
         Ok(()) => {}
@@ -271,7 +273,7 @@ fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
         );
         return Next::End(None);
     };
-    if let Err(err) = validate(&r, size) {
+    if let Err(err) = validate(&r, conn.size) {
         if r.kind == NBD_CMD_WRITE {
             if let Err(e) = io::copy(&mut { input }.take(r.length as u64), &mut io::sink()) {
                 return Next::End(Some(e));
