@@ -134,7 +134,9 @@ impl Session {
                 return Err(e);
             }
         };
+        let started = std::time::Instant::now();
         let refs = self.upload_layers(&snap)?;
+        let uploaded = started.elapsed();
         let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
         let mut opened = Vec::with_capacity(refs.len());
         for r in &refs {
@@ -164,11 +166,14 @@ impl Session {
             w.manifest = Some(next.clone());
         }
         log::info!(
-            "image {}: checkpoint: {pages} pages in {} layer(s), manifest generation {}, change {}",
+            "image {}: checkpoint: {pages} pages in {} layer(s), manifest generation {}, \
+             change {} ({} ms writing layers, {} ms in all)",
             self.image_id,
             refs.len(),
             next.generation,
-            next.change_count
+            next.change_count,
+            uploaded.as_millis(),
+            started.elapsed().as_millis()
         );
         let (m, c) = &self.drained;
         *m.lock().unwrap() += 1;

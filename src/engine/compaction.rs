@@ -33,6 +33,10 @@ pub const STEPS_PER_PASS_MAX: usize = 4;
 /// image has more layers than this: then read cost comes first.
 pub const LAYERS_DEFER_MAX: usize = 24;
 
+/// Most layer extents a pass looks at to find layers that newer ones cover entirely
+/// (`drop_shadowed`): the scan is in memory, but runs after every checkpoint.
+pub const SHADOW_SCAN_EXTENTS_MAX: usize = 1 << 20;
+
 const _: () = assert!(FANIN >= 2 && RUN_MAX >= FANIN);
 
 pub fn tier(l: &LayerRef, page_size_bits: u32) -> u32 {
@@ -138,6 +142,8 @@ impl Session {
     /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges), unless
     /// write pressure defers them (see LAYERS_DEFER_MAX).
     pub fn compact(&self) -> Result<Pass> {
+        // Free (no data is read or written), so not deferred by write pressure.
+        self.drop_shadowed()?;
         for _ in 0..STEPS_PER_PASS_MAX {
             if self.is_stopped() {
                 break;
@@ -254,6 +260,62 @@ impl Session {
         Ok(true)
     }
 
+    /// Takes out of the manifest every layer whose pages newer layers all cover: no read can
+    /// reach it any more (a whole-image rewrite, say, leaves every older layer dead), so it
+    /// goes without being merged — no data is copied. Returns how many layers went.
+    pub fn drop_shadowed(&self) -> Result<usize> {
+        self.check_usable()?;
+        let (ids, layers) = {
+            let w = self.writer.lock().unwrap();
+            let Some(m) = w.manifest.as_ref() else {
+                return Ok(0);
+            };
+            let view = self.view.read().unwrap();
+            let ids: Vec<String> = m.layers.iter().rev().map(|l| l.blob_id.clone()).collect();
+            (ids, view.layers.clone())
+        };
+        // Both newest first.
+        debug_assert!(ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id));
+        let extents: usize = layers.iter().map(|l| l.index.len()).sum();
+        if layers.len() < 2 || extents > SHADOW_SCAN_EXTENTS_MAX {
+            return Ok(0);
+        }
+        let shadowed = shadowed_layers(&layers);
+        if shadowed.is_empty() {
+            return Ok(0);
+        }
+        let _publishing = self.manifest_lock.lock().unwrap();
+        let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
+            return Ok(0);
+        };
+        // Checkpoints only add newer layers (more cover); merges run on this thread. So every
+        // shadowed layer is still listed and still shadowed; check that it is listed anyway.
+        let gone: std::collections::HashSet<&str> =
+            shadowed.iter().map(|&i| ids[i].as_str()).collect();
+        let listed = base
+            .layers
+            .iter()
+            .filter(|l| gone.contains(l.blob_id.as_str()))
+            .count();
+        if listed != gone.len() {
+            return Ok(0);
+        }
+        let mut next = base.clone();
+        next.generation += 1;
+        next.created_at_unix = now_unix();
+        next.layers.retain(|l| !gone.contains(l.blob_id.as_str()));
+        self.publish(&next)?;
+        self.install_compacted(&base, &next, None);
+        log::info!(
+            "image {}: compaction: dropped {} layer(s) that newer layers cover, manifest \
+             generation {}",
+            self.image_id,
+            gone.len(),
+            next.generation
+        );
+        Ok(gone.len())
+    }
+
     /// Writes the merge of `run` (oldest first) as one layer; None if nothing remains.
     fn merge(&self, run: &[Arc<Layer>], at_bottom: bool) -> Result<Option<LayerRef>> {
         let mut map: ExtentMap<Src> = ExtentMap::new();
@@ -325,9 +387,67 @@ impl Session {
     }
 }
 
+/// Indexes (into `layers`, newest first) of the layers whose every page a newer layer maps.
+fn shadowed_layers(layers: &[Arc<Layer>]) -> Vec<usize> {
+    // The pages mapped by the layers seen so far, as disjoint, non-adjacent ranges
+    // (start → end).
+    let mut cover: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    let covered = |cover: &std::collections::BTreeMap<u64, u64>, start: u64, end: u64| {
+        cover
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= end)
+    };
+    let mut out = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        if i > 0
+            && layer
+                .index
+                .iter()
+                .all(|e| covered(&cover, e.start, e.end()))
+        {
+            out.push(i);
+            continue;
+        }
+        for e in layer.index.iter() {
+            add_range(&mut cover, e.start, e.end());
+        }
+    }
+    out
+}
+
+/// Adds `[start, end)` to a set of disjoint, non-adjacent ranges, merging what it touches.
+fn add_range(cover: &mut std::collections::BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&s, &e)) = cover.range(..=start).next_back() {
+        if e >= start {
+            start = s;
+            end = end.max(e);
+            cover.remove(&s);
+        }
+    }
+    let inside: Vec<(u64, u64)> = cover.range(start..=end).map(|(&s, &e)| (s, e)).collect();
+    for (s, e) in inside {
+        end = end.max(e);
+        cover.remove(&s);
+    }
+    cover.insert(start, end);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_merge_when_they_touch_or_overlap() {
+        let mut c = std::collections::BTreeMap::new();
+        add_range(&mut c, 10, 20);
+        add_range(&mut c, 30, 40);
+        assert_eq!(c.len(), 2);
+        add_range(&mut c, 20, 25); // touches the first
+        assert_eq!(c.get(&10), Some(&25));
+        add_range(&mut c, 5, 35); // swallows both
+        assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![(5, 40)]);
+    }
 
     fn l(pages: u64) -> LayerRef {
         LayerRef {

@@ -18,6 +18,7 @@
 
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
+use super::writeback::Writeback;
 use crate::store::{self, BlobReader};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -80,6 +81,8 @@ pub fn write_layer(
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     // Data first (after a placeholder for header + index), collecting page CRCs as we go.
     w.write_all(&vec![0u8; data_offset as usize])?;
+    let mut pos = data_offset;
+    let mut writeback = Writeback::new(&file, 0);
     let mut crcs = Vec::with_capacity(data_pages as usize);
     let mut entries = Vec::with_capacity(extents.len() * EXTENT_ENTRY_SIZE as usize);
     let mut next_data_page = 0u64;
@@ -113,6 +116,8 @@ pub fn write_layer(
                     }
                 }
                 w.write_all(&buf)?;
+                pos += buf.len() as u64;
+                writeback.written(pos - w.buffer().len() as u64);
                 done += n;
             }
             next_data_page += len;

@@ -12,6 +12,7 @@ pub mod open;
 pub mod session;
 pub mod txn;
 pub mod wal;
+pub mod writeback;
 
 #[cfg(test)]
 pub(crate) mod tests;
