@@ -88,6 +88,23 @@ fn check_all(s: &Session, model: &[u8]) {
     }
 }
 
+/// Checks the image against `model`, shuts the session down, opens it again from the same
+/// buffer store and image store, and checks again.
+fn check_then_restart_and_check(
+    dir: &Path,
+    store: Arc<dyn ImageStore>,
+    bits: u32,
+    (b, s): (Arc<BufferStore>, Arc<Session>),
+    model: &[u8],
+) {
+    check_all(&s, model);
+    b.shutdown();
+    drop((s, b));
+    let (b, s) = open(dir, store, bits);
+    check_all(&s, model);
+    b.shutdown();
+}
+
 /// Runs `steps` random operations against the engine and the model.
 pub(crate) fn run_model(dir: &Path, store: Arc<dyn ImageStore>, seed: u64, steps: usize) {
     let bits = 9;
@@ -436,12 +453,7 @@ fn compaction_bounds_layers(dir, store) {
     s.compact().unwrap(); // the compaction thread may still be behind the last checkpoint
     let layers = s.view.read().unwrap().layers.len();
     assert!(layers < 8, "{layers} layers after 40 checkpoints");
-    check_all(&s, &model);
-    b.shutdown();
-    drop((s, b));
-    let (b, s) = open(dir, store, 9);
-    check_all(&s, &model);
-    b.shutdown();
+    check_then_restart_and_check(dir, store, 9, (b, s), &model);
 }
 }
 
@@ -473,12 +485,7 @@ fn layers_that_newer_ones_cover_are_dropped(dir, store) {
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(!ids.contains(&l1), "the covered layer is gone");
     assert_eq!(s.view.read().unwrap().layers.len(), 3);
-    check_all(&s, &model);
-    b.shutdown();
-    drop((s, b));
-    let (b, s) = open(dir, store, 9);
-    check_all(&s, &model);
-    b.shutdown();
+    check_then_restart_and_check(dir, store, 9, (b, s), &model);
 }
 }
 
@@ -525,12 +532,7 @@ fn checkpoints_concurrent_with_writes(dir, store) {
     let model = writer.join().unwrap();
     check_all(&s, &model);
     s.checkpoint().unwrap();
-    check_all(&s, &model);
-    b.shutdown();
-    drop((s, b));
-    let (b, s) = open(dir, store, 9);
-    check_all(&s, &model);
-    b.shutdown();
+    check_then_restart_and_check(dir, store, 9, (b, s), &model);
 }
 }
 
