@@ -68,12 +68,12 @@ macro_rules! on_both_stores {
             #[test]
             fn local() {
                 let d = tempfile::tempdir().unwrap();
-                body(d.path(), super::local(d.path()));
+                body(d.path(), crate::engine::tests::local(d.path()));
             }
             #[test]
             fn s3() {
                 let d = tempfile::tempdir().unwrap();
-                let (_server, store) = super::s3();
+                let (_server, store) = crate::engine::tests::s3();
                 body(d.path(), store);
             }
         }
@@ -197,35 +197,33 @@ fn segments_on_disk(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+on_both_stores! {
 /// Each checkpoint moves the WAL on to a new segment and deletes the checkpointed ones, except
 /// a segment an open transaction wrote to: that stays until the transaction ends, and its
 /// COMMIT (in a later segment) still replays after a restart.
-#[test]
-fn checkpoints_delete_wal_segments_unless_a_transaction_pins_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = local(dir.path());
-    let (b, s) = open(dir.path(), store.clone(), 12);
-    assert_eq!(segments_on_disk(dir.path()), vec![1]);
+fn checkpoints_delete_wal_segments_unless_a_transaction_pins_them(dir, store) {
+    let (b, s) = open(dir, store.clone(), 12);
+    assert_eq!(segments_on_disk(dir), vec![1]);
     s.write(None, 0, &[1u8; 8192]).unwrap();
     let mut t = s.begin().unwrap();
     s.write(Some(&mut t), 40960, &[5u8; 4096]).unwrap();
     s.checkpoint().unwrap();
     // Segment 1 holds the open transaction's page.
-    assert_eq!(segments_on_disk(dir.path()), vec![1, 2]);
+    assert_eq!(segments_on_disk(dir), vec![1, 2]);
     s.write(None, 8192, &[2u8; 4096]).unwrap();
     s.checkpoint().unwrap();
-    assert_eq!(segments_on_disk(dir.path()), vec![1, 2, 3]);
+    assert_eq!(segments_on_disk(dir), vec![1, 2, 3]);
     s.commit(t).unwrap();
     s.write(None, 12288, &[3u8; 4096]).unwrap();
     // Restart before the next checkpoint: the commit in segment 3 replays data in segment 1.
     b.shutdown();
     drop((s, b));
-    let (b, s) = open(dir.path(), store.clone(), 12);
+    let (b, s) = open(dir, store.clone(), 12);
     let mut got = vec![0u8; 4096];
     s.read(None, 40960, &mut got).unwrap();
     assert_eq!(got, vec![5u8; 4096]);
     s.checkpoint().unwrap();
-    assert_eq!(segments_on_disk(dir.path()), vec![4]);
+    assert_eq!(segments_on_disk(dir), vec![4]);
     let mut all = vec![0u8; 16384];
     s.read(None, 0, &mut all).unwrap();
     assert_eq!(&all[..8192], &[1u8; 8192][..]);
@@ -234,28 +232,27 @@ fn checkpoints_delete_wal_segments_unless_a_transaction_pins_them() {
     b.shutdown();
     drop((s, b));
     // Everything is in layers now: a lost buffer store loses nothing.
-    std::fs::remove_dir_all(dir.path().join("buffer")).unwrap();
-    let (b, s) = open(dir.path(), store, 12);
+    std::fs::remove_dir_all(dir.join("buffer")).unwrap();
+    let (b, s) = open(dir, store, 12);
     s.read(None, 40960, &mut got).unwrap();
     assert_eq!(got, vec![5u8; 4096]);
     b.shutdown();
 }
+}
 
+on_both_stores! {
 /// Two buffer stores on one image: the one that took over last owns it; the first is fenced at
 /// its next checkpoint and nothing it wrote afterwards becomes visible.
-#[test]
-fn takeover_fences_old_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = local(dir.path());
-    let (b1, s1) = open(dir.path(), store.clone(), 12);
+fn takeover_fences_old_writer(dir, store) {
+    let (b1, s1) = open(dir, store.clone(), 12);
     s1.write(None, 0, &[1u8; 4096]).unwrap();
     s1.checkpoint().unwrap();
     let b2 =
-        Arc::new(BufferStore::open(&dir.path().join("buffer2"), store.clone(), cfg()).unwrap());
+        Arc::new(BufferStore::open(&dir.join("buffer2"), store.clone(), cfg()).unwrap());
     let s2 = b2.attach("model.mvps-image", 12).unwrap();
     s1.write(None, 0, &[2u8; 4096]).unwrap();
     let err = s1.checkpoint().unwrap_err();
-    assert!(matches!(err, super::Error::Fenced { .. }), "{err}");
+    assert!(matches!(err, crate::engine::Error::Fenced { .. }), "{err}");
     assert!(
         s1.write(None, 0, &[3u8; 4096]).is_err(),
         "a fenced session refuses writes"
@@ -266,22 +263,22 @@ fn takeover_fences_old_writer() {
     // The old buffer store, restarted, refuses to serve the image it no longer owns.
     b1.shutdown();
     drop((s1, b1));
-    let b1 = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg()).unwrap());
+    let b1 = Arc::new(BufferStore::open(&dir.join("buffer"), store, cfg()).unwrap());
     let e = b1.attach("model.mvps-image", 12).err().expect("refused");
     assert!(e.to_string().contains("owned by buffer store"), "{e}");
     b2.shutdown();
 }
+}
 
-#[test]
-fn page_size_mismatch_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = local(dir.path());
-    let (b, s) = open(dir.path(), store.clone(), 12);
+on_both_stores! {
+fn page_size_mismatch_refused(dir, store) {
+    let (b, s) = open(dir, store.clone(), 12);
     s.write(None, 0, &[1u8; 10]).unwrap();
     b.shutdown();
     drop((s, b));
-    let b = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg()).unwrap());
+    let b = Arc::new(BufferStore::open(&dir.join("buffer"), store, cfg()).unwrap());
     assert!(b.attach("model.mvps-image", 9).is_err());
+}
 }
 
 #[test]
@@ -305,11 +302,10 @@ mod txn {
         b
     }
 
+    on_both_stores! {
     /// Read-your-writes inside, invisible outside until COMMIT, then visible at once.
-    #[test]
-    fn isolation_and_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, s) = open(dir.path(), local(dir.path()), 9);
+    fn isolation_and_commit(dir, store) {
+        let (b, s) = open(dir, store, 9);
         let mut t = s.begin().unwrap();
         s.write(Some(&mut t), 100, &[5u8; 1000]).unwrap();
         s.write_zeroes(Some(&mut t), 300, 10, false).unwrap();
@@ -327,11 +323,11 @@ mod txn {
         assert_eq!(read(&s, 0, 1200), mine);
         b.shutdown();
     }
+    }
 
-    #[test]
-    fn rollback_discards() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, s) = open(dir.path(), local(dir.path()), 9);
+    on_both_stores! {
+    fn rollback_discards(dir, store) {
+        let (b, s) = open(dir, store, 9);
         s.write(None, 0, &[1u8; 512]).unwrap();
         let mut t = s.begin().unwrap();
         s.write(Some(&mut t), 0, &[2u8; 512]).unwrap();
@@ -339,12 +335,12 @@ mod txn {
         assert_eq!(read(&s, 0, 512), vec![1u8; 512]);
         b.shutdown();
     }
+    }
 
+    on_both_stores! {
     /// LOCK fails once anything committed since BEGIN (a plain write counts).
-    #[test]
-    fn lock_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, s) = open(dir.path(), local(dir.path()), 9);
+    fn lock_conflict(dir, store) {
+        let (b, s) = open(dir, store, 9);
         let mut t = s.begin().unwrap();
         s.write(None, 0, &[1u8; 10]).unwrap();
         assert!(matches!(s.lock(&mut t), Err(Error::Conflict { .. })));
@@ -356,13 +352,13 @@ mod txn {
         assert_eq!(read(&s, 0, 10), vec![3u8; 10]);
         b.shutdown();
     }
+    }
 
+    on_both_stores! {
     /// While a transaction holds the lock, plain writes wait; a holder past the timeout loses
     /// the lock and its COMMIT fails.
-    #[test]
-    fn lock_blocks_writers_until_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, s) = open(dir.path(), local(dir.path()), 9);
+    fn lock_blocks_writers_until_timeout(dir, store) {
+        let (b, s) = open(dir, store, 9);
         let mut t = s.begin().unwrap();
         s.lock(&mut t).unwrap();
         s.write(Some(&mut t), 0, &[7u8; 10]).unwrap();
@@ -381,14 +377,13 @@ mod txn {
         );
         b.shutdown();
     }
+    }
 
+    on_both_stores! {
     /// A transaction is in the WAL as one unit: committed ones survive a restart whole,
     /// uncommitted ones vanish whole, and the change count moves once per commit.
-    #[test]
-    fn recovery_all_or_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = local(dir.path());
-        let (b, s) = open(dir.path(), store.clone(), 9);
+    fn recovery_all_or_nothing(dir, store) {
+        let (b, s) = open(dir, store.clone(), 9);
         let mut t1 = s.begin().unwrap();
         s.write(Some(&mut t1), 0, &[1u8; 4096]).unwrap();
         s.write(Some(&mut t1), 8192, &[1u8; 100]).unwrap();
@@ -399,16 +394,16 @@ mod txn {
         b.shutdown();
         std::mem::forget(t2);
         drop((s, b));
-        let (b, s) = open(dir.path(), store, 9);
+        let (b, s) = open(dir, store, 9);
         assert_eq!(read(&s, 0, 4096), vec![1u8; 4096]);
         assert_eq!(read(&s, 8192, 100), vec![1u8; 100]);
         b.shutdown();
     }
+    }
 
-    #[test]
-    fn too_large_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, s) = open(dir.path(), local(dir.path()), 12);
+    on_both_stores! {
+    fn too_large_refused(dir, store) {
+        let (b, s) = open(dir, store, 12);
         let mut t = s.begin().unwrap();
         let big = vec![1u8; 32 << 20];
         s.write(Some(&mut t), 0, &big).unwrap();
@@ -427,6 +422,7 @@ mod txn {
         assert!(matches!(s.commit(t), Err(Error::TxnTooLarge { .. })));
         assert_eq!(read(&s, 0, 4), vec![0u8; 4], "nothing of it was committed");
         b.shutdown();
+    }
     }
 }
 
@@ -489,19 +485,22 @@ fn layers_that_newer_ones_cover_are_dropped(dir, store) {
 }
 }
 
+on_both_stores! {
 /// A transaction whose write failed cannot commit the rest: COMMIT fails, nothing lands.
-#[test]
-fn failed_write_dooms_transaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let (b, s) = open(dir.path(), local(dir.path()), 9);
+fn failed_write_dooms_transaction(dir, store) {
+    let (b, s) = open(dir, store, 9);
     let mut t = s.begin().unwrap();
     s.write(Some(&mut t), 0, &[1u8; 512]).unwrap();
     t.failed = true; // as set by a write that failed (EIO, expired lock, ...)
-    assert!(matches!(s.commit(t), Err(super::Error::Conflict { .. })));
+    assert!(matches!(
+        s.commit(t),
+        Err(crate::engine::Error::Conflict { .. })
+    ));
     let mut got = vec![9u8; 512];
     s.read(None, 0, &mut got).unwrap();
     assert_eq!(got, vec![0u8; 512]);
     b.shutdown();
+}
 }
 
 on_both_stores! {
@@ -614,12 +613,10 @@ fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
     }
 }
 
+on_both_stores! {
 /// With image-store writes disabled nothing is checkpointed, but the WAL still moves on to
 /// new segments as they fill (none outgrows its limit), and a restart replays them all.
-#[test]
-fn without_uploads_the_wal_still_moves_on_to_new_segments() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = local(dir.path());
+fn without_uploads_the_wal_still_moves_on_to_new_segments(dir, store) {
     let cfg = SessionConfig {
         disable_image_store_write: true,
         wal_segment_checkpoint_bytes: 64 << 10,
@@ -627,7 +624,7 @@ fn without_uploads_the_wal_still_moves_on_to_new_segments() {
     };
     let open_it = || {
         let b = Arc::new(
-            BufferStore::open(&dir.path().join("buffer"), store.clone(), cfg.clone()).unwrap(),
+            BufferStore::open(&dir.join("buffer"), store.clone(), cfg.clone()).unwrap(),
         );
         let s = b.attach("model.mvps-image", 12).unwrap();
         (b, s)
@@ -639,7 +636,7 @@ fn without_uploads_the_wal_still_moves_on_to_new_segments() {
             assert_eq!(s.checkpoint().unwrap(), 0);
         }
     }
-    let segments = segments_on_disk(dir.path());
+    let segments = segments_on_disk(dir);
     assert!(segments.len() >= 3, "segments {segments:?}");
     b.shutdown();
     drop((s, b));
@@ -650,4 +647,5 @@ fn without_uploads_the_wal_still_moves_on_to_new_segments() {
         assert_eq!(got, vec![48 + page as u8 + 1; 4096], "page {page}");
     }
     b.shutdown();
+}
 }
