@@ -33,9 +33,10 @@ pub const STEPS_PER_PASS_MAX: usize = 4;
 /// image has more layers than this: then read cost comes first.
 pub const LAYERS_DEFER_MAX: usize = 24;
 
-/// Most layer extents a pass looks at to find layers that newer ones cover entirely
-/// (`drop_shadowed`): the scan is in memory, but runs after every checkpoint.
-pub const SHADOW_SCAN_EXTENTS_MAX: usize = 1 << 20;
+/// Most layer extents a pass looks at, newest layers first, to find layers that newer ones
+/// cover entirely (`drop_shadowed`). The scan is in memory but runs after every checkpoint;
+/// layers of large writes have few extents, and those are the ones it finds.
+pub const SHADOW_SCAN_EXTENTS_MAX: usize = 1 << 16;
 
 const _: () = assert!(FANIN >= 2 && RUN_MAX >= FANIN);
 
@@ -276,11 +277,7 @@ impl Session {
         };
         // Both newest first.
         debug_assert!(ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id));
-        let extents: usize = layers.iter().map(|l| l.index.len()).sum();
-        if layers.len() < 2 || extents > SHADOW_SCAN_EXTENTS_MAX {
-            return Ok(0);
-        }
-        let shadowed = shadowed_layers(&layers);
+        let shadowed = shadowed_layers(&layers, SHADOW_SCAN_EXTENTS_MAX);
         if shadowed.is_empty() {
             return Ok(0);
         }
@@ -387,8 +384,9 @@ impl Session {
     }
 }
 
-/// Indexes (into `layers`, newest first) of the layers whose every page a newer layer maps.
-fn shadowed_layers(layers: &[Arc<Layer>]) -> Vec<usize> {
+/// Indexes (into `layers`, newest first) of the layers whose every page a newer layer maps,
+/// looking at no more than `budget` extents (older layers past it are not checked).
+fn shadowed_layers(layers: &[Arc<Layer>], mut budget: usize) -> Vec<usize> {
     // The pages mapped by the layers seen so far, as disjoint, non-adjacent ranges
     // (start → end).
     let mut cover: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
@@ -400,6 +398,10 @@ fn shadowed_layers(layers: &[Arc<Layer>]) -> Vec<usize> {
     };
     let mut out = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
+        if layer.index.len() > budget {
+            break;
+        }
+        budget -= layer.index.len();
         if i > 0
             && layer
                 .index
