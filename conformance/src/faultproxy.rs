@@ -14,9 +14,14 @@
 //! | [`Fault::ResetBefore`] | connection reset, no answer | no |
 //! | [`Fault::ResetAfter`] | connection reset, no answer | **yes** (answer dropped) |
 //! | [`Fault::Stall`] | the right answer, a few seconds late | yes |
+//! | [`Fault::CutBody`] | connection reset, no answer | **must not be**: the upstream got the head and only part of the body (often none of it), then the connection closed, as from a client killed mid-request |
 //!
 //! The "yes" rows are the ambiguous failures: a retried PUT or conditional create must cope
-//! with its first attempt having succeeded. Request signatures stay valid: the proxy does not
+//! with its first attempt having succeeded. The cut body is the failure behind the client's
+//! `Content-MD5` (docs/S3.md, *Request integrity*): without it SeaweedFS keeps a PUT cut
+//! right after its head as an empty object, which would then fence the retry of a
+//! conditional create. A request without a body cannot be cut; it is forwarded whole and its
+//! answer dropped (as [`Fault::ResetAfter`]). Request signatures stay valid: the proxy does not
 //! touch the `Host` header or the URL (presigned requests sign the host the client used, which
 //! is the proxy's address, and the upstream checks them against that same header).
 
@@ -29,6 +34,9 @@ use std::time::Duration;
 
 /// Longest request head the proxy reads (S3 request heads are well under 4 KiB).
 const HEAD_BYTES_MAX: usize = 64 << 10;
+
+/// Longest wait for the upstream to finish with a request whose body was cut short.
+const CUT_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// What the proxy does to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,14 +53,18 @@ pub enum Fault {
     ResetAfter,
     /// Held for [`FaultProxy::stall`], then forwarded.
     Stall,
+    /// The head and a prefix of the body forwarded (none of it half of the time, else a
+    /// random part), then the upstream connection closed (FIN) and the client's reset.
+    CutBody,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 6] = [
     Fault::Unavailable503,
     Fault::Internal500,
     Fault::ResetBefore,
     Fault::ResetAfter,
     Fault::Stall,
+    Fault::CutBody,
 ];
 
 /// Requests seen, by what was done to them.
@@ -64,12 +76,18 @@ pub struct Counts {
     pub reset_before: u64,
     pub reset_after: u64,
     pub stalled: u64,
+    /// Requests with a body that the upstream got only part of.
+    pub cut_body: u64,
 }
 
 impl Counts {
     /// Requests that failed (stalls are slow, not failed).
     pub fn failed(&self) -> u64 {
-        self.unavailable_503 + self.internal_500 + self.reset_before + self.reset_after
+        self.unavailable_503
+            + self.internal_500
+            + self.reset_before
+            + self.reset_after
+            + self.cut_body
     }
 
     pub fn total(&self) -> u64 {
@@ -91,11 +109,13 @@ struct Shared {
 }
 
 impl Shared {
+    fn random(&self) -> u64 {
+        let mut s = self.rng.lock().unwrap();
+        splitmix64(&mut s)
+    }
+
     fn decide(&self) -> Fault {
-        let x = {
-            let mut s = self.rng.lock().unwrap();
-            splitmix64(&mut s)
-        };
+        let x = self.random();
         if !self.enabled.load(Ordering::SeqCst) {
             return Fault::None;
         }
@@ -116,6 +136,7 @@ impl Shared {
             Fault::ResetBefore => c.reset_before += 1,
             Fault::ResetAfter => c.reset_after += 1,
             Fault::Stall => c.stalled += 1,
+            Fault::CutBody => c.cut_body += 1,
         }
     }
 }
@@ -295,10 +316,30 @@ fn handle(client: TcpStream, sh: &Shared) -> io::Result<()> {
     if body.len() as u64 != head.content_length {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let fault = sh.decide();
+    let mut fault = sh.decide();
+    if fault == Fault::CutBody && body.is_empty() {
+        fault = Fault::ResetAfter;
+    }
     sh.count(fault);
     let mut client = client;
     match fault {
+        Fault::CutBody => {
+            let x = sh.random();
+            let cut = if x & 1 == 0 {
+                0
+            } else {
+                ((x >> 1) % body.len() as u64) as usize
+            };
+            let mut up = TcpStream::connect(sh.upstream)?;
+            up.write_all(&head.bytes)?;
+            up.write_all(&body[..cut])?;
+            let _ = up.shutdown(Shutdown::Write);
+            // Whatever the upstream makes of it (an error answer, or just a close).
+            up.set_read_timeout(Some(CUT_ANSWER_WAIT))?;
+            let mut answer = Vec::new();
+            let _ = up.read_to_end(&mut answer);
+            reset(client);
+        }
         Fault::Unavailable503 => {
             respond(&mut client, 503, "Service Unavailable", "SlowDown")?;
         }
@@ -439,8 +480,12 @@ mod tests {
         // About half of 400 fail or stall; each kind happens.
         assert!((140..=260).contains(&(c.failed() + c.stalled)), "{c:?}");
         assert!(c.unavailable_503 > 0 && c.internal_500 > 0 && c.reset_before > 0);
-        assert!(c.reset_after > 0 && c.stalled > 0, "{c:?}");
-        // Forwarded requests reached the upstream, the others did not.
+        assert!(
+            c.reset_after > 0 && c.stalled > 0 && c.cut_body > 0,
+            "{c:?}"
+        );
+        // Forwarded requests reached the upstream whole, the others did not (a cut body
+        // reaches it short, and the upstream here does not count it).
         let forwarded = c.passed + c.stalled + c.internal_500 + c.reset_after;
         assert_eq!(applied.load(Ordering::SeqCst), forwarded, "{c:?}");
         p.set_faults(false);

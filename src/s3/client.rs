@@ -4,7 +4,7 @@
 //! into an [`Error`], which may itself be retryable, like an `<Error>` inside a 200).
 
 use super::error::Error;
-use super::request::Request;
+use super::request::{self, Request};
 use super::retry;
 use rusty_s3::{Bucket, Credentials, Method};
 use std::io::Read;
@@ -171,6 +171,7 @@ impl Client {
         let mut maybe_applied = false;
         for attempt in 1..=retry::REQUEST_ATTEMPTS_MAX {
             let request = sign(&self.bucket, &self.credentials);
+            check_integrity_header(what, &request, body);
             let err = match self.send_once(&request, body, body_limit, &mut into) {
                 Ok(response) => match accept(response) {
                     Ok(v) => return Ok((v, maybe_applied)),
@@ -282,6 +283,21 @@ impl Client {
         }
         Ok(out)
     }
+}
+
+/// Every PUT, and every request with a body, must carry `Content-MD5`: without it a store
+/// may keep a body cut short by a dropped connection as a shorter object (SeaweedFS stores
+/// an empty one when the connection closes after the request head). A request built without
+/// it is a bug, caught here before anything is sent.
+fn check_integrity_header(what: &str, r: &Request, body: &[u8]) {
+    let needs = r.method == Method::Put || !body.is_empty();
+    assert!(
+        !needs || r.headers.iter().any(|(h, _)| *h == request::CONTENT_MD5),
+        "s3 {what}: {:?} request with a {}-byte body but no {} header",
+        r.method,
+        body.len(),
+        request::CONTENT_MD5
+    );
 }
 
 fn headers<B>(

@@ -5,6 +5,8 @@
 //! - [`request`]: key checks, URL style, one signed request per operation (rusty-s3). Pure.
 //! - [`xml`]: response parsers (errors, listings, multipart, batch delete). Pure.
 //! - [`retry`]: which failures to retry and the backoff. Pure.
+//! - `md5`: the `Content-MD5` every request body carries, so that the store refuses a body
+//!   cut short instead of storing it (docs/S3.md, *Request integrity*). Pure.
 //! - [`error`]: `s3::Error` and its translation into `store::Error` with advice.
 //! - `client`: the only code that calls ureq; sends with retries.
 //! - `blob`, `multipart`: ranged reads of blobs, and large uploads.
@@ -18,6 +20,7 @@
 mod blob;
 mod client;
 pub mod error;
+mod md5;
 mod multipart;
 pub mod request;
 pub mod retry;
@@ -433,7 +436,8 @@ impl ImageStore for S3Store {
 
     fn put(&self, key: &str, data: &[u8]) -> store::Result<()> {
         let full = self.full_key(key)?;
-        let sign = |b: &_, c: &_| request::put(b, c, &full, false);
+        let md5 = md5::content_md5(data);
+        let sign = |b: &_, c: &_| request::put(b, c, &full, false, &md5);
         self.client
             .call("put", sign, data, SMALL_BODY_BYTES_MAX, |r| {
                 expect_success(r).map(drop)
@@ -448,7 +452,8 @@ impl ImageStore for S3Store {
 
     fn create_if_absent(&self, key: &str, data: &[u8]) -> store::Result<CreateOutcome> {
         let full = self.full_key(key)?;
-        let sign = |b: &_, c: &_| request::put(b, c, &full, true);
+        let md5 = md5::content_md5(data);
+        let sign = |b: &_, c: &_| request::put(b, c, &full, true, &md5);
         let accept = |r: Response| match r.status {
             412 => Ok(CreateOutcome::AlreadyExists),
             _ => expect_success(r).map(|_| CreateOutcome::Created),

@@ -166,7 +166,8 @@ fn upload_part(
     data: &[u8],
 ) -> store::Result<String> {
     let part = u16::try_from(index + 1).expect("part numbers are at most 10000");
-    let sign = |b: &_, c: &_| request::upload_part(b, c, full_key, part, upload_id);
+    let md5 = super::md5::content_md5(data);
+    let sign = |b: &_, c: &_| request::upload_part(b, c, full_key, part, upload_id, &md5);
     s.client
         .call(
             "upload part",

@@ -3,7 +3,7 @@
 //!
 //! Requests are presigned URLs (rusty-s3): the signature, the credential scope and the
 //! signed header names travel in the query string, and the headers we chose to sign
-//! (`If-None-Match`) must be sent exactly as signed. Each attempt of a retried request is
+//! (`If-None-Match`, `Content-MD5`) must be sent exactly as signed. Each attempt of a retried request is
 //! signed afresh, so a URL never outlives [`PRESIGN_EXPIRES`].
 //!
 //! rusty-s3 takes the signing time as a `jiff::Timestamp`, a crate we do not depend on, so
@@ -155,18 +155,32 @@ pub fn head(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
     sign(&b.head_object(Some(c), full_key), Method::Head, Vec::new())
 }
 
-/// PUT of a whole object; with `if_none_match`, only if no object exists under the key (the
-/// header is signed, so nothing on the way can strip it and turn a fenced write into an
-/// overwrite).
-pub fn put(b: &Bucket, c: &Credentials, full_key: &str, if_none_match: bool) -> Request {
+/// PUT of a whole object whose body has the `Content-MD5` value `content_md5`
+/// ([`super::md5::content_md5`]); with `if_none_match`, only if no object exists under the
+/// key. Both headers are signed, so nothing on the way can strip them: not `If-None-Match`
+/// (which would turn a fenced write into an overwrite), nor `Content-MD5` (the store checks
+/// the body against it, so a body cut short is refused rather than stored shorter; S3.md,
+/// *Request integrity*).
+pub fn put(
+    b: &Bucket,
+    c: &Credentials,
+    full_key: &str,
+    if_none_match: bool,
+    content_md5: &str,
+) -> Request {
     let mut action = b.put_object(Some(c), full_key);
     let mut headers = Vec::new();
     if if_none_match {
         action.headers_mut().insert("if-none-match", "*");
         headers.push(("If-None-Match", "*".to_string()));
     }
+    action.headers_mut().insert("content-md5", content_md5);
+    headers.push((CONTENT_MD5, content_md5.to_string()));
     sign(&action, Method::Put, headers)
 }
+
+/// The header every request with a body carries (the client checks; see [`put`]).
+pub const CONTENT_MD5: &str = "Content-MD5";
 
 pub fn delete(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
     sign(
@@ -209,7 +223,7 @@ pub fn delete_objects(b: &Bucket, c: &Credentials, full_keys: &[String]) -> (Req
     let url = action.sign(PRESIGN_EXPIRES).to_string();
     let (body, md5) = action.body_with_md5();
     let headers = vec![
-        ("Content-MD5", md5),
+        (CONTENT_MD5, md5),
         ("Content-Type", "application/xml".to_string()),
     ];
     (
@@ -230,18 +244,22 @@ pub fn create_multipart(b: &Bucket, c: &Credentials, full_key: &str) -> Request 
     )
 }
 
-/// Part numbers start at 1 (S3 allows 1..=10000).
+/// Part numbers start at 1 (S3 allows 1..=10000). `content_md5` of the part's body is signed,
+/// as in [`put`].
 pub fn upload_part(
     b: &Bucket,
     c: &Credentials,
     full_key: &str,
     part: u16,
     upload_id: &str,
+    content_md5: &str,
 ) -> Request {
+    let mut action = b.upload_part(Some(c), full_key, part, upload_id);
+    action.headers_mut().insert("content-md5", content_md5);
     sign(
-        &b.upload_part(Some(c), full_key, part, upload_id),
+        &action,
         Method::Put,
-        Vec::new(),
+        vec![(CONTENT_MD5, content_md5.to_string())],
     )
 }
 
@@ -261,7 +279,12 @@ pub fn complete_multipart(
     );
     let url = action.sign(PRESIGN_EXPIRES).to_string();
     let body = action.body();
-    let headers = vec![("Content-Type", "application/xml".to_string())];
+    // Not signed (rusty-s3 builds this body only after signing); checked by the store all
+    // the same.
+    let headers = vec![
+        (CONTENT_MD5, super::md5::content_md5(body.as_bytes())),
+        ("Content-Type", "application/xml".to_string()),
+    ];
     (
         Request {
             method: Method::Post,
@@ -284,7 +307,8 @@ pub fn abort_multipart(b: &Bucket, c: &Credentials, full_key: &str, upload_id: &
 pub fn create_bucket(b: &Bucket, c: &Credentials) -> (Request, Vec<u8>) {
     let action = b.create_bucket(c);
     let body = action.body().into_bytes();
-    (sign(&action, Method::Put, Vec::new()), body)
+    let headers = vec![(CONTENT_MD5, super::md5::content_md5(&body))];
+    (sign(&action, Method::Put, headers), body)
 }
 
 #[cfg(test)]
@@ -397,18 +421,37 @@ mod tests {
     }
 
     #[test]
-    fn conditional_put_signs_if_none_match() {
+    fn puts_sign_if_none_match_and_content_md5() {
         let (b, _) = bucket(Some("http://h:1"), "us-east-1", "bkt").unwrap();
-        let r = put(&b, &creds(), "k", true);
+        let md5 = super::super::md5::content_md5(b"body");
+        let r = put(&b, &creds(), "k", true, &md5);
         assert!(
-            r.url.contains("X-Amz-SignedHeaders=host%3Bif-none-match"),
+            r.url
+                .contains("X-Amz-SignedHeaders=content-md5%3Bhost%3Bif-none-match"),
             "{}",
             r.url
         );
-        assert_eq!(r.headers, vec![("If-None-Match", "*".to_string())]);
-        let r = put(&b, &creds(), "k", false);
-        assert!(r.url.contains("X-Amz-SignedHeaders=host&"), "{}", r.url);
-        assert!(r.headers.is_empty());
+        assert_eq!(
+            r.headers,
+            vec![
+                ("If-None-Match", "*".to_string()),
+                ("Content-MD5", md5.clone())
+            ]
+        );
+        let r = put(&b, &creds(), "k", false, &md5);
+        assert!(
+            r.url.contains("X-Amz-SignedHeaders=content-md5%3Bhost&"),
+            "{}",
+            r.url
+        );
+        assert_eq!(r.headers, vec![("Content-MD5", md5.clone())]);
+        let r = upload_part(&b, &creds(), "k", 2, "up1", &md5);
+        assert!(
+            r.url.contains("X-Amz-SignedHeaders=content-md5%3Bhost&"),
+            "{}",
+            r.url
+        );
+        assert_eq!(r.headers, vec![("Content-MD5", md5)]);
     }
 
     #[test]
@@ -447,9 +490,11 @@ mod tests {
         let etags = vec!["\"e1\"".to_string(), "\"e2\"".to_string()];
         let (r, body) = complete_multipart(&b, &creds(), "t/k", "up1", &etags);
         assert!(r.url.contains("uploadId=up1"), "{}", r.url);
+        let md5 = &r.headers.iter().find(|(h, _)| *h == CONTENT_MD5).unwrap().1;
+        assert_eq!(md5, &super::super::md5::content_md5(&body));
         let body = String::from_utf8(body).unwrap();
         assert!(body.contains("<PartNumber>2</PartNumber>"), "{body}");
-        let r = upload_part(&b, &creds(), "t/k", 3, "up1");
+        let r = upload_part(&b, &creds(), "t/k", 3, "up1", "x");
         assert!(
             r.url.contains("partNumber=3") && r.url.contains("uploadId=up1"),
             "{}",

@@ -1,8 +1,9 @@
 //! When to resend a failed S3 request, and how long to wait first.
 //!
 //! Policy (DESIGN §1): retry on 5xx, 429 (throttled), 408 (request timeout), 409
-//! `ConditionalRequestConflict` (a concurrent conditional write was in progress), timeouts and
-//! connection errors; never on any other 4xx — in particular a 412 (precondition failed) is
+//! `ConditionalRequestConflict` (a concurrent conditional write was in progress), 400
+//! `BadDigest`/`IncompleteBody` (the body arrived damaged or short and was refused), timeouts
+//! and connection errors; never on any other 4xx — in particular a 412 (precondition failed) is
 //! an answer, not a failure. Waits grow exponentially up to a cap, with "full jitter" (a
 //! uniformly random wait in `[0, min(cap, base · 2^attempt)]`) so that many clients failing
 //! together do not retry in lockstep.
@@ -33,6 +34,10 @@ pub fn is_retryable(err: &Error) -> bool {
         Error::Status { status, code, .. } => match status {
             408 | 429 => true,
             409 => code.as_deref() == Some("ConditionalRequestConflict"),
+            // The store refused a body that did not match its Content-MD5 or was shorter
+            // than its Content-Length: damaged or cut short on the way, and not stored. The
+            // bytes we hold are right, so sending them again may succeed.
+            400 => matches!(code.as_deref(), Some("BadDigest" | "IncompleteBody")),
             // A 200 carrying an error body (CompleteMultipartUpload) is retryable when S3
             // says it had an internal problem.
             200 => matches!(code.as_deref(), Some("InternalError" | "SlowDown")),
@@ -100,6 +105,10 @@ mod tests {
             Some("ConditionalRequestConflict")
         )));
         assert!(!is_retryable(&status(409, Some("BucketAlreadyExists"))));
+        assert!(is_retryable(&status(400, Some("BadDigest"))));
+        assert!(is_retryable(&status(400, Some("IncompleteBody"))));
+        assert!(!is_retryable(&status(400, Some("InvalidDigest"))));
+        assert!(!is_retryable(&status(400, Some("InvalidArgument"))));
         assert!(is_retryable(&status(503, Some("SlowDown"))));
         assert!(is_retryable(&status(200, Some("InternalError"))));
         assert!(!is_retryable(&status(200, Some("EntityTooSmall"))));
@@ -129,6 +138,7 @@ mod tests {
             Some("ConditionalRequestConflict")
         )));
         assert!(!may_have_been_applied(&status(429, None)));
+        assert!(!may_have_been_applied(&status(400, Some("BadDigest"))));
     }
 
     #[test]

@@ -19,10 +19,15 @@ enum Reply {
     Drop,
 }
 
+/// A request's `Content-MD5` header, if any, and its body.
+type Received = (Option<String>, Vec<u8>);
+
 struct Fake {
     endpoint: String,
     /// "METHOD /path?query if-none-match" of each request received.
     seen: Arc<Mutex<Vec<String>>>,
+    /// The `Content-MD5` header (if any) and the body of each request received.
+    bodies: Arc<Mutex<Vec<Received>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -31,14 +36,17 @@ impl Fake {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let (log, body_log) = (seen.clone(), bodies.clone());
         let thread = std::thread::spawn(move || {
             for reply in script {
                 let Ok((stream, _)) = listener.accept() else {
                     return;
                 };
                 let mut reader = BufReader::new(stream);
-                log.lock().unwrap().push(read_request(&mut reader));
+                let (summary, md5, body) = read_request(&mut reader);
+                log.lock().unwrap().push(summary);
+                body_log.lock().unwrap().push((md5, body));
                 let mut stream = reader.into_inner();
                 if let Reply::Status(status, body) = reply {
                     let head = format!(
@@ -54,6 +62,7 @@ impl Fake {
         Fake {
             endpoint,
             seen,
+            bodies,
             thread: Some(thread),
         }
     }
@@ -69,14 +78,22 @@ impl Fake {
         self.thread.take().unwrap().join().unwrap();
         self.seen.lock().unwrap().clone()
     }
+
+    /// [`Fake::finish`], returning the `Content-MD5` header and body of each request.
+    fn finish_bodies(mut self) -> Vec<Received> {
+        self.thread.take().unwrap().join().unwrap();
+        self.bodies.lock().unwrap().clone()
+    }
 }
 
-/// Reads one request (head and Content-Length body) and summarizes it.
-fn read_request(r: &mut BufReader<std::net::TcpStream>) -> String {
+/// Reads one request (head and Content-Length body): its summary, its `Content-MD5` header
+/// and its body.
+fn read_request(r: &mut BufReader<std::net::TcpStream>) -> (String, Option<String>, Vec<u8>) {
     let mut first = String::new();
     let _ = r.read_line(&mut first);
     let mut length = 0usize;
     let mut conditional = "";
+    let mut md5 = None;
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -89,13 +106,16 @@ fn read_request(r: &mut BufReader<std::net::TcpStream>) -> String {
         if lower.starts_with("if-none-match: *") {
             conditional = " if-none-match";
         }
+        if lower.starts_with("content-md5:") {
+            md5 = line.split_once(':').map(|(_, v)| v.trim().to_string());
+        }
     }
     let mut body = vec![0u8; length];
     let _ = r.read_exact(&mut body);
     let mut parts = first.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    format!("{method} {path}{conditional}")
+    (format!("{method} {path}{conditional}"), md5, body)
 }
 
 const SLOW_DOWN: &str = "<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>";
@@ -215,4 +235,58 @@ fn conditional_writes_unsupported_fails_the_probe() {
         seen[3].starts_with("DELETE /mvps-unreachable/probe/"),
         "{seen:?}"
     );
+}
+
+/// Every request body goes out with its `Content-MD5`, so that the store can refuse a body
+/// cut short or damaged on the way (SeaweedFS keeps an empty object when a PUT's connection
+/// closes right after the request head, unless the header is there).
+#[test]
+fn every_body_carries_its_content_md5() {
+    let fake = Fake::start(vec![
+        Reply::Status(200, ""),
+        Reply::Status(200, ""),
+        Reply::Status(200, ""),
+        Reply::Status(
+            200,
+            r#"<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></DeleteResult>"#,
+        ),
+    ]);
+    let store = fake.store();
+    let manifest = br#"{"format_version": 1, "generation": 2}"#;
+    store.put("blobs/a", b"layer bytes").unwrap();
+    store.put("blobs/empty", b"").unwrap();
+    store.create_if_absent("images/a/1.json", manifest).unwrap();
+    store.delete_many(&["blobs/a"]).unwrap();
+    let bodies = fake.finish_bodies();
+    assert_eq!(bodies.len(), 4);
+    for (md5, body) in &bodies {
+        assert_eq!(
+            md5.as_deref(),
+            Some(md5::content_md5(body).as_str()),
+            "body {:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    assert_eq!(bodies[2].1, manifest);
+    assert_eq!(bodies[1].0.as_deref(), Some("1B2M2Y8AsgTpgAmY7PhCfg=="));
+}
+
+/// A body refused as damaged (`BadDigest`) or short (`IncompleteBody`) was not stored: it is
+/// sent again, and a conditional create then succeeds.
+#[test]
+fn refused_bodies_are_sent_again() {
+    let bad_digest = "<Error><Code>BadDigest</Code><Message>The Content-MD5 you specified \
+                      did not match what we received.</Message></Error>";
+    let incomplete = "<Error><Code>IncompleteBody</Code></Error>";
+    let fake = Fake::start(vec![
+        Reply::Status(400, bad_digest),
+        Reply::Status(400, incomplete),
+        Reply::Status(200, ""),
+    ]);
+    let outcome = fake
+        .store()
+        .create_if_absent("images/a/1.json", b"mine")
+        .unwrap();
+    assert_eq!(outcome, CreateOutcome::Created);
+    assert_eq!(fake.finish().len(), 3);
 }
