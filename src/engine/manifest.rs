@@ -98,28 +98,143 @@ impl Manifest {
     }
 }
 
-/// The newest manifest of an image, or None for an image never written.
+/// Cut-short manifest objects [`load_newest`] skips in a row before it gives up. One is the
+/// trace of one writer killed mid-PUT; many in a row mean something else is wrong.
+pub const CUT_SHORT_MANIFESTS_MAX: usize = 16;
+
+/// The newest manifests of an image, as [`load_newest`] found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Newest {
+    /// The newest complete manifest; None for an image never written.
+    pub manifest: Option<Manifest>,
+    /// Keys of the cut-short manifest objects above it, newest first (usually none).
+    pub cut_short: Vec<String>,
+    /// The highest generation whose key is taken, by `manifest` or by a cut-short object
+    /// (0 if none). A conditional create of any generation up to it fails, so the next
+    /// manifest is this + 1.
+    pub taken_generation: u64,
+}
+
+impl Newest {
+    /// The generation the next manifest must have.
+    pub fn next_generation(&self) -> u64 {
+        self.taken_generation + 1
+    }
+}
+
+/// Whether `bytes`, which are not a manifest, are what a manifest PUT cut short leaves: nothing
+/// at all, or a JSON text that ends before its value does. A manifest we write is never empty,
+/// and a complete one always parses, so neither can be a manifest anyone got a success answer
+/// for (docs/FORMAT.md, *Cut-short manifest objects*). Anything else (bad syntax, a complete
+/// document that is not a manifest) is damage, not a cut, and is never skipped.
+pub fn is_cut_short(bytes: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(_) => false,
+        Err(e) => e.classify() == serde_json::error::Category::Eof,
+    }
+}
+
+/// Reads and checks the manifest at `key`: Ok(None) if the object is cut short.
+fn read_manifest(
+    store: &dyn ImageStore,
+    image_id: &str,
+    key: &str,
+) -> Result<Option<Manifest>, ManifestError> {
+    let bytes = store.get(key)?;
+    let m: Manifest = match serde_json::from_slice(&bytes) {
+        Ok(m) => m,
+        Err(_) if is_cut_short(&bytes) => return Ok(None),
+        Err(e) => {
+            return Err(ManifestError::Invalid {
+                key: key.to_string(),
+                why: format!(
+                    "{} bytes that are not a manifest ({e}), nor a write cut short (those are \
+                     empty or end mid-document): the object is damaged. It is not skipped, as \
+                     falling back to an older manifest could undo checkpointed writes; restore \
+                     it or inspect the image's manifests",
+                    bytes.len()
+                ),
+            })
+        }
+    };
+    m.check(key)?;
+    if m.image_id != image_id {
+        return Err(ManifestError::Invalid {
+            key: key.to_string(),
+            why: format!("image id {:?} does not match", m.image_id),
+        });
+    }
+    Ok(Some(m))
+}
+
+/// The newest manifest of an image, skipping cut-short objects above it (see [`Newest`]).
+///
+/// The common case costs one LIST (one key) and one GET. Only when the newest object is cut
+/// short are up to [`CUT_SHORT_MANIFESTS_MAX`] more keys listed and read, newest first, until
+/// one is a complete manifest. A manifest that is damaged in any other way is an error naming
+/// its key, and so is a run of more than [`CUT_SHORT_MANIFESTS_MAX`] cut-short objects.
+pub fn load_newest(store: &dyn ImageStore, image_id: &str) -> Result<Newest, ManifestError> {
+    let prefix = keys::manifest_prefix(image_id);
+    let listed = store.list(&prefix, Some(1))?;
+    let Some(first) = listed.first() else {
+        return Ok(Newest {
+            manifest: None,
+            cut_short: Vec::new(),
+            taken_generation: 0,
+        });
+    };
+    let generation = |key: &str| {
+        keys::generation_of_manifest_key(key).ok_or_else(|| ManifestError::Invalid {
+            key: key.to_string(),
+            why: "not a manifest key (expected 16 hex digits and .json)".into(),
+        })
+    };
+    let taken_generation = generation(&first.key)?;
+    if let Some(m) = read_manifest(store, image_id, &first.key)? {
+        return Ok(Newest {
+            manifest: Some(m),
+            cut_short: Vec::new(),
+            taken_generation,
+        });
+    }
+    // Rare: the newest object is cut short. Look further down.
+    let listed = store.list(&prefix, Some(CUT_SHORT_MANIFESTS_MAX + 1))?;
+    let mut cut_short = Vec::new();
+    for o in &listed {
+        generation(&o.key)?;
+        if let Some(m) = read_manifest(store, image_id, &o.key)? {
+            return Ok(Newest {
+                manifest: Some(m),
+                cut_short,
+                taken_generation,
+            });
+        }
+        cut_short.push(o.key.clone());
+        if cut_short.len() > CUT_SHORT_MANIFESTS_MAX {
+            return Err(ManifestError::Invalid {
+                key: first.key.clone(),
+                why: format!(
+                    "this and the next {CUT_SHORT_MANIFESTS_MAX} older manifest objects are \
+                     all cut short (empty or ending mid-document); refusing to look further"
+                ),
+            });
+        }
+    }
+    // Nothing but cut-short objects: no manifest was ever completed.
+    Ok(Newest {
+        manifest: None,
+        cut_short,
+        taken_generation,
+    })
+}
+
+/// The newest complete manifest of an image, or None for an image never written (see
+/// [`load_newest`]; a writer needs [`Newest::next_generation`] too).
 pub fn load_latest(
     store: &dyn ImageStore,
     image_id: &str,
 ) -> Result<Option<Manifest>, ManifestError> {
-    let listed = store.list(&keys::manifest_prefix(image_id), Some(1))?;
-    let Some(first) = listed.first() else {
-        return Ok(None);
-    };
-    let bytes = store.get(&first.key)?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ManifestError::Invalid {
-        key: first.key.clone(),
-        why: e.to_string(),
-    })?;
-    m.check(&first.key)?;
-    if m.image_id != image_id {
-        return Err(ManifestError::Invalid {
-            key: first.key.clone(),
-            why: "image id mismatch".into(),
-        });
-    }
-    Ok(Some(m))
+    load_newest(store, image_id).map(|n| n.manifest)
 }
 
 /// Writes `m` with a conditional create. Ok(false): fenced (someone wrote that generation).
@@ -167,5 +282,92 @@ mod tests {
             data_pages: 0,
         });
         assert!(create(&s, &bad).is_err());
+    }
+
+    fn plant(s: &LocalStore, gen: u64, bytes: &[u8]) -> String {
+        let key = keys::manifest_key("m.mvps-image", gen);
+        assert_eq!(
+            s.create_if_absent(&key, bytes).unwrap(),
+            CreateOutcome::Created
+        );
+        key
+    }
+
+    #[test]
+    fn cut_short_is_empty_or_a_prefix() {
+        let full = serde_json::to_vec_pretty(&m(3)).unwrap();
+        assert!(!is_cut_short(&full));
+        for n in 0..full.len() {
+            assert!(is_cut_short(&full[..n]), "prefix of {n} bytes");
+        }
+        for damaged in [
+            &b"{]"[..],
+            b"x",
+            b"{\"a\": 1}}",
+            b"null",
+            b"{}",
+            b"\x00\x00",
+        ] {
+            assert!(!is_cut_short(damaged), "{damaged:?}");
+        }
+        let mut flipped = full.clone();
+        flipped[full.len() / 2] = b'}';
+        assert!(!is_cut_short(&flipped));
+    }
+
+    /// Cut-short objects above the newest manifest are skipped, but their generations stay
+    /// taken; a damaged one is an error naming it; so is a run longer than the limit.
+    #[test]
+    fn newest_skips_cut_short_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        assert!(create(&s, &m(1)).unwrap());
+        assert!(create(&s, &m(2)).unwrap());
+        let n = load_newest(&s, "m.mvps-image").unwrap();
+        assert_eq!((&n.manifest, n.taken_generation), (&Some(m(2)), 2));
+        assert_eq!(n.next_generation(), 3);
+
+        let empty = plant(&s, 3, b"");
+        let full = serde_json::to_vec_pretty(&m(4)).unwrap();
+        let prefix = plant(&s, 4, &full[..full.len() / 3]);
+        let n = load_newest(&s, "m.mvps-image").unwrap();
+        assert_eq!(n.manifest, Some(m(2)));
+        assert_eq!(n.cut_short, vec![prefix, empty]);
+        assert_eq!(n.next_generation(), 5);
+        assert_eq!(load_latest(&s, "m.mvps-image").unwrap(), Some(m(2)));
+        // Generations 3 and 4 stay taken: a conditional create of them fails.
+        assert!(!create(&s, &m(3)).unwrap());
+        assert!(create(&s, &m(5)).unwrap());
+        assert_eq!(load_latest(&s, "m.mvps-image").unwrap(), Some(m(5)));
+
+        // Damage is not a cut: refused, naming the object.
+        let bad = plant(&s, 6, b"{\"format_version\": 1,, }");
+        let e = load_newest(&s, "m.mvps-image").unwrap_err().to_string();
+        assert!(e.contains(&bad) && e.contains("damaged"), "{e}");
+        // ... also when it lies below a cut-short object.
+        plant(&s, 7, b"");
+        let e = load_newest(&s, "m.mvps-image").unwrap_err().to_string();
+        assert!(e.contains(&bad) && e.contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn only_cut_short_objects_mean_no_manifest_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        plant(&s, 1, b"");
+        let n = load_newest(&s, "m.mvps-image").unwrap();
+        assert_eq!((n.manifest, n.taken_generation), (None, 1));
+        assert_eq!(n.cut_short.len(), 1);
+        let max = CUT_SHORT_MANIFESTS_MAX as u64;
+        for g in 2..=max {
+            plant(&s, g, b"");
+        }
+        let n = load_newest(&s, "m.mvps-image").unwrap();
+        assert_eq!(n.cut_short.len(), CUT_SHORT_MANIFESTS_MAX);
+        assert_eq!((&n.manifest, n.next_generation()), (&None, max + 1));
+        assert!(create(&s, &m(1)).is_ok_and(|created| !created));
+        plant(&s, max + 1, b"");
+        let e = load_newest(&s, "m.mvps-image").unwrap_err().to_string();
+        assert!(e.contains("all cut short"), "{e}");
     }
 }

@@ -40,11 +40,25 @@ impl Session {
     ) -> Result<Arc<Session>> {
         let image = image_id.to_string();
         let store = buffer.store.clone();
-        let manifest =
-            manifest::load_latest(store.as_ref(), image_id).map_err(|source| Error::Manifest {
+        let newest =
+            manifest::load_newest(store.as_ref(), image_id).map_err(|source| Error::Manifest {
                 image: image.clone(),
                 source,
             })?;
+        if !newest.cut_short.is_empty() {
+            log::warn!(
+                "image {image_id}: skipping {} cut-short manifest object(s) {:?} (a manifest \
+                 PUT interrupted before its body arrived; never acknowledged, so what it would \
+                 have published is still in its writer's WAL); using generation {}, the next \
+                 manifest is generation {}",
+                newest.cut_short.len(),
+                newest.cut_short,
+                newest.manifest.as_ref().map(|m| m.generation).unwrap_or(0),
+                newest.next_generation()
+            );
+        }
+        let taken = newest.taken_generation;
+        let manifest = newest.manifest;
         if let Some(m) = &manifest {
             if m.page_size_bits != page_size_bits {
                 return Err(Error::Refused {
@@ -77,9 +91,16 @@ impl Session {
         let segments =
             wal::list_segments(&buffer.dir, image_id).map_err(io("list WAL segments"))?;
         let (writer, index, files) = if segments.is_empty() {
-            take_over(&buffer, image_id, page_size_bits, manifest)?
+            take_over(&buffer, image_id, page_size_bits, manifest, taken)?
         } else {
-            resume(&buffer, image_id, page_size_bits, manifest, &segments)?
+            resume(
+                &buffer,
+                image_id,
+                page_size_bits,
+                manifest,
+                taken,
+                &segments,
+            )?
         };
         let layers = open_layers(&buffer, image_id, writer.manifest.as_ref())?;
         let view = View {
@@ -99,11 +120,14 @@ impl Session {
 /// segment file by number.
 type Opened = (WriterState, ExtentMap<BufVal>, BTreeMap<u64, Arc<File>>);
 
+/// `taken`: the highest manifest generation whose key exists (above `manifest`'s when
+/// cut-short objects were skipped; see `manifest::Newest`).
 fn resume(
     buffer: &BufferStore,
     image_id: &str,
     bits: u32,
     manifest: Option<Manifest>,
+    taken: u64,
     segments: &[(u64, std::path::PathBuf)],
 ) -> Result<Opened> {
     let image = image_id.to_string();
@@ -194,12 +218,72 @@ fn resume(
         manifest,
         txns: Default::default(),
     };
-    if w.manifest.is_none() && !buffer.cfg.disable_image_store_write {
-        // The store has no manifest (new or wiped store): publish generation 1 as ours.
-        let first = initial_manifest(image_id, bits, h_writer(&w), 1, 0, vec![]);
-        publish_takeover(buffer, &mut w, first)?;
+    if !buffer.cfg.disable_image_store_write {
+        match &w.manifest {
+            None => {
+                // The store has no manifest (new or wiped store): publish the first one as
+                // ours (generation 1, or above cut-short objects).
+                let first = initial_manifest(image_id, bits, h_writer(&w), taken + 1, 0, vec![]);
+                publish_takeover(buffer, &mut w, first)?;
+            }
+            Some(m) if taken > m.generation => publish_bridge(buffer, &mut w, taken)?,
+            Some(_) => {}
+        }
     }
     Ok((w, index, files))
+}
+
+/// Resuming on top of cut-short manifest objects (generations up to `taken`, above ours):
+/// their keys are taken, so a checkpoint's `g+1` would fail as if fenced. Publish a copy of
+/// our manifest above them (same layers and change count, conditional create) so that the
+/// session's next manifest has a free generation. If another buffer store publishes a
+/// manifest meanwhile, it has taken the image over: refuse, as for any foreign owner.
+fn publish_bridge(buffer: &BufferStore, w: &mut WriterState, mut taken: u64) -> Result<()> {
+    let base = w.manifest.clone().expect("resumed from a manifest");
+    let image = base.image_id.clone();
+    let store = buffer.store.as_ref();
+    let wrap = |source| Error::Manifest {
+        image: image.clone(),
+        source,
+    };
+    for _ in 0..TAKEOVER_ATTEMPTS_MAX {
+        let bridge = Manifest {
+            generation: taken + 1,
+            created_at_unix: now_unix(),
+            ..base.clone()
+        };
+        if manifest::create(store, &bridge).map_err(wrap)? {
+            log::info!(
+                "image {image}: resumed at manifest generation {} (a copy of generation {} \
+                 above {} cut-short object(s))",
+                bridge.generation,
+                base.generation,
+                taken - base.generation
+            );
+            w.manifest = Some(bridge);
+            return Ok(());
+        }
+        let newest = manifest::load_newest(store, &image).map_err(wrap)?;
+        if newest.manifest.as_ref() != Some(&base) {
+            return Err(Error::Refused {
+                image: image.clone(),
+                why: format!(
+                    "while this buffer store ({}) was resuming from manifest generation {}, \
+                     another one published generation {}: it took the image over. To serve \
+                     the image here, move this buffer store's WAL segments aside (their \
+                     un-checkpointed writes are then lost) and reconnect",
+                    base.writer_id,
+                    base.generation,
+                    newest.manifest.map(|m| m.generation).unwrap_or(0)
+                ),
+            });
+        }
+        taken = newest.taken_generation;
+    }
+    Err(Error::Refused {
+        image,
+        why: "could not publish a manifest above cut-short ones: too much contention".into(),
+    })
 }
 
 fn h_writer(w: &WriterState) -> u128 {
@@ -226,12 +310,14 @@ fn initial_manifest(
     }
 }
 
-/// Creates a new WAL with a fresh writer id and publishes a manifest naming it.
+/// Creates a new WAL with a fresh writer id and publishes a manifest naming it, at
+/// generation `taken + 1` (`taken`: the highest generation whose key exists).
 fn take_over(
     buffer: &BufferStore,
     image_id: &str,
     bits: u32,
     manifest: Option<Manifest>,
+    taken: u64,
 ) -> Result<Opened> {
     let image = image_id.to_string();
     let writer_id = keys::random_u128();
@@ -269,11 +355,11 @@ fn take_over(
             image_id,
             bits,
             writer_id,
-            m.generation + 1,
+            taken.max(m.generation) + 1,
             m.change_count,
             m.layers.clone(),
         ),
-        None => initial_manifest(image_id, bits, writer_id, 1, 0, vec![]),
+        None => initial_manifest(image_id, bits, writer_id, taken + 1, 0, vec![]),
     };
     let r = publish_takeover(buffer, &mut w, next);
     if r.is_err() {
@@ -305,18 +391,24 @@ fn publish_takeover(buffer: &BufferStore, w: &mut WriterState, mut next: Manifes
             w.manifest = Some(next);
             return Ok(());
         }
-        let latest = manifest::load_latest(store, &image)
-            .map_err(|source| Error::Manifest {
+        let newest = manifest::load_newest(store, &image).map_err(|source| Error::Manifest {
+            image: image.clone(),
+            source,
+        })?;
+        if newest.taken_generation < next.generation {
+            return Err(Error::Refused {
                 image: image.clone(),
-                source,
-            })?
-            .ok_or_else(|| Error::Refused {
-                image: image.clone(),
-                why: "manifest vanished".into(),
-            })?;
-        next.generation = latest.generation + 1;
-        next.change_count = latest.change_count;
-        next.layers = latest.layers;
+                why: format!("manifest generation {} vanished", next.generation),
+            });
+        }
+        next.generation = newest.next_generation();
+        // On top of the newest complete manifest (none: only cut-short objects so far).
+        let (change_count, layers) = newest
+            .manifest
+            .map(|m| (m.change_count, m.layers))
+            .unwrap_or_default();
+        next.change_count = change_count;
+        next.layers = layers;
     }
     Err(Error::Refused {
         image,
@@ -362,4 +454,244 @@ pub fn open_layer(buffer: &BufferStore, image_id: &str, blob_id: &str) -> Result
         .open_blob(&keys::blob_key(blob_id))
         .map_err(wrap)?;
     Layer::open(blob_id, reader).map_err(wrap)
+}
+
+/// Opening on top of manifest objects that a PUT cut short left behind (empty, or ending
+/// mid-document): docs/FORMAT.md, *Cut-short manifest objects*.
+#[cfg(test)]
+mod tests {
+    use super::super::tests::cfg;
+    use super::*;
+    use crate::store::local::LocalStore;
+    use crate::store::{CreateOutcome, ImageStore, ObjectInfo};
+    use std::path::Path;
+
+    const IMAGE: &str = "model.mvps-image";
+    const PAGE: usize = 4096;
+
+    fn local(dir: &Path) -> Arc<dyn ImageStore> {
+        Arc::new(LocalStore::open(&dir.join("images")).unwrap())
+    }
+
+    /// A session on a buffer store; closed (WAL synced, lock released) on drop, as at a
+    /// server's shutdown.
+    struct Opened {
+        b: Arc<BufferStore>,
+        s: Arc<Session>,
+    }
+
+    impl std::ops::Deref for Opened {
+        type Target = Session;
+        fn deref(&self) -> &Session {
+            &self.s
+        }
+    }
+
+    impl Drop for Opened {
+        fn drop(&mut self) {
+            self.b.shutdown();
+        }
+    }
+
+    fn open(dir: &Path, buffer: &str, store: Arc<dyn ImageStore>) -> Result<Opened> {
+        let b = Arc::new(BufferStore::open(&dir.join(buffer), store, cfg()).unwrap());
+        let s = b.attach(IMAGE, 12)?;
+        Ok(Opened { b, s })
+    }
+
+    fn manifest_of(s: &Session) -> Manifest {
+        s.writer.lock().unwrap().manifest.clone().unwrap()
+    }
+
+    fn page(s: &Session, n: u64) -> Vec<u8> {
+        let mut got = vec![0u8; PAGE];
+        s.read(None, n * PAGE as u64, &mut got).unwrap();
+        got
+    }
+
+    fn plant(store: &dyn ImageStore, generation: u64, bytes: &[u8]) -> String {
+        let key = keys::manifest_key(IMAGE, generation);
+        assert_eq!(
+            store.create_if_absent(&key, bytes).unwrap(),
+            CreateOutcome::Created
+        );
+        key
+    }
+
+    /// Page 0 checkpointed (generation 2), page 1 only in the WAL, then the session stops
+    /// as if killed while creating generation 3: its object is left as `cut` bytes.
+    fn crashed_checkpoint(dir: &Path, store: &Arc<dyn ImageStore>, cut: &[u8]) -> Manifest {
+        let s = open(dir, "buffer", store.clone()).unwrap();
+        s.write(None, 0, &[1u8; PAGE]).unwrap();
+        s.checkpoint().unwrap();
+        s.write(None, PAGE as u64, &[2u8; PAGE]).unwrap();
+        let m = manifest_of(&s);
+        assert_eq!(m.generation, 2);
+        drop(s);
+        plant(store.as_ref(), 3, cut);
+        m
+    }
+
+    /// The incident: the newest manifest object is empty. The writer resumes from the
+    /// previous manifest, replays what the lost checkpoint would have published from its WAL,
+    /// and publishes above the empty object; nothing is lost, then or later.
+    #[test]
+    fn resume_over_a_cut_short_manifest_loses_nothing() {
+        let full =
+            serde_json::to_vec_pretty(&initial_manifest(IMAGE, 12, 5, 3, 9, vec![])).unwrap();
+        for cut in [&b""[..], &full[..40]] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = local(dir.path());
+            let before = crashed_checkpoint(dir.path(), &store, cut);
+            let s = open(dir.path(), "buffer", store.clone()).unwrap();
+            let bridge = manifest_of(&s);
+            assert_eq!(bridge.generation, 4, "published above the cut-short object");
+            assert_eq!(
+                (&bridge.layers, bridge.change_count, &bridge.writer_id),
+                (&before.layers, before.change_count, &before.writer_id)
+            );
+            assert_eq!(page(&s, 0), vec![1u8; PAGE]);
+            assert_eq!(page(&s, 1), vec![2u8; PAGE], "WAL replayed");
+            s.checkpoint().unwrap();
+            assert_eq!(manifest_of(&s).generation, 5);
+            drop(s);
+            // Everything reached the image store: a new buffer store sees both pages.
+            let s = open(dir.path(), "buffer2", store.clone()).unwrap();
+            assert_eq!(manifest_of(&s).generation, 6);
+            assert_eq!(page(&s, 0), vec![1u8; PAGE]);
+            assert_eq!(page(&s, 1), vec![2u8; PAGE]);
+        }
+    }
+
+    /// A new buffer store taking the image over publishes above the cut-short object too.
+    #[test]
+    fn takeover_over_a_cut_short_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        let before = crashed_checkpoint(dir.path(), &store, b"");
+        let s = open(dir.path(), "buffer2", store.clone()).unwrap();
+        let m = manifest_of(&s);
+        assert_eq!(m.generation, 4);
+        assert_eq!(m.layers, before.layers);
+        assert_ne!(m.writer_id, before.writer_id);
+        assert_eq!(page(&s, 0), vec![1u8; PAGE]);
+        assert_eq!(
+            page(&s, 1),
+            vec![0u8; PAGE],
+            "the old buffer store's WAL is not ours"
+        );
+        drop(s);
+        // The old buffer store is refused: the image has a new owner.
+        let e = open(dir.path(), "buffer", store).err().unwrap().to_string();
+        assert!(e.contains("owned by buffer store"), "{e}");
+    }
+
+    /// A newest manifest that is damaged (not cut short) is never skipped: open fails, naming
+    /// the object, and the store is left as it was.
+    #[test]
+    fn a_damaged_newest_manifest_refuses_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        crashed_checkpoint(
+            dir.path(),
+            &store,
+            b"{\"format_version\": 1, \"image_id\": 7}",
+        );
+        let key = keys::manifest_key(IMAGE, 3);
+        for buffer in ["buffer", "buffer2"] {
+            let e = open(dir.path(), buffer, store.clone())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(&key) && e.contains("damaged"), "{e}");
+        }
+        let listed = store.list(&keys::manifest_prefix(IMAGE), None).unwrap();
+        assert_eq!(listed.len(), 3, "{listed:?}");
+    }
+
+    /// Only a cut-short first manifest: the image was never published; a takeover starts it
+    /// at generation 2.
+    #[test]
+    fn a_cut_short_first_manifest_is_no_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        plant(store.as_ref(), 1, b"");
+        let s = open(dir.path(), "buffer", store.clone()).unwrap();
+        let m = manifest_of(&s);
+        assert_eq!((m.generation, m.change_count, m.layers.len()), (2, 0, 0));
+        assert_eq!(page(&s, 0), vec![0u8; PAGE]);
+        s.write(None, 0, &[3u8; PAGE]).unwrap();
+        s.checkpoint().unwrap();
+        assert_eq!(manifest_of(&s).generation, 3);
+    }
+
+    /// A store that, just before the first conditional create of `key`, lets another buffer
+    /// store publish a complete manifest there (a takeover racing our resume).
+    struct RacingStore {
+        inner: Arc<dyn ImageStore>,
+        key: String,
+        theirs: std::sync::Mutex<Option<Vec<u8>>>,
+    }
+
+    impl ImageStore for RacingStore {
+        fn get(&self, key: &str) -> crate::store::Result<Vec<u8>> {
+            self.inner.get(key)
+        }
+        fn open_blob(&self, key: &str) -> crate::store::Result<Box<dyn crate::store::BlobReader>> {
+            self.inner.open_blob(key)
+        }
+        fn put(&self, key: &str, data: &[u8]) -> crate::store::Result<()> {
+            self.inner.put(key, data)
+        }
+        fn put_file(&self, key: &str, path: &Path) -> crate::store::Result<()> {
+            self.inner.put_file(key, path)
+        }
+        fn create_if_absent(&self, key: &str, data: &[u8]) -> crate::store::Result<CreateOutcome> {
+            if key == self.key {
+                if let Some(theirs) = self.theirs.lock().unwrap().take() {
+                    self.inner.create_if_absent(key, &theirs)?;
+                }
+            }
+            self.inner.create_if_absent(key, data)
+        }
+        fn list(
+            &self,
+            prefix: &str,
+            limit: Option<usize>,
+        ) -> crate::store::Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix, limit)
+        }
+        fn delete(&self, key: &str) -> crate::store::Result<()> {
+            self.inner.delete(key)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    /// The bridge above a cut-short object is a conditional create like any manifest: if
+    /// another buffer store publishes that generation first, resuming is refused.
+    #[test]
+    fn a_takeover_racing_the_bridge_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local(dir.path());
+        let before = crashed_checkpoint(dir.path(), &store, b"");
+        let mut theirs = before.clone();
+        theirs.generation = 4;
+        theirs.writer_id = writer_id_hex(0xfeed);
+        let racing: Arc<dyn ImageStore> = Arc::new(RacingStore {
+            inner: store.clone(),
+            key: keys::manifest_key(IMAGE, 4),
+            theirs: std::sync::Mutex::new(Some(serde_json::to_vec_pretty(&theirs).unwrap())),
+        });
+        let e = open(dir.path(), "buffer", racing)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("took the image over"), "{e}");
+        assert_eq!(
+            manifest::load_latest(store.as_ref(), IMAGE).unwrap(),
+            Some(theirs)
+        );
+    }
 }
