@@ -11,7 +11,7 @@
 
 /// Digest length in bytes.
 pub const DIGEST_BYTES: usize = 16;
-const BLOCK_BYTES: usize = 64;
+use crate::hash_block::{BlockBuffer, BLOCK_BYTES};
 
 /// Per-step additive constants: `floor(abs(sin(i + 1)) · 2^32)` (RFC 1321 §3.4).
 const K: [u32; 64] = [
@@ -32,11 +32,7 @@ const H0: [u32; 4] = [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476];
 #[derive(Clone)]
 pub struct Md5 {
     state: [u32; 4],
-    /// Bytes of a partial block not yet compressed.
-    pending: [u8; BLOCK_BYTES],
-    pending_len: usize,
-    /// Message length so far, in bytes.
-    total: u64,
+    input: BlockBuffer,
 }
 
 impl Default for Md5 {
@@ -49,44 +45,24 @@ impl Md5 {
     pub fn new() -> Md5 {
         Md5 {
             state: H0,
-            pending: [0; BLOCK_BYTES],
-            pending_len: 0,
-            total: 0,
+            input: BlockBuffer::new(),
         }
     }
 
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.total = self.total.wrapping_add(data.len() as u64);
-        if self.pending_len > 0 {
-            let take = (BLOCK_BYTES - self.pending_len).min(data.len());
-            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&data[..take]);
-            self.pending_len += take;
-            data = &data[take..];
-            if self.pending_len < BLOCK_BYTES {
-                return;
-            }
-            let block = self.pending;
-            compress(&mut self.state, &block);
-            self.pending_len = 0;
-        }
-        let mut blocks = data.chunks_exact(BLOCK_BYTES);
-        for block in &mut blocks {
-            compress(&mut self.state, block.try_into().expect("64-byte chunk"));
-        }
-        let rest = blocks.remainder();
-        self.pending[..rest.len()].copy_from_slice(rest);
-        self.pending_len = rest.len();
+    pub fn update(&mut self, data: &[u8]) {
+        let state = &mut self.state;
+        self.input.update(data, |block| compress(state, block));
     }
 
     pub fn finish(mut self) -> [u8; DIGEST_BYTES] {
-        let bit_len = self.total.wrapping_mul(8);
+        let bit_len = self.input.total_bytes().wrapping_mul(8);
         // Padding: a 1 bit, zeros up to 56 bytes mod 64, then the bit length (little-endian).
-        let zeros = (BLOCK_BYTES + 55 - self.pending_len) % BLOCK_BYTES;
+        let zeros = (BLOCK_BYTES + 55 - self.input.pending_len()) % BLOCK_BYTES;
         let mut tail = [0u8; 1 + BLOCK_BYTES + 8];
         tail[0] = 0x80;
         tail[1 + zeros..1 + zeros + 8].copy_from_slice(&bit_len.to_le_bytes());
         self.update(&tail[..1 + zeros + 8]);
-        debug_assert_eq!(self.pending_len, 0);
+        debug_assert_eq!(self.input.pending_len(), 0);
         let mut out = [0u8; DIGEST_BYTES];
         for (o, s) in out.chunks_exact_mut(4).zip(self.state) {
             o.copy_from_slice(&s.to_le_bytes());
