@@ -285,8 +285,10 @@ impl Session {
         let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
             return Ok(0);
         };
-        // Checkpoints only add newer layers (more cover); merges run on this thread. So every
-        // shadowed layer is still listed and still shadowed; check that it is listed anyway.
+        // Still shadowed if still listed: checkpoints only add newer layers (more cover), and
+        // a merge since the scan either took a shadowed layer into its run (then it is no
+        // longer listed, and we stop) or merged only layers above it — a run with a layer
+        // below it is not at the bottom, so the merged layer maps every page its run did.
         let gone: std::collections::HashSet<&str> =
             shadowed.iter().map(|&i| ids[i].as_str()).collect();
         let listed = base
