@@ -397,6 +397,8 @@ goal() { # job ratio -> verdict
     echo "fio nbd engine, $SIZE image, ${RUNTIME}s + ${RAMP}s ramp per job, $REPEAT repetition(s) (alternating order), transport $TRANSPORT;"
     echo "figures are means over the repetitions; ratio = mean mvps IOPS / mean nbdkit IOPS (range: per-repetition ratios)"
     echo "mvps-te flags: --listen --data-dir ${BENCH_MVPS_ARGS:-(defaults otherwise)}; $(uptime | sed 's/.*load/load/')"
+    echo "machine: $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p' | head -1)), $(free -g | awk '/^Mem:/{print $2}') GiB RAM," \
+        "kernel $(uname -r); $TMP on $(df -T "$TMP" | awk 'NR==2{print $2}'); $(fio --version), $(nbdkit --version | head -1)"
     echo
     echo "| job | nbdkit IOPS | nbdkit MB/s | nbdkit p99 µs | mvps IOPS | mvps MB/s | mvps p99 µs | ratio (range) | verdict | mvps data [checkpoints per run] |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
