@@ -12,7 +12,6 @@ pub mod base64;
 pub mod client;
 pub mod config;
 pub mod engine;
-pub mod hash_block;
 pub mod limits;
 pub mod nbd;
 pub mod s3;

@@ -6,7 +6,7 @@
 
 /// Digest length in bytes.
 pub const DIGEST_BYTES: usize = 32;
-use crate::hash_block::{BlockBuffer, BLOCK_BYTES};
+const BLOCK_BYTES: usize = 64;
 
 /// Round constants: the first 32 bits of the fractional parts of the cube roots of the
 /// first 64 primes (FIPS 180-4 §4.2.2).
@@ -30,7 +30,11 @@ const H0: [u32; 8] = [
 #[derive(Clone)]
 pub struct Sha256 {
     state: [u32; 8],
-    input: BlockBuffer,
+    block: [u8; BLOCK_BYTES],
+    /// Bytes of `block` in use (always < 64 between calls).
+    filled: usize,
+    /// Message length so far, in bytes.
+    length_bytes: u64,
 }
 
 impl Default for Sha256 {
@@ -43,33 +47,50 @@ impl Sha256 {
     pub fn new() -> Sha256 {
         Sha256 {
             state: H0,
-            input: BlockBuffer::new(),
+            block: [0; BLOCK_BYTES],
+            filled: 0,
+            length_bytes: 0,
         }
     }
 
-    pub fn update(&mut self, data: &[u8]) {
-        let state = &mut self.state;
-        self.input.update(data, |block| compress(state, block));
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.length_bytes = self.length_bytes.wrapping_add(data.len() as u64);
+        if self.filled > 0 {
+            let take = (BLOCK_BYTES - self.filled).min(data.len());
+            self.block[self.filled..self.filled + take].copy_from_slice(&data[..take]);
+            self.filled += take;
+            data = &data[take..];
+            if self.filled < BLOCK_BYTES {
+                return;
+            }
+            let block = self.block;
+            compress(&mut self.state, &block);
+            self.filled = 0;
+        }
+        let mut blocks = data.chunks_exact(BLOCK_BYTES);
+        for b in &mut blocks {
+            compress(&mut self.state, b.try_into().expect("64-byte chunk"));
+        }
+        let rest = blocks.remainder();
+        self.block[..rest.len()].copy_from_slice(rest);
+        self.filled = rest.len();
     }
 
     pub fn finalize(mut self) -> [u8; DIGEST_BYTES] {
-        let length_bits = self.input.total_bytes().wrapping_mul(8);
-        let filled = self.input.pending_len();
+        let length_bits = self.length_bytes.wrapping_mul(8);
         // Padding: one 1 bit, zeros up to 56 mod 64, then the 64-bit big-endian bit length.
-        let pad_len = if filled < 56 {
-            56 - filled
+        let pad_len = if self.filled < 56 {
+            56 - self.filled
         } else {
-            120 - filled
+            120 - self.filled
         };
         let mut pad = [0u8; 72];
         pad[0] = 0x80;
         pad[pad_len..pad_len + 8].copy_from_slice(&length_bits.to_be_bytes());
+        let length_before = self.length_bytes;
         self.update(&pad[..pad_len + 8]);
-        debug_assert_eq!(
-            self.input.pending_len(),
-            0,
-            "padding ends on a block boundary"
-        );
+        debug_assert_eq!(self.filled, 0, "padding ends on a block boundary");
+        self.length_bytes = length_before;
         let mut out = [0u8; DIGEST_BYTES];
         for (o, w) in out.chunks_exact_mut(4).zip(self.state) {
             o.copy_from_slice(&w.to_be_bytes());
