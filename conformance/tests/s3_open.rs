@@ -8,9 +8,7 @@
 
 mod s3_common;
 
-use mvps::engine::layer::{write_layer, SourceExtent};
-use mvps::engine::manifest::{self, writer_id_hex, LayerRef, Manifest};
-use mvps::store::{keys, ImageStore};
+use mvps::engine::testing::write_image;
 use mvps_conformance::faultproxy::{Fault, FaultProxy};
 use mvps_conformance::token;
 use s3_common::S3;
@@ -30,40 +28,10 @@ fn opening_an_image_is_a_handful_of_requests_and_layers_open_in_parallel() {
     let id = token::image_id("s3-open");
     let store = s3.store();
     let dir = tempfile::tempdir().unwrap();
-    let mut layers = Vec::new();
-    for i in 0..LAYERS {
-        let path = dir.path().join(format!("layer{i}"));
-        let start = i * PAGES_PER_LAYER * 2;
-        let extents = [SourceExtent::Data {
-            start,
-            len: PAGES_PER_LAYER,
-        }];
-        let (size_bytes, data_pages) = write_layer(&path, 12, &extents, |first, _, buf, _crcs| {
-            for (j, p) in buf.chunks_mut(4096).enumerate() {
-                p.fill(page_byte(first + j as u64));
-            }
-            Ok(())
-        })
-        .unwrap();
-        let blob_id = keys::new_blob_id();
-        store.put_file(&keys::blob_key(&blob_id), &path).unwrap();
-        layers.push(LayerRef {
-            blob_id,
-            size_bytes,
-            data_pages,
-        });
-    }
-    let m = Manifest {
-        format_version: manifest::MANIFEST_FORMAT_VERSION,
-        image_id: id.clone(),
-        generation: 1,
-        change_count: LAYERS,
-        writer_id: writer_id_hex(keys::random_u128()),
-        page_size_bits: 12,
-        layers,
-        created_at_unix: 0,
-    };
-    assert!(manifest::create(&store, &m).unwrap());
+    let layers: Vec<(u64, u64)> = (0..LAYERS)
+        .map(|i| (i * PAGES_PER_LAYER * 2, PAGES_PER_LAYER))
+        .collect();
+    write_image(&store, dir.path(), &id, 12, &layers, page_byte);
 
     let proxy = FaultProxy::start(&s3.endpoint, 1.0, 7);
     proxy.set_kinds(&[Fault::Stall]);

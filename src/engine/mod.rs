@@ -10,6 +10,7 @@ pub mod layer;
 pub mod manifest;
 pub mod open;
 pub mod session;
+pub mod testing;
 pub mod txn;
 pub mod wal;
 pub mod writeback;

@@ -538,37 +538,8 @@ fn checkpoints_concurrent_with_writes(dir, store) {
 /// An image whose manifest lists `n` one-page layers (page `i` of layer `i` holds `i + 1`),
 /// written straight into `store`, owned by nobody yet.
 fn image_of_small_layers(dir: &Path, store: &dyn ImageStore, n: u64) {
-    use super::layer::{write_layer, SourceExtent};
-    use super::manifest::{self, LayerRef, Manifest};
-    use crate::store::keys;
-    let mut layers = Vec::new();
-    for i in 0..n {
-        let path = dir.join(format!("layer{i}"));
-        let extents = [SourceExtent::Data { start: i, len: 1 }];
-        let (size_bytes, data_pages) = write_layer(&path, 9, &extents, |_, _, buf, _| {
-            buf.fill(i as u8 + 1);
-            Ok(())
-        })
-        .unwrap();
-        let blob_id = keys::new_blob_id();
-        store.put_file(&keys::blob_key(&blob_id), &path).unwrap();
-        layers.push(LayerRef {
-            blob_id,
-            size_bytes,
-            data_pages,
-        });
-    }
-    let m = Manifest {
-        format_version: manifest::MANIFEST_FORMAT_VERSION,
-        image_id: "model.mvps-image".into(),
-        generation: 1,
-        change_count: n,
-        writer_id: manifest::writer_id_hex(1),
-        page_size_bits: 9,
-        layers,
-        created_at_unix: 0,
-    };
-    assert!(manifest::create(store, &m).unwrap());
+    let layers: Vec<(u64, u64)> = (0..n).map(|i| (i, 1)).collect();
+    super::testing::write_image(store, dir, "model.mvps-image", 9, &layers, |p| p as u8 + 1);
 }
 
 /// Merges wait while a connected client keeps the buffer over a quarter of the throttle
