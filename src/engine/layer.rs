@@ -18,7 +18,7 @@
 
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
-use super::writeback::Writeback;
+use super::writeback::{drop_cached, Writeback};
 use crate::store::{self, BlobReader};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -48,6 +48,16 @@ impl ExtentValue for LayerVal {
     }
 }
 
+/// What becomes of a written layer file's cached pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterWrite {
+    /// Stay cached: the file is read again at once (an S3 upload reads it).
+    KeepCached,
+    /// Dropped after the fsync: the local store adopts the file and nothing reads it soon
+    /// (`writeback::drop_cached`).
+    DropCached,
+}
+
 /// What a checkpoint writes: extents in ascending page order; data extents have their bytes.
 pub enum SourceExtent {
     Data { start: u64, len: u64 },
@@ -57,11 +67,13 @@ pub enum SourceExtent {
 /// Writes a layer file at `path`. `read_pages(start, len, buf, crcs)` fills the data of `len`
 /// pages of a data extent; it may also push their `len` CRC-32Cs onto `crcs` when it knows
 /// them already (a compaction copying verified pages), or push none (they are computed here).
-/// Returns (size in bytes, data page count). The file is fsynced.
+/// Returns (size in bytes, data page count). The file is fsynced, and with
+/// [`AfterWrite::DropCached`] its pages are then dropped from the page cache.
 pub fn write_layer(
     path: &Path,
     page_size_bits: u32,
     extents: &[SourceExtent],
+    after: AfterWrite,
     mut read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> io::Result<()>,
 ) -> io::Result<(u64, u64)> {
     let page_size = 1usize << page_size_bits;
@@ -137,6 +149,9 @@ pub fn write_layer(
     use std::os::unix::fs::FileExt;
     file.write_all_at(&head, 0)?;
     file.sync_all()?;
+    if after == AfterWrite::DropCached {
+        drop_cached(&file);
+    }
     Ok((data_offset + (data_pages << page_size_bits), data_pages))
 }
 
@@ -196,12 +211,18 @@ impl Layer {
         let bits = u32::from_le_bytes(h[12..16].try_into().unwrap());
         let (extents, data_pages, index_len) = (u64_at(&h, 16), u64_at(&h, 24), u64_at(&h, 32));
         let data_offset = u64_at(&h, 40);
-        let expect = extents
+        // Checked arithmetic throughout: the header is untrusted input.
+        let expect_index = extents
             .checked_mul(EXTENT_ENTRY_SIZE)
-            .and_then(|x| x.checked_add(data_pages * 4 + 4));
-        if expect != Some(index_len)
-            || data_offset != HEADER_SIZE + index_len
-            || data_offset + (data_pages << bits) != reader.size_bytes()
+            .and_then(|x| x.checked_add(data_pages.checked_mul(4)?))
+            .and_then(|x| x.checked_add(4));
+        let expect_size = (bits <= 16)
+            .then(|| data_pages.checked_mul(1 << bits))
+            .flatten()
+            .and_then(|d| d.checked_add(data_offset));
+        if expect_index != Some(index_len)
+            || expect_index.and_then(|i| i.checked_add(HEADER_SIZE)) != Some(data_offset)
+            || expect_size != Some(reader.size_bytes())
         {
             return Err(corrupt(blob_id, "sizes in header do not match the blob"));
         }
@@ -296,13 +317,19 @@ mod tests {
             },
             SourceExtent::Data { start: 200, len: 1 },
         ];
-        let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf, _crcs| {
-            for (i, p) in buf.chunks_mut(512).enumerate() {
-                p.fill((start + i as u64) as u8);
-            }
-            assert!(n > 0);
-            Ok(())
-        })
+        let (size, pages) = write_layer(
+            &path,
+            9,
+            &exts,
+            AfterWrite::DropCached,
+            |start, n, buf, _crcs| {
+                for (i, p) in buf.chunks_mut(512).enumerate() {
+                    p.fill((start + i as u64) as u8);
+                }
+                assert!(n > 0);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(pages, 4);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
@@ -333,6 +360,43 @@ mod tests {
         assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());
     }
 
+    /// Header fields that would overflow the size arithmetic are refused, not a panic.
+    #[test]
+    fn absurd_header_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s")).unwrap();
+        let path = dir.path().join("layer");
+        let exts = [SourceExtent::Data { start: 0, len: 2 }];
+        write_layer(&path, 9, &exts, AfterWrite::KeepCached, |_, _, buf, _| {
+            buf.fill(1);
+            Ok(())
+        })
+        .unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let with_header_field = |at: usize, bytes: &[u8]| {
+            let mut raw = good.clone();
+            raw[at..at + bytes.len()].copy_from_slice(bytes);
+            let crc = crc32c(&raw[..60]);
+            raw[60..64].copy_from_slice(&crc.to_le_bytes());
+            store.put("blobs/x", &raw).unwrap();
+            Layer::open("x", store.open_blob("blobs/x").unwrap()).err()
+        };
+        let huge = [
+            (16, u64::MAX),
+            (24, u64::MAX / 3),
+            (24, 1 << 62),
+            (32, u64::MAX),
+            (40, u64::MAX),
+        ];
+        for (at, value) in huge {
+            let err = with_header_field(at, &value.to_le_bytes());
+            assert!(err.is_some(), "header field at {at} = {value} accepted");
+        }
+        assert!(with_header_field(12, &70u32.to_le_bytes()).is_some());
+        // The unchanged header (re-checksummed) still opens: the refusals above are the values.
+        assert!(with_header_field(16, &good[16..24]).is_none());
+    }
+
     /// Checksums a source already knows are written as given (compaction copies verified
     /// pages); a wrong count is an error, not a silently short index.
     #[test]
@@ -341,14 +405,20 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("s")).unwrap();
         let exts = vec![SourceExtent::Data { start: 0, len: 2 }];
         let path = dir.path().join("given");
-        write_layer(&path, 9, &exts, |_, n, buf, crcs| {
-            buf.fill(7);
-            // The first page's checksum is deliberately wrong: reads of it must fail.
-            crcs.push(0);
-            crcs.extend(buf.chunks(512).skip(1).map(crc32c));
-            assert_eq!(n, 2);
-            Ok(())
-        })
+        write_layer(
+            &path,
+            9,
+            &exts,
+            AfterWrite::KeepCached,
+            |_, n, buf, crcs| {
+                buf.fill(7);
+                // The first page's checksum is deliberately wrong: reads of it must fail.
+                crcs.push(0);
+                crcs.extend(buf.chunks(512).skip(1).map(crc32c));
+                assert_eq!(n, 2);
+                Ok(())
+            },
+        )
         .unwrap();
         store.put_file("blobs/given", &path).unwrap();
         let layer = Layer::open("given", store.open_blob("blobs/given").unwrap()).unwrap();
@@ -358,7 +428,8 @@ mod tests {
         let mut crcs = Vec::new();
         layer.read_data_with_crcs(1, &mut page, &mut crcs).unwrap();
         assert_eq!(crcs, vec![crc32c(&[7u8; 512])]);
-        let bad = write_layer(&dir.path().join("short"), 9, &exts, |_, _, _, crcs| {
+        let short = dir.path().join("short");
+        let bad = write_layer(&short, 9, &exts, AfterWrite::KeepCached, |_, _, _, crcs| {
             crcs.push(1);
             Ok(())
         });

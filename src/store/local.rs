@@ -216,6 +216,10 @@ impl ImageStore for LocalStore {
         r
     }
 
+    fn put_file_adopts(&self) -> bool {
+        true
+    }
+
     fn create_if_absent(&self, key: &str, data: &[u8]) -> Result<CreateOutcome> {
         let path = self.path_of(key)?;
         let parent = self.ensure_parent(key, &path)?;
