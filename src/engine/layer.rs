@@ -18,7 +18,7 @@
 
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
-use super::writeback::{drop_cached, Writeback};
+use super::writeback::{drop_cached, preallocate, Writeback};
 use crate::store::{self, BlobReader};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -90,6 +90,8 @@ pub fn write_layer(
     let index_len = extents.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
     let data_offset = HEADER_SIZE + index_len;
     let file = File::create(path)?;
+    // The final size is known: allocate it now rather than page by page as it is written.
+    preallocate(&file, data_offset + (data_pages << page_size_bits));
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     // Data first (after a placeholder for header + index), collecting page CRCs as we go.
     w.write_all(&vec![0u8; data_offset as usize])?;

@@ -56,6 +56,30 @@ fn start(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start(_file: &File, _offset: u64, _len: u64) {}
 
+/// Allocates the blocks of a file about to be written in one go, `len` bytes, without changing
+/// its size.
+///
+/// Otherwise ext4 reserves, maps and accounts each page as it is first written (delayed
+/// allocation: `ext4_da_get_block_prep`, the extent-status tree, quota), about a tenth of the
+/// CPU of a sustained sequential write, which writes a layer per checkpoint; preallocating
+/// each layer gained 2.5–11 % on that job in two A/B runs (docs/PERFORMANCE.md). Advice
+/// only: where the file system cannot preallocate, the blocks are allocated as written.
+pub fn preallocate(file: &File, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(len) else {
+            return;
+        };
+        // SAFETY: a plain syscall on an open descriptor; it touches no user memory.
+        unsafe {
+            libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, len);
+}
+
 /// Tells the kernel that a written, fsynced file's cached pages are not needed soon, so it
 /// frees them now rather than when memory runs short.
 ///
@@ -105,6 +129,23 @@ mod tests {
             libc::munmap(p, len);
         }
         vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    /// Blocks are allocated, the size (what readers and the layer check see) is unchanged.
+    #[test]
+    fn preallocate_allocates_without_growing_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("f")).unwrap();
+        preallocate(&file, 8 << 20);
+        let m = file.metadata().unwrap();
+        assert_eq!(m.len(), 0);
+        assert!(
+            m.blocks() * 512 >= 8 << 20,
+            "only {} blocks allocated",
+            m.blocks()
+        );
+        preallocate(&file, 0); // nothing to allocate: no error to report, no panic
     }
 
     #[test]
