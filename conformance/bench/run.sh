@@ -292,8 +292,9 @@ run_one() { # job rep server uri dir
     local args=($(job_args "$job"))
     sync
     # "Warm" (the condition for reads): one unmeasured pass over the data first, so
-    # both servers read from the page cache. nbdkit's file is cached since its writes; mvps
-    # writes layers around the page cache (src/engine/layer_io.rs), so they start cold.
+    # both servers read from the page cache. nbdkit's file is cached since its writes; the
+    # local image store drops layers from the page cache once durable
+    # (src/store/local.rs, drop_cached), so they start cold.
     if [ "$dir" = read ] && [ "$job" != wal-rand-read ]; then
         run_fio "$OUT/$name-warm.json" "$uri" --rw=read --bs=1M --iodepth=8 --size="$SIZE_BYTES"
     fi

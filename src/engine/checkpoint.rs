@@ -8,7 +8,7 @@
 //! at or below the manifest's, and the next checkpoint deletes the segments that held them.
 
 use super::extent::{Extent, ExtentValue};
-use super::layer::{write_layer, AfterWrite, SourceExtent};
+use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session, WriterState};
@@ -373,14 +373,7 @@ impl Session {
     ) -> Result<LayerRef> {
         let blob_id = keys::new_blob_id();
         let tmp = self.buffer.tmp_dir().join(&blob_id);
-        // The local store links the file in as the blob and nothing reads it back soon; an
-        // S3 upload reads it at once.
-        let after = if self.buffer.store.put_file_adopts() {
-            AfterWrite::DropCached
-        } else {
-            AfterWrite::KeepCached
-        };
-        let written = write_layer(&tmp, self.page_size_bits, sources, after, read_pages);
+        let written = write_layer(&tmp, self.page_size_bits, sources, read_pages);
         let (size_bytes, data_pages) = match written {
             Ok(x) => x,
             Err(source) => {

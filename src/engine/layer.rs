@@ -18,7 +18,7 @@
 
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
-use super::writeback::{drop_cached, preallocate, Writeback};
+use super::writeback::{preallocate, Writeback};
 use crate::store::{self, BlobReader};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -48,16 +48,6 @@ impl ExtentValue for LayerVal {
     }
 }
 
-/// What becomes of a written layer file's cached pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterWrite {
-    /// Stay cached: the file is read again at once (an S3 upload reads it).
-    KeepCached,
-    /// Dropped after the fsync: the local store adopts the file and nothing reads it soon
-    /// (`writeback::drop_cached`).
-    DropCached,
-}
-
 /// What a checkpoint writes: extents in ascending page order; data extents have their bytes.
 pub enum SourceExtent {
     Data { start: u64, len: u64 },
@@ -67,13 +57,11 @@ pub enum SourceExtent {
 /// Writes a layer file at `path`. `read_pages(start, len, buf, crcs)` fills the data of `len`
 /// pages of a data extent; it may also push their `len` CRC-32Cs onto `crcs` when it knows
 /// them already (a compaction copying verified pages), or push none (they are computed here).
-/// Returns (size in bytes, data page count). The file is fsynced, and with
-/// [`AfterWrite::DropCached`] its pages are then dropped from the page cache.
+/// Returns (size in bytes, data page count). The file is fsynced.
 pub fn write_layer(
     path: &Path,
     page_size_bits: u32,
     extents: &[SourceExtent],
-    after: AfterWrite,
     mut read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> io::Result<()>,
 ) -> io::Result<(u64, u64)> {
     let page_size = 1usize << page_size_bits;
@@ -151,9 +139,6 @@ pub fn write_layer(
     use std::os::unix::fs::FileExt;
     file.write_all_at(&head, 0)?;
     file.sync_all()?;
-    if after == AfterWrite::DropCached {
-        drop_cached(&file);
-    }
     Ok((data_offset + (data_pages << page_size_bits), data_pages))
 }
 
@@ -319,19 +304,13 @@ mod tests {
             },
             SourceExtent::Data { start: 200, len: 1 },
         ];
-        let (size, pages) = write_layer(
-            &path,
-            9,
-            &exts,
-            AfterWrite::DropCached,
-            |start, n, buf, _crcs| {
-                for (i, p) in buf.chunks_mut(512).enumerate() {
-                    p.fill((start + i as u64) as u8);
-                }
-                assert!(n > 0);
-                Ok(())
-            },
-        )
+        let (size, pages) = write_layer(&path, 9, &exts, |start, n, buf, _crcs| {
+            for (i, p) in buf.chunks_mut(512).enumerate() {
+                p.fill((start + i as u64) as u8);
+            }
+            assert!(n > 0);
+            Ok(())
+        })
         .unwrap();
         assert_eq!(pages, 4);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
@@ -369,7 +348,7 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("s")).unwrap();
         let path = dir.path().join("layer");
         let exts = [SourceExtent::Data { start: 0, len: 2 }];
-        write_layer(&path, 9, &exts, AfterWrite::KeepCached, |_, _, buf, _| {
+        write_layer(&path, 9, &exts, |_, _, buf, _| {
             buf.fill(1);
             Ok(())
         })
@@ -407,20 +386,14 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("s")).unwrap();
         let exts = vec![SourceExtent::Data { start: 0, len: 2 }];
         let path = dir.path().join("given");
-        write_layer(
-            &path,
-            9,
-            &exts,
-            AfterWrite::KeepCached,
-            |_, n, buf, crcs| {
-                buf.fill(7);
-                // The first page's checksum is deliberately wrong: reads of it must fail.
-                crcs.push(0);
-                crcs.extend(buf.chunks(512).skip(1).map(crc32c));
-                assert_eq!(n, 2);
-                Ok(())
-            },
-        )
+        write_layer(&path, 9, &exts, |_, n, buf, crcs| {
+            buf.fill(7);
+            // The first page's checksum is deliberately wrong: reads of it must fail.
+            crcs.push(0);
+            crcs.extend(buf.chunks(512).skip(1).map(crc32c));
+            assert_eq!(n, 2);
+            Ok(())
+        })
         .unwrap();
         store.put_file("blobs/given", &path).unwrap();
         let layer = Layer::open("given", store.open_blob("blobs/given").unwrap()).unwrap();
@@ -431,7 +404,7 @@ mod tests {
         layer.read_data_with_crcs(1, &mut page, &mut crcs).unwrap();
         assert_eq!(crcs, vec![crc32c(&[7u8; 512])]);
         let short = dir.path().join("short");
-        let bad = write_layer(&short, 9, &exts, AfterWrite::KeepCached, |_, _, _, crcs| {
+        let bad = write_layer(&short, 9, &exts, |_, _, _, crcs| {
             crcs.push(1);
             Ok(())
         });

@@ -1,7 +1,7 @@
 //! Test fixtures, for the engine's unit tests and the conformance suites (the server never
 //! calls them): an image written straight into an image store, without a session.
 
-use super::layer::{write_layer, AfterWrite, SourceExtent};
+use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use crate::store::{keys, ImageStore};
 use std::path::Path;
@@ -23,19 +23,14 @@ pub fn write_image(
     for (i, &(start, len)) in layers.iter().enumerate() {
         let path = tmp.join(format!("layer{i}"));
         let extents = [SourceExtent::Data { start, len }];
-        let (size_bytes, data_pages) = write_layer(
-            &path,
-            page_size_bits,
-            &extents,
-            AfterWrite::KeepCached,
-            |first, _, buf, _| {
+        let (size_bytes, data_pages) =
+            write_layer(&path, page_size_bits, &extents, |first, _, buf, _| {
                 for (j, p) in buf.chunks_mut(page_size).enumerate() {
                     p.fill(page_byte(first + j as u64));
                 }
                 Ok(())
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         let blob_id = keys::new_blob_id();
         store.put_file(&keys::blob_key(&blob_id), &path).unwrap();
         refs.push(LayerRef {

@@ -1,5 +1,5 @@
-//! Early writeback for files written in one go and fsynced at the end (layer blobs), and
-//! dropping them from the page cache once durable.
+//! Writing files in one go, fsynced at the end (layer blobs): blocks preallocated, and
+//! writeback started as the file is written.
 //!
 //! Without it a layer's pages sit dirty in the page cache until its final `fsync`, so the
 //! disk idles while the layer is being written and the writer idles while the disk works.
@@ -80,56 +80,9 @@ pub fn preallocate(file: &File, len: u64) {
     let _ = (file, len);
 }
 
-/// Tells the kernel that a written, fsynced file's cached pages are not needed soon, so it
-/// frees them now rather than when memory runs short.
-///
-/// A layer the local image store adopts (hard-links in as the blob) is read back only by a
-/// later cache miss, and during a long write burst the checkpoints write hundreds of MB per
-/// second of such layers. Left cached, they fill the page cache with data nobody is about to
-/// read and every new WAL page must come from memory not yet in use, which costs more than
-/// reusing freed pages — a sustained sequential write ran at a third of the rate
-/// (docs/PERFORMANCE.md). The pages must be clean for the kernel to drop them: call this
-/// after the fsync. Advice only: on failure the pages simply stay cached.
-pub fn drop_cached(file: &File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an open descriptor; it touches no user memory.
-        unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    /// Pages of `file` in the page cache, via `mincore` on a shared mapping.
-    fn resident_pages(file: &File, len: usize) -> usize {
-        use std::os::fd::AsRawFd;
-        let page = 4096;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: maps `len` bytes of an open file read-only, asks which pages are resident
-        // into a vector of one byte per page, and unmaps; no mapped byte is dereferenced.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
-            libc::munmap(p, len);
-        }
-        vec.iter().filter(|&&b| b & 1 == 1).count()
-    }
 
     /// Blocks are allocated, the size (what readers and the layer check see) is unchanged.
     #[test]
@@ -146,33 +99,5 @@ mod tests {
             m.blocks()
         );
         preallocate(&file, 0); // nothing to allocate: no error to report, no panic
-    }
-
-    #[test]
-    fn drop_cached_frees_a_synced_files_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let len = 4 << 20;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        file.write_all(&vec![7u8; len]).unwrap();
-        file.sync_all().unwrap();
-        let before = resident_pages(&file, len);
-        assert!(
-            before > len / 4096 / 2,
-            "only {before} pages cached after writing"
-        );
-        drop_cached(&file);
-        let after = resident_pages(&file, len);
-        assert!(
-            after < before / 10,
-            "{after} of {before} pages still cached"
-        );
-        // The data is on disk, not lost with the pages.
-        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 7));
     }
 }

@@ -196,7 +196,7 @@ fn read_exact(b: &dyn BlobReader, off: u64, want: &[u8]) {
 
 #[test]
 fn layers_open_with_one_request_and_read_through_the_cache() {
-    use crate::engine::layer::{write_layer, AfterWrite, Layer, SourceExtent};
+    use crate::engine::layer::{write_layer, Layer, SourceExtent};
     let (_server, s) = cached_store();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("layer");
@@ -214,18 +214,12 @@ fn layers_open_with_one_request_and_read_through_the_cache() {
         },
     ];
     let fill = |page: u64| (page % 253) as u8;
-    write_layer(
-        &path,
-        12,
-        &extents,
-        AfterWrite::KeepCached,
-        |start, _, buf, _crcs| {
-            for (i, p) in buf.chunks_mut(4096).enumerate() {
-                p.fill(fill(start + i as u64));
-            }
-            Ok(())
-        },
-    )
+    write_layer(&path, 12, &extents, |start, _, buf, _crcs| {
+        for (i, p) in buf.chunks_mut(4096).enumerate() {
+            p.fill(fill(start + i as u64));
+        }
+        Ok(())
+    })
     .unwrap();
     s.put_file("blobs/l.mvps-blob", &path).unwrap();
     let n0 = s.requests_sent();

@@ -84,11 +84,6 @@ pub trait ImageStore: Send + Sync {
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Writes an object from a local file; durable when this returns. The file is left alone.
     fn put_file(&self, key: &str, path: &Path) -> Result<()>;
-    /// Whether `put_file` takes the file itself in (a hard link) instead of reading it: a file
-    /// written for such a store is not read again soon, so its pages need not stay cached.
-    fn put_file_adopts(&self) -> bool {
-        false
-    }
     /// Creates the object only if no object exists under `key` (the fencing primitive).
     fn create_if_absent(&self, key: &str, data: &[u8]) -> Result<CreateOutcome>;
     /// Objects whose key starts with `prefix`, in ascending key order, at most `limit` of them.
