@@ -152,6 +152,18 @@ impl Conn {
             log::debug!("{}: reply not sent: {e}", self.export.label());
         }
     }
+    /// Sends a reply whose first `header_len` bytes are its header and the rest its payload.
+    fn reply_with_payload(&self, reply: &[u8], header_len: usize) {
+        let s = self.out.lock().unwrap();
+        let sent = if reply.len() - header_len >= REPLY_HEADER_CORKED_MIN_BYTES {
+            s.write_all_header_corked(reply, header_len)
+        } else {
+            { &*s }.write_all(reply)
+        };
+        if let Err(e) = sent {
+            log::debug!("{}: reply not sent: {e}", self.export.label());
+        }
+    }
     fn reply_error(&self, r: &Request, err: u32) {
         log::debug!(
             "{}: {} offset {} length {}: {}",
@@ -164,6 +176,12 @@ impl Conn {
         self.reply(&simple_reply_header(err, r.cookie));
     }
 }
+
+/// Payloads of at least this size are sent after their header is queued with MSG_MORE (on
+/// TCP), as two writes, rather than in one write with it. Measured on loopback with fio's
+/// NBD engine (docs/PERFORMANCE.md): 1 MiB reads ran ~1.5x faster so, the reader waking up
+/// half as often per MiB; at 256 KiB +10 %; at 32 KiB and 4 KiB the extra call cost 5-10 %.
+const REPLY_HEADER_CORKED_MIN_BYTES: usize = 64 << 10;
 
 /// Largest buffer a worker keeps between requests (bigger ones are freed after use). It
 /// holds a WRITE's payload or a READ's reply; reusing it saves a page fault per 4 KiB.
@@ -348,7 +366,7 @@ fn execute(conn: &Conn, r: &Request, buf: &mut Vec<u8>) {
             match e.read(r.offset, &mut reply[SIMPLE_REPLY_SIZE..]) {
                 Ok(()) => {
                     reply[..SIMPLE_REPLY_SIZE].copy_from_slice(&simple_reply_header(0, r.cookie));
-                    conn.reply(reply);
+                    conn.reply_with_payload(reply, SIMPLE_REPLY_SIZE);
                     return;
                 }
                 Err(err) => Err(err),
