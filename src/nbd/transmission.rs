@@ -146,11 +146,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn reply(&self, bytes: &[u8]) {
-        let s = self.out.lock().unwrap();
-        if let Err(e) = { &*s }.write_all(bytes) {
-            log::debug!("{}: reply not sent: {e}", self.export.label());
-        }
+    /// Sends a reply without payload.
+    fn reply(&self, header: &[u8]) {
+        self.reply_with_payload(header, header.len());
     }
     /// Sends a reply whose first `header_len` bytes are its header and the rest its payload.
     fn reply_with_payload(&self, reply: &[u8], header_len: usize) {
