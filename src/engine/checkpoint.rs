@@ -135,9 +135,12 @@ impl Session {
             }
         };
         let started = std::time::Instant::now();
+        let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
+        if self.under_write_pressure(pages) {
+            *self.pressured_at.lock().unwrap() = Some(started);
+        }
         let refs = self.upload_layers(&snap)?;
         let uploaded = started.elapsed();
-        let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
         let mut opened = Vec::with_capacity(refs.len());
         for r in &refs {
             opened.push(Arc::new(open_layer(

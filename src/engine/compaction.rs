@@ -32,6 +32,11 @@ pub const STEPS_PER_PASS_MAX: usize = 4;
 /// and disk, and merging layers that are about to be shadowed is wasted work), unless the
 /// image has more layers than this: then read cost comes first.
 pub const LAYERS_DEFER_MAX: usize = 24;
+/// How long write pressure outlives the checkpoint that saw it. Each checkpoint empties the
+/// buffer, so "the buffer is full" alone reads false right after one, and a merge (seconds
+/// of reading and writing layers) would start in the middle of sustained writes; checkpoints
+/// under such writes follow each other well within this.
+pub const WRITE_PRESSURE_HOLD_MS: u64 = 5_000;
 
 /// Most layer extents a pass looks at, newest layers first, to find layers that newer ones
 /// cover entirely (`drop_shadowed`). The scan is in memory but runs after every checkpoint;
@@ -174,16 +179,30 @@ impl Session {
         self.compaction_failing.load(Ordering::Acquire)
     }
 
-    /// Write pressure: clients are connected and the buffer holds over a quarter of the
-    /// throttle threshold, so checkpoints are busy draining it. Merges wait then, unless
-    /// the layer count passed LAYERS_DEFER_MAX.
+    /// Write pressure: clients are connected, and the buffer holds over a quarter of the
+    /// throttle threshold or a checkpoint moved that much within the last
+    /// `write_pressure_hold_ms`, so checkpoints are busy draining it. Merges wait then,
+    /// unless the layer count passed LAYERS_DEFER_MAX.
     fn compaction_deferred(&self) -> bool {
-        let limit = self.buffer.cfg.write_throttle_threshold_pages;
-        if self.connection_count() == 0 || self.buffered_pages() <= limit / 4 {
+        if self.connection_count() == 0 {
+            return false;
+        }
+        let hold = Duration::from_millis(self.buffer.cfg.write_pressure_hold_ms);
+        let recent = self
+            .pressured_at
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < hold);
+        if !recent && !self.under_write_pressure(self.buffered_pages()) {
             return false;
         }
         let layers = self.view.read().unwrap().layers.len();
         layers <= LAYERS_DEFER_MAX
+    }
+
+    /// `pages` buffered (or just checkpointed) are over a quarter of the throttle threshold.
+    pub(super) fn under_write_pressure(&self, pages: u64) -> bool {
+        pages > self.buffer.cfg.write_throttle_threshold_pages / 4
     }
 
     /// One merge. Returns false when there was nothing to merge.

@@ -16,12 +16,11 @@
 //! The index sits before the data so a remote reader gets header and index with one ranged
 //! read of the first `data_offset` bytes.
 
+use super::blob_file::BlobFile;
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
-use super::writeback::{preallocate, Writeback};
 use crate::store::{self, BlobReader};
-use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::path::Path;
 
 pub const LAYER_MAGIC: &[u8; 8] = b"MVPSLAYR";
@@ -77,18 +76,14 @@ pub fn write_layer(
         .sum();
     let index_len = extents.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
     let data_offset = HEADER_SIZE + index_len;
-    let file = File::create(path)?;
-    // The final size is known: allocate it now rather than page by page as it is written.
-    preallocate(&file, data_offset + (data_pages << page_size_bits));
-    let mut w = BufWriter::with_capacity(1 << 20, &file);
-    // Data first (after a placeholder for header + index), collecting page CRCs as we go.
-    w.write_all(&vec![0u8; data_offset as usize])?;
-    let mut pos = data_offset;
-    let mut writeback = Writeback::new(&file, 0);
+    let mut w = BlobFile::create(
+        path,
+        data_offset,
+        data_offset + (data_pages << page_size_bits),
+    )?;
     let mut crcs = Vec::with_capacity(data_pages as usize);
     let mut entries = Vec::with_capacity(extents.len() * EXTENT_ENTRY_SIZE as usize);
     let mut next_data_page = 0u64;
-    let mut buf = Vec::new();
     for e in extents {
         let (start, len, kind) = match e {
             SourceExtent::Data { start, len } => (*start, *len, KIND_DATA),
@@ -100,14 +95,15 @@ pub fn write_layer(
         entries.extend_from_slice(&0u32.to_le_bytes());
         entries.extend_from_slice(&next_data_page.to_le_bytes());
         if kind == KIND_DATA {
-            // Read in bounded chunks: an extent can be large.
-            let chunk_pages = (8u64 << 20 >> page_size_bits).max(1);
+            // Read straight into the file's buffer, a bounded piece at a time: an extent can
+            // be large.
             let mut done = 0;
             while done < len {
-                let n = chunk_pages.min(len - done);
-                buf.resize((n as usize) * page_size, 0);
+                let spare = w.spare(page_size)?;
+                let n = ((spare.len() / page_size) as u64).min(len - done);
+                let buf = &mut spare[..(n as usize) * page_size];
                 let known = crcs.len();
-                read_pages(start + done, n, &mut buf, &mut crcs)?;
+                read_pages(start + done, n, buf, &mut crcs)?;
                 match (crcs.len() - known) as u64 {
                     0 => crcs.extend(buf.chunks(page_size).map(crc32c)),
                     k if k == n => {}
@@ -117,29 +113,24 @@ pub fn write_layer(
                         )))
                     }
                 }
-                w.write_all(&buf)?;
-                pos += buf.len() as u64;
-                writeback.written(pos - w.buffer().len() as u64);
+                w.commit((n as usize) * page_size);
                 done += n;
             }
             next_data_page += len;
         }
     }
-    w.flush()?;
-    drop(w);
-    let mut index = entries;
-    for c in &crcs {
-        index.extend_from_slice(&c.to_le_bytes());
-    }
-    let icrc = crc32c(&index);
-    index.extend_from_slice(&icrc.to_le_bytes());
-    debug_assert_eq!(index.len() as u64, index_len);
     let mut head = encode_header(page_size_bits, extents.len() as u64, data_pages, index_len);
-    head.extend_from_slice(&index);
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(&head, 0)?;
-    file.sync_all()?;
-    Ok((data_offset + (data_pages << page_size_bits), data_pages))
+    head.extend_from_slice(&entries);
+    let index_at = head.len();
+    for c in &crcs {
+        head.extend_from_slice(&c.to_le_bytes());
+    }
+    let icrc = crc32c(&head[index_at - entries.len()..]);
+    head.extend_from_slice(&icrc.to_le_bytes());
+    debug_assert_eq!(head.len() as u64, data_offset);
+    let size = w.finish(&head)?;
+    debug_assert_eq!(size, data_offset + (data_pages << page_size_bits));
+    Ok((size, data_pages))
 }
 
 fn encode_header(bits: u32, extent_count: u64, data_pages: u64, index_len: u64) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! The engine: sessions (one per open image), the buffer store (WALs), layers, manifests and
 //! checkpoints. Storage-agnostic: it reaches the object store only through `store::ImageStore`.
 
+pub mod blob_file;
 pub mod buffer;
 pub mod checkpoint;
 pub mod checksum;
@@ -13,7 +14,6 @@ pub mod session;
 pub mod testing;
 pub mod txn;
 pub mod wal;
-pub mod writeback;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -34,6 +34,9 @@ pub struct SessionConfig {
     pub txn_bytes_max: u64,
     /// How long a LOCK_TXN holder may block other writers.
     pub txn_lock_timeout_ms: u64,
+    /// Compaction keeps waiting this long after the last checkpoint that found the buffer
+    /// under write pressure (`compaction::WRITE_PRESSURE_HOLD_MS` by default).
+    pub write_pressure_hold_ms: u64,
 }
 
 /// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
@@ -140,6 +143,9 @@ pub struct Session {
     pub(super) compaction_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The last compaction attempt failed.
     pub(super) compaction_failing: AtomicBool,
+    /// When a checkpoint last moved more than a quarter of the throttle threshold: write
+    /// pressure, which outlives the emptied buffer (see `compaction_deferred`).
+    pub(super) pressured_at: Mutex<Option<Instant>>,
     /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
     pub(super) lock_cv: Condvar,
 }
@@ -181,6 +187,7 @@ impl Session {
             compact_wake: (Mutex::new(false), Condvar::new()),
             compaction_thread: Mutex::new(None),
             compaction_failing: AtomicBool::new(false),
+            pressured_at: Mutex::new(None),
         }
     }
 

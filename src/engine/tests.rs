@@ -31,6 +31,7 @@ pub(crate) fn cfg() -> SessionConfig {
         wal_segment_checkpoint_bytes: 1 << 20,
         txn_bytes_max: 64 << 20,
         txn_lock_timeout_ms: 500,
+        write_pressure_hold_ms: super::compaction::WRITE_PRESSURE_HOLD_MS,
     }
 }
 
@@ -543,8 +544,10 @@ fn image_of_small_layers(dir: &Path, store: &dyn ImageStore, n: u64) {
 }
 
 /// Merges wait while a connected client keeps the buffer over a quarter of the throttle
-/// threshold, until the image has more than LAYERS_DEFER_MAX layers; once the buffer is
-/// drained they run. No page reads differently either way.
+/// threshold, until the image has more than LAYERS_DEFER_MAX layers. The pressure outlives
+/// the checkpoint that drains the buffer by `write_pressure_hold_ms` (under sustained writes
+/// the next checkpoint comes sooner); after that merges run. No page reads differently
+/// either way.
 #[test]
 fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
     use super::compaction::{Pass, LAYERS_DEFER_MAX};
@@ -552,8 +555,10 @@ fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = local(dir.path());
         image_of_small_layers(dir.path(), store.as_ref(), layers);
+        let hold = std::time::Duration::from_millis(300);
         let cfg = SessionConfig {
             write_throttle_threshold_pages: 8,
+            write_pressure_hold_ms: hold.as_millis() as u64,
             ..cfg()
         };
         let b = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg).unwrap());
@@ -566,9 +571,21 @@ fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
         let after = s.view.read().unwrap().layers.len();
         if deferred {
             assert_eq!((pass, after), (Pass::Deferred, before));
-            // The pressure gone (checkpointed), merges run. (The compaction thread, woken by
-            // the checkpoint, may merge the same run first: either way one merge lands.)
+            // Checkpointed, the buffer is empty, but the checkpoint just moved 3 pages: the
+            // pressure holds, and neither this pass nor the compaction thread (woken by the
+            // checkpoint) merges.
             s.checkpoint().unwrap();
+            assert_eq!(s.buffered_pages(), 0);
+            let checkpointed = std::time::Instant::now();
+            assert_eq!(s.compact().unwrap(), Pass::Deferred);
+            assert_eq!(s.view.read().unwrap().layers.len(), before + 1);
+            assert!(
+                checkpointed.elapsed() < hold,
+                "the test itself was too slow"
+            );
+            // The pressure gone, merges run. (The compaction thread may merge the same run
+            // first: either way one merge lands.)
+            std::thread::sleep(hold);
             assert_eq!(s.compact().unwrap(), Pass::Done);
             assert!(s.view.read().unwrap().layers.len() < before);
         } else {
