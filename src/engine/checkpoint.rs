@@ -30,9 +30,10 @@ const RETRY_BACKOFF_MAX_MS: u64 = 30_000;
 pub fn start_thread(s: &Arc<Session>) {
     let weak = Arc::downgrade(s);
     let name = format!("ckpt-{}", s.image_id);
+    let what = format!("image {}: checkpoint thread", s.image_id);
     let h = std::thread::Builder::new()
         .name(name)
-        .spawn(move || run(weak))
+        .spawn(move || super::exit_on_panic(&what, || run(weak)))
         .expect("spawn checkpoint thread");
     *s.checkpoint_thread.lock().unwrap() = Some(h);
 }

@@ -100,9 +100,10 @@ pub enum Pass {
 /// Starts the session's compaction thread: it runs a pass whenever a checkpoint wakes it.
 pub fn start_thread(s: &Arc<Session>) {
     let weak = Arc::downgrade(s);
+    let what = format!("image {}: compaction thread", s.image_id);
     let h = std::thread::Builder::new()
         .name(format!("compact-{}", s.image_id))
-        .spawn(move || run(weak))
+        .spawn(move || super::exit_on_panic(&what, || run(weak)))
         .expect("spawn compaction thread");
     *s.compaction_thread.lock().unwrap() = Some(h);
 }
