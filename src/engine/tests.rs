@@ -637,3 +637,41 @@ fn without_uploads_the_wal_still_moves_on_to_new_segments(dir, store) {
     b.shutdown();
 }
 }
+
+/// A panic in a session's background thread stops the process (abort), rather than leaving
+/// the image served and never checkpointed again. Checked in a child process: this test
+/// binary re-run on the test below, which panics inside `exit_on_panic` when asked to.
+#[test]
+fn a_background_thread_panic_stops_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "engine::tests::exit_on_panic_child",
+            "--nocapture",
+        ])
+        .env("MVPS_TEST_PANIC_CHILD", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "child: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("survived"),
+        "the child went on after the panic"
+    );
+}
+
+/// Only does something in the child of the test above.
+#[test]
+fn exit_on_panic_child() {
+    if std::env::var_os("MVPS_TEST_PANIC_CHILD").is_none() {
+        return;
+    }
+    super::exit_on_panic("test thread", || panic!("deliberate"));
+    println!("survived");
+}
