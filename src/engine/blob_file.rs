@@ -99,7 +99,7 @@ pub struct BlobFile {
     /// `reserved` rounded up to whole blocks: the blocks `finish` writes.
     head_len: usize,
     /// Those blocks, once the buffer moved past them.
-    head: Option<Vec<u8>>,
+    head: Option<AlignedBuf>,
     /// File bytes from `buf_at` on, `buf_len` of them, not yet written. Room for the head
     /// blocks and a chunk, so the first write (which keeps the head back) is a whole chunk.
     buf: AlignedBuf,
@@ -168,7 +168,7 @@ impl BlobFile {
     }
 
     /// Logical size so far (the reserved bytes count as written).
-    pub fn size(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.buf_at + self.buf_len as u64
     }
 
@@ -229,9 +229,7 @@ impl BlobFile {
         }
         if let Some(mut blocks) = self.head.take() {
             blocks[..head.len()].copy_from_slice(head);
-            let mut aligned = AlignedBuf::zeroed(blocks.len());
-            aligned[..blocks.len()].copy_from_slice(&blocks);
-            write_at(&self.file, &mut self.direct, &aligned[..blocks.len()], 0)?;
+            write_at(&self.file, &mut self.direct, &blocks[..self.head_len], 0)?;
         }
         // Whole blocks were written: cut the padding of the last one off.
         if self.file.metadata()?.len() != len {
@@ -255,7 +253,9 @@ impl BlobFile {
         }
         let mut from = 0;
         if self.buf_at == 0 && self.head.is_none() {
-            self.head = Some(self.buf[..self.head_len].to_vec());
+            let mut blocks = AlignedBuf::zeroed(self.head_len);
+            blocks[..self.head_len].copy_from_slice(&self.buf[..self.head_len]);
+            self.head = Some(blocks);
             from = self.head_len.min(end);
         }
         let kept = self.buf_len.saturating_sub(end);
@@ -307,7 +307,7 @@ fn write_at(file: &File, direct: &mut bool, data: &[u8], at: u64) -> io::Result<
     match file.write_all_at(data, at) {
         Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
             log::debug!("direct write refused ({e}); writing through the page cache");
-            set_direct(file, false)?;
+            clear_direct(file)?;
             *direct = false;
             file.write_all_at(data, at)?;
         }
@@ -336,22 +336,15 @@ fn open(path: &Path) -> io::Result<(File, bool)> {
     Ok((File::create(path)?, false))
 }
 
+/// Turns direct I/O off for an open file (its later writes go through the page cache).
 #[cfg(target_os = "linux")]
-fn set_direct(file: &File, on: bool) -> io::Result<()> {
+fn clear_direct(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: plain fcntl calls on an open descriptor; they touch no user memory.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let flags = if on {
-            flags | libc::O_DIRECT
-        } else {
-            flags & !libc::O_DIRECT
-        };
-        if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) < 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -359,7 +352,7 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_direct(_file: &File, _on: bool) -> io::Result<()> {
+fn clear_direct(_file: &File) -> io::Result<()> {
     Ok(())
 }
 

@@ -121,11 +121,10 @@ pub fn write_layer(
     }
     let mut head = encode_header(page_size_bits, extents.len() as u64, data_pages, index_len);
     head.extend_from_slice(&entries);
-    let index_at = head.len();
     for c in &crcs {
         head.extend_from_slice(&c.to_le_bytes());
     }
-    let icrc = crc32c(&head[index_at - entries.len()..]);
+    let icrc = crc32c(&head[HEADER_SIZE as usize..]);
     head.extend_from_slice(&icrc.to_le_bytes());
     debug_assert_eq!(head.len() as u64, data_offset);
     let size = w.finish(&head)?;
