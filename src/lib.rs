@@ -12,6 +12,7 @@ pub mod base64;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod fail_stop;
 pub mod limits;
 pub mod nbd;
 pub mod s3;

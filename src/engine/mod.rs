@@ -23,17 +23,7 @@ use std::fmt;
 pub use buffer::BufferStore;
 pub use session::{Session, SessionConfig};
 
-/// Runs the body of a session's background thread (checkpoints, compaction). A panic there
-/// is a bug that would otherwise leave the image served but never checkpointed again
-/// (writes throttled for good, the WAL growing): the process stops instead, loudly, and a
-/// restart recovers from the WAL, which holds every replied write.
-pub(crate) fn exit_on_panic(thread: &str, body: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
-        log::error!("{thread}: panicked (a bug); stopping the server so a restart recovers");
-        log::logger().flush();
-        std::process::abort();
-    }
-}
+pub(crate) use crate::fail_stop::exit_on_panic;
 
 /// Errors of the engine layer; each names the image it concerns.
 #[derive(Debug)]
