@@ -28,7 +28,9 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 
 const _: () = assert!(CHUNK_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
 
-/// A zeroed heap buffer aligned to DIRECT_IO_ALIGN.
+/// A heap buffer aligned to DIRECT_IO_ALIGN. Chunk buffers come from, and go back to, a
+/// small process-wide pool (see [`POOLED_BUFFERS_MAX`]); their bytes are whatever the last
+/// user left, which is safe because a `BlobFile` writes only bytes it filled or zeroed.
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -37,11 +39,22 @@ struct AlignedBuf {
 // SAFETY: the buffer is owned memory like a Vec<u8>; nothing else aliases it.
 unsafe impl Send for AlignedBuf {}
 
+/// Chunk buffers kept for the next layer: one layer write's worth (its buffer and those in
+/// flight). Allocating them afresh cost the checkpoint thread an 8 MiB `memset` each, 12 %
+/// of its CPU in a sustained sequential write (docs/PERFORMANCE.md); at most this many, about
+/// 45 MiB, stay allocated between layers.
+pub const POOLED_BUFFERS_MAX: usize = 1 + WRITES_IN_FLIGHT_MAX;
+
+static POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
 impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len, DIRECT_IO_ALIGN).expect("aligned buffer layout")
+    }
+
     fn zeroed(len: usize) -> AlignedBuf {
         let len = len.max(1).next_multiple_of(DIRECT_IO_ALIGN);
-        let layout = std::alloc::Layout::from_size_align(len, DIRECT_IO_ALIGN)
-            .expect("aligned buffer layout");
+        let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = std::ptr::NonNull::new(ptr) else {
@@ -49,12 +62,26 @@ impl AlignedBuf {
         };
         AlignedBuf { ptr, len }
     }
+
+    /// A chunk buffer of at least `len` bytes: a pooled one if one is big enough, else a new
+    /// one. Its contents are unspecified.
+    fn chunk(len: usize) -> AlignedBuf {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        match pool.iter().position(|b| b.len >= len) {
+            Some(i) => pool.swap_remove(i),
+            None => {
+                drop(pool);
+                AlignedBuf::zeroed(len)
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` points at `len` initialized (zeroed) bytes owned by self.
+        // SAFETY: `ptr` points at `len` initialized bytes owned by self (zeroed when
+        // allocated, written only through `deref_mut` since).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -68,9 +95,19 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, DIRECT_IO_ALIGN).unwrap();
-        // SAFETY: allocated in `zeroed` with this very layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+        if self.len >= CHUNK_BYTES {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOLED_BUFFERS_MAX {
+                // The allocation moves into the pool; this value no longer owns it.
+                pool.push(AlignedBuf {
+                    ptr: self.ptr,
+                    len: self.len,
+                });
+                return;
+            }
+        }
+        // SAFETY: allocated in `zeroed` with this very layout, and owned by self alone.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }
 
@@ -151,7 +188,7 @@ impl BlobFile {
             reserved,
             head_len,
             head: None,
-            buf: AlignedBuf::zeroed(head_len + CHUNK_BYTES),
+            buf: AlignedBuf::chunk(head_len + CHUNK_BYTES),
             buf_at: 0,
             buf_len: reserved,
             jobs: Some(jobs),
@@ -253,15 +290,18 @@ impl BlobFile {
         }
         let mut from = 0;
         if self.buf_at == 0 && self.head.is_none() {
+            // Zeroed, and only what was filled copied in (a tiny blob ends inside the head
+            // blocks): the reused chunk buffer's stale bytes never reach the file.
             let mut blocks = AlignedBuf::zeroed(self.head_len);
-            blocks[..self.head_len].copy_from_slice(&self.buf[..self.head_len]);
+            let filled = self.head_len.min(end);
+            blocks[..filled].copy_from_slice(&self.buf[..filled]);
             self.head = Some(blocks);
             from = self.head_len.min(end);
         }
         let kept = self.buf_len.saturating_sub(end);
         let mut next = if self.unallocated > 0 {
             self.unallocated -= 1;
-            AlignedBuf::zeroed(self.buf.len())
+            AlignedBuf::chunk(self.buf.len())
         } else {
             match self.done.recv() {
                 Ok(r) => r?,
@@ -460,6 +500,37 @@ mod tests {
             assert_eq!(got.len(), want.len(), "case {i}: size");
             assert!(got == want, "case {i}: contents differ");
         }
+    }
+
+    /// Reused chunk buffers hold an earlier blob's bytes: none of them reach a new file (every
+    /// byte is head, data or cut-off padding), and the pool keeps at most its bound.
+    #[test]
+    fn reused_buffers_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // Poison more buffers than the pool keeps, then hand them back.
+        let poisoned: Vec<AlignedBuf> = (0..POOLED_BUFFERS_MAX + 2)
+            .map(|_| {
+                let mut b = AlignedBuf::chunk(CHUNK_BYTES + DIRECT_IO_ALIGN);
+                b.fill(0xee);
+                b
+            })
+            .collect();
+        drop(poisoned);
+        assert!(POOL.lock().unwrap().len() <= POOLED_BUFFERS_MAX);
+        for (i, (reserved, data_len)) in [(100, 10), (5000, 3), (64, CHUNK_BYTES + 5)]
+            .into_iter()
+            .enumerate()
+        {
+            let path = dir.path().join(format!("f{i}"));
+            let mut f = BlobFile::create(&path, reserved as u64, 0).unwrap();
+            let data = pattern(data_len, 7);
+            f.write_all(&data).unwrap();
+            let mut want = pattern(reserved, 1);
+            f.finish(&want).unwrap();
+            want.extend_from_slice(&data);
+            assert!(std::fs::read(&path).unwrap() == want, "case {i}");
+        }
+        assert!(POOL.lock().unwrap().len() <= POOLED_BUFFERS_MAX);
     }
 
     /// Filled in place a page at a time, as a layer is (pages of 512 bytes to 64 KiB, a head
