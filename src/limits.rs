@@ -43,6 +43,11 @@ pub const CHECKPOINT_LAYER_PAGES_MAX: u64 = 262_144;
 /// buffer store's disk use stays bounded even when writes keep overwriting a few pages.
 pub const WAL_SEGMENT_CHECKPOINT_BYTES: u64 = 256 << 20;
 
+/// Page checksums one WAL segment keeps in memory for its checkpoint (`wal::PageCrcs`): 4 MiB
+/// of them at most, covering 4 GiB of 4 KiB pages; a bigger segment's later pages are
+/// checksummed again by the checkpoint.
+pub const PAGE_CRCS_PER_SEGMENT_MAX: usize = 1 << 20;
+
 /// Handshake must complete within this long, or the connection is dropped.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
 

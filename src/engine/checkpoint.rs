@@ -12,7 +12,7 @@ use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
 use super::session::{BufVal, Session, WriterState};
-use super::wal::{self, Kind, WalFile, WalHeader};
+use super::wal::{self, Kind, PageCrcs, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
@@ -94,6 +94,9 @@ struct Snapshot {
     /// The segments the extents point into.
     segments: BTreeMap<u64, Arc<File>>,
     change_count: u64,
+    /// The page checksums of the segment sealed for this snapshot, which holds its pages
+    /// written since the last checkpoint (others are checksummed from their data).
+    page_crcs: Option<(u64, PageCrcs)>,
 }
 
 impl Session {
@@ -109,7 +112,7 @@ impl Session {
             if full {
                 let next = self.prepare_segment()?;
                 let mut w = self.writer.lock().unwrap();
-                self.rotate(&mut w, next)?;
+                self.rotate(&mut w, next)?; // (no layer to write: the checksums go)
             }
             return Ok(0);
         }
@@ -222,20 +225,23 @@ impl Session {
             }
             (v.index.iter().collect(), v.segments.clone())
         };
-        let snap = Snapshot {
+        let mut snap = Snapshot {
             extents,
             segments,
             change_count: w.change_count,
+            page_crcs: None,
         };
         if w.wal.end == wal::HEADER_SIZE {
             return Ok((Some(snap), false));
         }
-        self.rotate(&mut w, next)?;
+        let sealed = w.wal.segment();
+        snap.page_crcs = Some((sealed, self.rotate(&mut w, next)?));
         Ok((Some(snap), true))
     }
 
     /// Seals the newest segment and makes `next` (from `prepare_segment`) the newest.
-    fn rotate(&self, w: &mut WriterState, next: WalFile) -> Result<()> {
+    /// Returns the sealed segment's page checksums.
+    fn rotate(&self, w: &mut WriterState, next: WalFile) -> Result<PageCrcs> {
         assert_eq!(next.segment(), w.wal.segment() + 1, "one rotator");
         self.append_end(w, Kind::Seal, 0, 0)?;
         // The new segment joins the view before it takes an append (see `Session::flush`).
@@ -244,8 +250,7 @@ impl Session {
             .unwrap()
             .segments
             .insert(next.segment(), next.file.clone());
-        w.wal = next;
-        Ok(())
+        Ok(std::mem::replace(&mut w.wal, next).page_crcs)
     }
 
     /// Deletes the WAL segments older than anything still needed: the newest segment, the
@@ -354,7 +359,8 @@ impl Session {
             })
             .collect();
         let mut next_extent = 0;
-        self.write_and_upload(&sources, |start, n, buf, _crcs| {
+        let bits = self.page_size_bits;
+        self.write_and_upload(&sources, |start, n, buf, crcs| {
             // Extents are visited in order; find the one holding `start`.
             while group[next_extent].end() <= start {
                 next_extent += 1;
@@ -365,7 +371,18 @@ impl Session {
             let file = snap.segments.get(&seg).ok_or_else(|| {
                 std::io::Error::other(format!("WAL segment {seg} is not open (page {start})"))
             })?;
-            file.read_exact_at(buf, off)
+            file.read_exact_at(buf, off)?;
+            let known = snap.page_crcs.as_ref().filter(|(s, _)| *s == seg);
+            if let Some(found) = known.and_then(|(_, c)| c.lookup(off, n, bits)) {
+                debug_assert!(
+                    buf.chunks(1 << bits)
+                        .zip(found)
+                        .all(|(page, &crc)| super::checksum::crc32c(page) == crc),
+                    "page checksums recorded at append match the WAL's pages"
+                );
+                crcs.extend_from_slice(found);
+            }
+            Ok(())
         })
     }
 

@@ -22,7 +22,7 @@
 //! Positions: a byte in the log is named by `segment << SEGMENT_OFFSET_BITS | file offset`
 //! (see [`position`]), so one `u64` locates a page across segments.
 
-use super::checksum::{crc32c, Digest};
+use super::checksum::{crc32c, Digest, ZeroShift};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -180,6 +180,36 @@ pub fn decode_header(b: &[u8]) -> Result<WalHeader, String> {
 
 pub fn encode_record(r: &Record, payload: &[u8]) -> [u8; RECORD_HEADER_SIZE as usize] {
     debug_assert_eq!(r.payload_len as usize, payload.len());
+    let mut b = record_header(r);
+    let mut d = Digest::new();
+    d.update(&b[..RECORD_CRC_OFFSET]);
+    d.update(payload);
+    b[RECORD_CRC_OFFSET..].copy_from_slice(&d.finalize().to_le_bytes());
+    b
+}
+
+/// As [`encode_record`] for a payload of whole pages of `1 << bits` bytes whose checksums
+/// are `page_crcs`: the record's checksum is the same, combined from the pages' instead of
+/// computed over the payload again.
+fn encode_record_of_pages(
+    r: &Record,
+    page_crcs: &[u32],
+    bits: u32,
+) -> [u8; RECORD_HEADER_SIZE as usize] {
+    debug_assert_eq!(r.payload_len as usize, page_crcs.len() << bits);
+    let mut b = record_header(r);
+    let shift = ZeroShift::page(bits);
+    let crc = page_crcs
+        .iter()
+        .fold(crc32c(&b[..RECORD_CRC_OFFSET]), |crc, &page| {
+            shift.combine(crc, page)
+        });
+    b[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A record header without its checksum.
+fn record_header(r: &Record) -> [u8; RECORD_HEADER_SIZE as usize] {
     let mut b = [0u8; RECORD_HEADER_SIZE as usize];
     b[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     b[4] = r.kind as u8;
@@ -190,11 +220,47 @@ pub fn encode_record(r: &Record, payload: &[u8]) -> [u8; RECORD_HEADER_SIZE as u
     b[32..40].copy_from_slice(&r.first_page.to_le_bytes());
     b[40..48].copy_from_slice(&r.page_count.to_le_bytes());
     b[48..52].copy_from_slice(&r.payload_len.to_le_bytes());
-    let mut d = Digest::new();
-    d.update(&b[..RECORD_CRC_OFFSET]);
-    d.update(payload);
-    b[RECORD_CRC_OFFSET..].copy_from_slice(&d.finalize().to_le_bytes());
     b
+}
+
+/// The CRC-32C of each page appended to one segment, in memory, so that the checkpoint
+/// writing those pages into a layer (whose index holds a checksum per page) need not
+/// compute them again: the append computes them anyway, for the record's checksum. Only
+/// for this run of the server (recovered segments have none) and at most
+/// `PAGE_CRCS_PER_SEGMENT_MAX` pages; a page without one is checksummed by the checkpoint.
+#[derive(Debug, Default)]
+pub struct PageCrcs {
+    /// (payload offset of a record, index of its first page's checksum), in append order.
+    records: Vec<(u64, u32)>,
+    crcs: Vec<u32>,
+}
+
+impl PageCrcs {
+    /// The checksums of the `pages` pages at byte `offset` of the segment (pages of
+    /// `1 << bits` bytes, all in one record), if recorded.
+    pub fn lookup(&self, offset: u64, pages: u64, bits: u32) -> Option<&[u32]> {
+        let i = self.records.partition_point(|&(at, _)| at <= offset);
+        let (at, first) = *self.records.get(i.checked_sub(1)?)?;
+        let end = self
+            .records
+            .get(i)
+            .map_or(self.crcs.len(), |r| r.1 as usize);
+        let skip = offset - at;
+        if skip & ((1 << bits) - 1) != 0 {
+            return None;
+        }
+        let from = first as usize + usize::try_from(skip >> bits).ok()?;
+        let to = from.checked_add(usize::try_from(pages).ok()?)?;
+        (to <= end).then(|| &self.crcs[from..to])
+    }
+
+    pub fn len(&self) -> usize {
+        self.crcs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.crcs.is_empty()
+    }
 }
 
 /// Decodes a record header; the CRC is checked later, together with the payload.
@@ -272,6 +338,8 @@ pub struct WalFile {
     pub header: WalHeader,
     /// Byte offset where the next record goes.
     pub end: u64,
+    /// Checksums of the pages appended by this process.
+    pub page_crcs: PageCrcs,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -289,6 +357,7 @@ impl WalFile {
             file,
             header: header.clone(),
             end: HEADER_SIZE,
+            page_crcs: PageCrcs::default(),
         })
     }
 
@@ -303,8 +372,37 @@ impl WalFile {
 
     /// Appends one record; returns the log position of its payload.
     pub fn append(&mut self, r: &Record, payload: &[u8]) -> io::Result<u64> {
-        let hdr = encode_record(r, payload);
-        let mut slices = [IoSlice::new(&hdr), IoSlice::new(payload)];
+        let bits = self.header.page_size_bits;
+        let pages = payload.len() >> bits;
+        let by_page = r.kind == Kind::Data
+            && pages > 0
+            && payload.len() == pages << bits
+            && self.page_crcs.len() + pages <= crate::limits::PAGE_CRCS_PER_SEGMENT_MAX;
+        let known = self.page_crcs.crcs.len();
+        let hdr = if by_page {
+            let crcs = &mut self.page_crcs.crcs;
+            crcs.extend(payload.chunks_exact(1 << bits).map(crc32c));
+            encode_record_of_pages(r, &crcs[known..], bits)
+        } else {
+            encode_record(r, payload)
+        };
+        let at = self.append_encoded(&hdr, payload);
+        match &at {
+            Ok(pos) if by_page => {
+                let offset = split_position(*pos).1;
+                self.page_crcs.records.push((offset, known as u32));
+            }
+            _ => self.page_crcs.crcs.truncate(known),
+        }
+        at
+    }
+
+    fn append_encoded(
+        &mut self,
+        hdr: &[u8; RECORD_HEADER_SIZE as usize],
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        let mut slices = [IoSlice::new(hdr), IoSlice::new(payload)];
         let mut bufs: &mut [IoSlice] = &mut slices;
         let total = hdr.len() + payload.len();
         if self.end + total as u64 > SEGMENT_BYTES_MAX {
@@ -430,6 +528,7 @@ pub fn recover(segments: &[(u64, PathBuf)]) -> io::Result<(WalFile, SegmentFiles
             file,
             header,
             end: valid_end,
+            page_crcs: PageCrcs::default(),
         });
         if torn && !is_last {
             // Everything after the cut goes: it was never flushed (see above).
@@ -596,6 +695,42 @@ mod tests {
         let p = position(3, 4096);
         assert_eq!(split_position(p), (3, 4096));
         assert!(position(SEGMENT_NUMBER_MAX, SEGMENT_BYTES_MAX - 1) < u64::MAX);
+    }
+
+    /// Appended pages keep their checksums: looked up by any run of pages inside one record,
+    /// equal to the pages' own; runs across records or off the page grid have none. The
+    /// records they were combined into replay as valid (the checksum is the whole one).
+    #[test]
+    fn appended_pages_keep_their_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = segment_path(dir.path(), "w.mvps-image", 1);
+        let mut w = WalFile::create(&p, &hdr(1)).unwrap();
+        let payload: Vec<u8> = (0..3 * 512u32).map(|i| (i * 31 + 7) as u8).collect();
+        let a = w
+            .append(&data(1, 1, 1, 0, 3, FLAG_SELF_COMMIT), &payload)
+            .unwrap();
+        let zero = Record {
+            kind: Kind::Zero,
+            payload_len: 0,
+            ..data(2, 2, 2, 9, 4, FLAG_SELF_COMMIT)
+        };
+        w.append(&zero, &[]).unwrap();
+        let b = w
+            .append(&data(3, 3, 3, 5, 1, FLAG_SELF_COMMIT), &[9u8; 512])
+            .unwrap();
+        let (a, b) = (split_position(a).1, split_position(b).1);
+        let want: Vec<u32> = payload.chunks(512).map(crc32c).collect();
+        let c = &w.page_crcs;
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.lookup(a, 3, 9), Some(&want[..]));
+        assert_eq!(c.lookup(a + 512, 2, 9), Some(&want[1..]));
+        assert_eq!(c.lookup(b, 1, 9), Some(&[crc32c(&[9u8; 512])][..]));
+        assert_eq!(c.lookup(a + 512, 3, 9), None, "past the record's end");
+        assert_eq!(c.lookup(a + 100, 1, 9), None, "off the page grid");
+        assert_eq!(c.lookup(a - 56, 1, 9), None, "before any record");
+        drop(w);
+        let (_, _, r) = recover(&[(1, p)]).unwrap();
+        assert_eq!(r.committed.len(), 3, "every record's checksum holds");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! CRC-32C by carry-less multiplication: 256 bytes per step in four 512-bit accumulators
 //! (VPCLMULQDQ + AVX-512), about twice the three-lane `crc32` loop's speed on a 4 KiB page
-//! (docs/PERFORMANCE.md). Used for inputs of at least `MIN_BYTES` when the CPU has the
-//! instructions; everything here advances the raw register, like `hw_update_sse42`.
+//! (docs/PERFORMANCE.md); on CPUs with VPCLMULQDQ but no AVX-512 (AMD Zen 3, Intel Alder
+//! Lake and later client cores) the same folding over four 256-bit accumulators, 128 bytes
+//! per step. Used for inputs of at least `MIN_BYTES` when the CPU has the instructions
+//! ([`width`]); everything here advances the raw register, like `hw_update_sse42`.
 //!
 //! The math (reflected bit order, as CRC-32C and the `crc32` instruction use): a 128-bit
 //! block loaded little-endian holds the message polynomial with bit `i` as the coefficient
@@ -51,28 +53,60 @@ const fn fold_by(d: u32) -> (u64, u64) {
     )
 }
 
-/// The main loop moves each accumulator past the other three (and itself): 256 bytes.
+/// The 512-bit loop moves each accumulator past the other three (and itself): 256 bytes.
 const FOLD_2048: (u64, u64) = fold_by(2048);
 /// Joining the four accumulators (the first is 192 bytes before the last, ...).
 const FOLD_1536: (u64, u64) = fold_by(1536);
+/// The 256-bit loop's step (128 bytes), and the 512-bit join.
 const FOLD_1024: (u64, u64) = fold_by(1024);
+/// Joining the 256-bit loop's accumulators (the first is 96 bytes before the last, ...).
+const FOLD_768: (u64, u64) = fold_by(768);
 const FOLD_512: (u64, u64) = fold_by(512);
-/// Joining the four 128-bit lanes of the last accumulator.
+/// Joining the 128-bit lanes of the last accumulator.
 const FOLD_384: (u64, u64) = fold_by(384);
 const FOLD_256: (u64, u64) = fold_by(256);
 const FOLD_128: (u64, u64) = fold_by(128);
 
+/// Which folding loop this CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// Neither: the `crc32` loop does everything.
+    None,
+    /// VPCLMULQDQ on 256-bit registers (AVX2).
+    Bits256,
+    /// VPCLMULQDQ on 512-bit registers (AVX-512).
+    Bits512,
+}
+
+/// The widest folding loop the CPU has (detected once).
 #[cfg(target_arch = "x86_64")]
-pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("vpclmulqdq")
-        && std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("pclmulqdq")
-        && std::arch::is_x86_feature_detected!("sse4.2")
+pub fn width() -> Width {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static DETECTED: AtomicU8 = AtomicU8::new(u8::MAX);
+    match DETECTED.load(Ordering::Relaxed) {
+        0 => Width::None,
+        1 => Width::Bits256,
+        2 => Width::Bits512,
+        _ => {
+            let base = std::arch::is_x86_feature_detected!("vpclmulqdq")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+                && std::arch::is_x86_feature_detected!("sse4.2");
+            let w = if base && std::arch::is_x86_feature_detected!("avx512f") {
+                Width::Bits512
+            } else if base && std::arch::is_x86_feature_detected!("avx2") {
+                Width::Bits256
+            } else {
+                Width::None
+            };
+            DETECTED.store(w as u8, Ordering::Relaxed);
+            w
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub fn available() -> bool {
-    false
+pub fn width() -> Width {
+    Width::None
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -80,6 +114,13 @@ pub fn available() -> bool {
 unsafe fn lanes_512((lo, hi): (u64, u64)) -> __m512i {
     let (lo, hi) = (lo as i64, hi as i64);
     _mm512_set_epi64(hi, lo, hi, lo, hi, lo, hi, lo)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lanes_256((lo, hi): (u64, u64)) -> __m256i {
+    let (lo, hi) = (lo as i64, hi as i64);
+    _mm256_set_epi64x(hi, lo, hi, lo)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -97,6 +138,15 @@ unsafe fn fold_512(x: __m512i, k: __m512i, next: __m512i) -> __m512i {
     _mm512_ternarylogic_epi64(lo, hi, next, 0x96) // lo ^ hi ^ next
 }
 
+/// As `fold_512`, on 256-bit registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fold_256(x: __m256i, k: __m256i, next: __m256i) -> __m256i {
+    let lo = _mm256_clmulepi64_epi128(x, k, 0x00);
+    let hi = _mm256_clmulepi64_epi128(x, k, 0x11);
+    _mm256_xor_si256(_mm256_xor_si256(lo, hi), next)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn fold_128(x: __m128i, k: __m128i) -> __m128i {
@@ -106,13 +156,55 @@ unsafe fn fold_128(x: __m128i, k: __m128i) -> __m128i {
     )
 }
 
-/// Advances raw register `reg` over `data` (at least `MIN_BYTES`).
+/// Advances raw register `reg` over `data` (at least `MIN_BYTES`) with the loop `w`.
 ///
 /// # Safety
-/// The CPU must have the instructions [`available`] checks for.
+/// `w` must be at most what [`width`] returns on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn update(w: Width, reg: u32, data: &[u8]) -> u32 {
+    match w {
+        Width::Bits512 => update_512(reg, data),
+        Width::Bits256 => update_256(reg, data),
+        Width::None => super::hw_update_sse42(reg, data),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,vpclmulqdq,pclmulqdq,sse4.2")]
+unsafe fn update_256(reg: u32, data: &[u8]) -> u32 {
+    const STEP: usize = 128;
+    assert!(data.len() >= MIN_BYTES);
+    let p = data.as_ptr();
+    // SAFETY (all loads): `o + 32 <= data.len()` at every call below.
+    let load = |o: usize| _mm256_loadu_si256(p.add(o).cast());
+    let first = _mm256_zextsi128_si256(_mm_cvtsi32_si128(reg as i32));
+    let mut x0 = _mm256_xor_si256(load(0), first);
+    let mut x1 = load(32);
+    let mut x2 = load(64);
+    let mut x3 = load(96);
+    let k = lanes_256(FOLD_1024);
+    let mut off = STEP;
+    while data.len() - off >= STEP {
+        x0 = fold_256(x0, k, load(off));
+        x1 = fold_256(x1, k, load(off + 32));
+        x2 = fold_256(x2, k, load(off + 64));
+        x3 = fold_256(x3, k, load(off + 96));
+        off += STEP;
+    }
+    let x = fold_256(x0, lanes_256(FOLD_768), x3);
+    let x = fold_256(x1, lanes_256(FOLD_512), x);
+    let x = fold_256(x2, lanes_256(FOLD_256), x);
+    let l0 = fold_128(_mm256_extracti128_si256(x, 0), lanes_128(FOLD_128));
+    let last = _mm_xor_si128(l0, _mm256_extracti128_si256(x, 1));
+    let mut block = [0u8; 16];
+    _mm_storeu_si128(block.as_mut_ptr().cast(), last);
+    let reg = super::hw_update_sse42(0, &block);
+    super::hw_update_sse42(reg, &data[off..])
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,vpclmulqdq,pclmulqdq,sse4.2")]
-pub unsafe fn update(reg: u32, data: &[u8]) -> u32 {
+unsafe fn update_512(reg: u32, data: &[u8]) -> u32 {
     assert!(data.len() >= MIN_BYTES);
     let p = data.as_ptr();
     // SAFETY (all loads): `o + 64 <= data.len()` at every call below.
@@ -164,7 +256,7 @@ mod tests {
     #[test]
     fn fold_constants_preserve_the_remainder() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        for d in [128u32, 256, 384, 512, 1024, 1536, 2048] {
+        for d in [128u32, 256, 384, 512, 768, 1024, 1536, 2048] {
             let (k_lo, k_hi) = fold_by(d);
             for _ in 0..20 {
                 seed = seed

@@ -1,7 +1,8 @@
 //! CRC-32C (Castagnoli; the `crc` crate's CRC_32_ISCSI), the checksum of every persisted
 //! record. It runs on every page read and written, so on x86-64 CPUs it takes the fastest
-//! way the CPU has: carry-less multiplication over 512-bit registers (`clmul`, VPCLMULQDQ +
-//! AVX-512) for inputs of 256 bytes and more, else the `crc32` instruction (SSE4.2) in three
+//! way the CPU has: carry-less multiplication over 512-bit or 256-bit registers (`clmul`,
+//! VPCLMULQDQ + AVX-512 or AVX2) for inputs of 256 bytes and more, else the `crc32`
+//! instruction (SSE4.2) in three
 //! interleaved lanes (about 10x the table-driven speed); elsewhere the `crc` crate's
 //! slice-by-16 tables. All give identical values (tested below).
 
@@ -67,9 +68,10 @@ fn hw_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 fn hw_update(reg: u32, data: &[u8]) -> u32 {
     debug_assert!(hw_available());
-    if data.len() >= clmul::MIN_BYTES && clmul::available() {
-        // SAFETY: the instructions were detected just now (the detection is cached).
-        return unsafe { clmul::update(reg, data) };
+    if data.len() >= clmul::MIN_BYTES {
+        // SAFETY: `width` is what the CPU has (detected once, then cached); `None` runs the
+        // `crc32` loop, whose SSE4.2 Digest::Hw implies.
+        return unsafe { clmul::update(clmul::width(), reg, data) };
     }
     // SAFETY: only reached through Digest::Hw, which exists only when SSE4.2 was detected.
     unsafe { hw_update_sse42(reg, data) }
@@ -86,13 +88,20 @@ fn hw_update(_reg: u32, _data: &[u8]) -> u32 {
 /// done with the tables of [`lane_shift`]). 680 = 85 words: a 4 KiB page is two rounds.
 const LANE_BYTES: usize = 680;
 
-/// `shift(reg)` = the register after feeding `LANE_BYTES` zero bytes to `reg`. CRC is linear
-/// over GF(2), so the map is fixed by the images of the 32 single-bit registers; the tables
-/// hold it byte by byte: `shift(r) = t[0][r & 0xff] ^ t[1][r >> 8 & 0xff] ^ ...`.
-fn lane_shift() -> &'static [[u32; 256]; 4] {
-    static TABLES: std::sync::OnceLock<Box<[[u32; 256]; 4]>> = std::sync::OnceLock::new();
-    TABLES.get_or_init(|| {
-        let zeros = [0u8; LANE_BYTES];
+/// `shift(reg)` = the register after feeding `LANE_BYTES` zero bytes to `reg`.
+fn lane_shift() -> &'static ZeroShift {
+    static TABLES: std::sync::OnceLock<ZeroShift> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| ZeroShift::new(LANE_BYTES))
+}
+
+/// The map "feed `len` zero bytes to the register". CRC is linear over GF(2), so the map is
+/// fixed by the images of the 32 single-bit registers; the tables hold it byte by byte:
+/// `shift(r) = t[0][r & 0xff] ^ t[1][r >> 8 & 0xff] ^ ...`.
+pub struct ZeroShift(Box<[[u32; 256]; 4]>);
+
+impl ZeroShift {
+    fn new(len: usize) -> ZeroShift {
+        let zeros = vec![0u8; len];
         let bit_image: Vec<u32> = (0..32).map(|b| sw_update(1u32 << b, &zeros)).collect();
         let mut t = Box::new([[0u32; 256]; 4]);
         for (k, table) in t.iter_mut().enumerate() {
@@ -102,8 +111,34 @@ fn lane_shift() -> &'static [[u32; 256]; 4] {
                     .fold(0, |acc, bit| acc ^ bit_image[8 * k + bit]);
             }
         }
-        t
-    })
+        ZeroShift(t)
+    }
+
+    fn apply(&self, r: u32) -> u32 {
+        let t = &self.0;
+        t[0][(r & 0xff) as usize]
+            ^ t[1][(r >> 8 & 0xff) as usize]
+            ^ t[2][(r >> 16 & 0xff) as usize]
+            ^ t[3][(r >> 24) as usize]
+    }
+
+    /// The shift past one page of `1 << bits` bytes (9 ..= 16; built once per size).
+    pub fn page(bits: u32) -> &'static ZeroShift {
+        const SIZES: usize = 8;
+        static PAGES: [std::sync::OnceLock<ZeroShift>; SIZES] =
+            [const { std::sync::OnceLock::new() }; SIZES];
+        assert!(
+            (9..9 + SIZES as u32).contains(&bits),
+            "page size bits {bits}"
+        );
+        PAGES[(bits - 9) as usize].get_or_init(|| ZeroShift::new(1 << bits))
+    }
+
+    /// `crc32c(a ++ b)` from `crc32c(a)` and `crc32c(b)`, where `b` is the length this shift
+    /// was built for: the checksum of a record from the checksums of its pages.
+    pub fn combine(&self, crc_a: u32, crc_b: u32) -> u32 {
+        self.apply(crc_a) ^ crc_b
+    }
 }
 
 /// The raw-register update, one byte at a time (for building the shift tables only).
@@ -120,13 +155,6 @@ fn sw_update(mut reg: u32, data: &[u8]) -> u32 {
         }
     }
     reg
-}
-
-fn shift_lane(t: &[[u32; 256]; 4], r: u32) -> u32 {
-    t[0][(r & 0xff) as usize]
-        ^ t[1][(r >> 8 & 0xff) as usize]
-        ^ t[2][(r >> 16 & 0xff) as usize]
-        ^ t[3][(r >> 24) as usize]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -152,7 +180,7 @@ unsafe fn hw_update_sse42(reg: u32, data: &[u8]) -> u32 {
                 rc = _mm_crc32_u64(rc, word(z));
             }
             // Lane b continued from lane a's register = shift(a) ^ b, by linearity.
-            crc = shift_lane(t, shift_lane(t, ra as u32) ^ rb as u32) ^ rc as u32;
+            crc = t.apply(t.apply(ra as u32) ^ rb as u32) ^ rc as u32;
         }
     }
     let rest = rounds.remainder();
@@ -176,6 +204,26 @@ mod tests {
     fn bytewise_update_matches_the_crate() {
         let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
         assert_eq!(!sw_update(!0, &data), CRC32C.checksum(&data));
+    }
+
+    /// A record's checksum from its pages' checksums equals the checksum of the whole.
+    #[test]
+    fn combining_page_checksums_gives_the_whole() {
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect();
+        for bits in [9u32, 12, 16] {
+            let page = 1usize << bits;
+            let shift = ZeroShift::page(bits);
+            for (head, pages) in [(0usize, 1usize), (52, 1), (52, 3), (13, 4)] {
+                let whole = &data[..head + pages * page];
+                let mut crc = crc32c(&whole[..head]);
+                for p in whole[head..].chunks(page) {
+                    crc = shift.combine(crc, crc32c(p));
+                }
+                assert_eq!(crc, crc32c(whole), "bits {bits} head {head} pages {pages}");
+            }
+        }
     }
 
     #[test]
@@ -217,41 +265,47 @@ mod tests {
         }
     }
 
-    /// The folding loop against the tables, at every length around its block boundaries,
-    /// from unaligned starts and with a non-initial register. Runs where the CPU has
-    /// VPCLMULQDQ + AVX-512 (it says so where not); `clmul`'s own test checks the constants
-    /// on any CPU.
+    /// Each folding loop the CPU has against the tables, at every length around its block
+    /// boundaries, from unaligned starts and with a non-initial register. A CPU without
+    /// VPCLMULQDQ runs neither (it says so); `clmul`'s own test checks the constants on any
+    /// CPU.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn carry_less_folding_matches_the_tables() {
-        if !clmul::available() {
-            // Hardware this CPU lacks; the portable test of the constants still ran.
-            eprintln!("no VPCLMULQDQ/AVX-512 on this CPU: the folding loop was not run");
-            return;
-        }
+        use clmul::Width;
+        let widths: &[Width] = match clmul::width() {
+            Width::Bits512 => &[Width::Bits512, Width::Bits256],
+            Width::Bits256 => &[Width::Bits256],
+            Width::None => {
+                eprintln!("no VPCLMULQDQ on this CPU: the folding loops were not run");
+                return;
+            }
+        };
         let data: Vec<u8> = (0..70_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
             .collect();
         let mut lens: Vec<usize> = (256..1100).collect();
         lens.extend([4095, 4096, 4097, 8192, 65_536, 65_536 + 255]);
-        for len in lens {
-            for start in [0, 1, 5, 64] {
-                let d = &data[start..start + len];
-                // SAFETY: available() checked above.
-                let got = !unsafe { clmul::update(!0, d) };
-                assert_eq!(got, CRC32C.checksum(d), "len {len} start {start}");
-                if len - 13 < clmul::MIN_BYTES {
-                    continue;
+        for &w in widths {
+            for &len in &lens {
+                for start in [0, 1, 5, 64] {
+                    let d = &data[start..start + len];
+                    // SAFETY: `w` is at most `width()`, checked above.
+                    let got = !unsafe { clmul::update(w, !0, d) };
+                    assert_eq!(got, CRC32C.checksum(d), "{w:?} len {len} start {start}");
+                    if len - 13 < clmul::MIN_BYTES {
+                        continue;
+                    }
+                    // Continuing from a register: the rest after a 13-byte head.
+                    let head = sw_update(!0, &d[..13]);
+                    // SAFETY: as above.
+                    let got = !unsafe { clmul::update(w, head, &d[13..]) };
+                    assert_eq!(
+                        got,
+                        CRC32C.checksum(d),
+                        "{w:?} len {len} start {start}, continued"
+                    );
                 }
-                // Continuing from a register: the rest after a 13-byte head.
-                let head = sw_update(!0, &d[..13]);
-                // SAFETY: as above.
-                let got = !unsafe { clmul::update(head, &d[13..]) };
-                assert_eq!(
-                    got,
-                    CRC32C.checksum(d),
-                    "len {len} start {start}, continued"
-                );
             }
         }
     }
