@@ -45,6 +45,10 @@ unsafe impl Send for AlignedBuf {}
 /// 45 MiB, stay allocated between layers.
 pub const POOLED_BUFFERS_MAX: usize = 1 + WRITES_IN_FLIGHT_MAX;
 
+/// Chunk buffers are allocated in multiples of this (a layer's head, which shares the first
+/// buffer, is 4 bytes per page: up to 1 MiB for CHECKPOINT_LAYER_PAGES_MAX pages).
+const POOLED_BUFFER_GRANULE: usize = 1 << 20;
+
 static POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
 
 impl AlignedBuf {
@@ -64,14 +68,15 @@ impl AlignedBuf {
     }
 
     /// A chunk buffer of at least `len` bytes: a pooled one if one is big enough, else a new
-    /// one. Its contents are unspecified.
+    /// one, rounded up to `POOLED_BUFFER_GRANULE` so that it fits the next layers too (their
+    /// head sizes vary). Its contents are unspecified.
     fn chunk(len: usize) -> AlignedBuf {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         match pool.iter().position(|b| b.len >= len) {
             Some(i) => pool.swap_remove(i),
             None => {
                 drop(pool);
-                AlignedBuf::zeroed(len)
+                AlignedBuf::zeroed(len.next_multiple_of(POOLED_BUFFER_GRANULE))
             }
         }
     }
@@ -95,19 +100,26 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len >= CHUNK_BYTES {
+        let (mut ptr, mut len) = (self.ptr, self.len);
+        if len >= CHUNK_BYTES {
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             if pool.len() < POOLED_BUFFERS_MAX {
                 // The allocation moves into the pool; this value no longer owns it.
-                pool.push(AlignedBuf {
-                    ptr: self.ptr,
-                    len: self.len,
-                });
+                pool.push(AlignedBuf { ptr, len });
                 return;
             }
+            // Full: the pool keeps the larger of this and its smallest, the other is freed.
+            if let Some(small) = pool
+                .iter_mut()
+                .min_by_key(|b| b.len)
+                .filter(|b| b.len < len)
+            {
+                std::mem::swap(&mut small.ptr, &mut ptr);
+                std::mem::swap(&mut small.len, &mut len);
+            }
         }
-        // SAFETY: allocated in `zeroed` with this very layout, and owned by self alone.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        // SAFETY: allocated in `zeroed` with this very layout, and owned by nothing else now.
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), Self::layout(len)) }
     }
 }
 
@@ -515,6 +527,10 @@ mod tests {
                 b
             })
             .collect();
+        // New ones are sized to fit the next layers' varying heads too.
+        assert!(poisoned[POOLED_BUFFERS_MAX + 1]
+            .len
+            .is_multiple_of(POOLED_BUFFER_GRANULE));
         drop(poisoned);
         assert!(POOL.lock().unwrap().len() <= POOLED_BUFFERS_MAX);
         for (i, (reserved, data_len)) in [(100, 10), (5000, 3), (64, CHUNK_BYTES + 5)]
