@@ -422,6 +422,14 @@ goal() { # job ratio -> verdict
     tail -n +2 "$RESULTS" | while IFS=$'\t' read -r job ni nm np mi mm mp ratio lo hi where _; do
         echo "| $(describe_job "$job") | $ni | $nm | $np | $mi | $mm | $mp | **$ratio** ($lo–$hi) | $(goal "$job" "$ratio") | $where |"
     done
+    # Sustained writes must all become durable layers at the default throttle, so the disk
+    # caps them; nbdkit's stay in its page cache. Print that cap next to the measured ratio.
+    nbdkit_seq_write=$(awk -F'\t' '$1 == "seq-write" { print $3 }' "$RESULTS")
+    if [ -n "$nbdkit_seq_write" ]; then
+        echo
+        echo "seq write ceiling for a server that makes every byte durable: disk $DISK_MBS MB/s / nbdkit" \
+            "$nbdkit_seq_write MB/s = $(echo "scale=2; $DISK_MBS / $nbdkit_seq_write" | bc | sed 's/^\./0./')"
+    fi
     echo
     echo "Server-side cost per I/O over the measured window (perf stat: task-clock, context switches,"
     echo "syscalls, futex calls, fsync+fdatasync calls), nbdkit / mvps:"
