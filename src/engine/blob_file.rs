@@ -305,10 +305,9 @@ impl BlobFile {
             // Zeroed, and only what was filled copied in (a tiny blob ends inside the head
             // blocks): the reused chunk buffer's stale bytes never reach the file.
             let mut blocks = AlignedBuf::zeroed(self.head_len);
-            let filled = self.head_len.min(end);
-            blocks[..filled].copy_from_slice(&self.buf[..filled]);
-            self.head = Some(blocks);
             from = self.head_len.min(end);
+            blocks[..from].copy_from_slice(&self.buf[..from]);
+            self.head = Some(blocks);
         }
         let kept = self.buf_len.saturating_sub(end);
         let mut next = if self.unallocated > 0 {
