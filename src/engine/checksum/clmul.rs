@@ -88,12 +88,15 @@ pub fn width() -> Width {
         1 => Width::Bits256,
         2 => Width::Bits512,
         _ => {
+            // AVX2 in the base too, so that a `Bits512` CPU can also run the 256-bit loop
+            // (the safety contract of `update` is "at most `width()`").
             let base = std::arch::is_x86_feature_detected!("vpclmulqdq")
                 && std::arch::is_x86_feature_detected!("pclmulqdq")
-                && std::arch::is_x86_feature_detected!("sse4.2");
+                && std::arch::is_x86_feature_detected!("sse4.2")
+                && std::arch::is_x86_feature_detected!("avx2");
             let w = if base && std::arch::is_x86_feature_detected!("avx512f") {
                 Width::Bits512
-            } else if base && std::arch::is_x86_feature_detected!("avx2") {
+            } else if base {
                 Width::Bits256
             } else {
                 Width::None

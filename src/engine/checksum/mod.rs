@@ -2,9 +2,8 @@
 //! record. It runs on every page read and written, so on x86-64 CPUs it takes the fastest
 //! way the CPU has: carry-less multiplication over 512-bit or 256-bit registers (`clmul`,
 //! VPCLMULQDQ + AVX-512 or AVX2) for inputs of 256 bytes and more, else the `crc32`
-//! instruction (SSE4.2) in three
-//! interleaved lanes (about 10x the table-driven speed); elsewhere the `crc` crate's
-//! slice-by-16 tables. All give identical values (tested below).
+//! instruction (SSE4.2) in three interleaved lanes (about 10x the table-driven speed);
+//! elsewhere the `crc` crate's slice-by-16 tables. All give identical values (tested below).
 
 mod clmul;
 
