@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod checksum;
 pub mod compaction;
+pub mod debt;
 pub mod extent;
 pub mod layer;
 pub mod manifest;
