@@ -77,7 +77,7 @@ fn run(c: Config) -> Result<(), String> {
         wal_segment_checkpoint_bytes: mvps::limits::WAL_SEGMENT_CHECKPOINT_BYTES,
         txn_bytes_max: c.txn_bytes_max,
         txn_lock_timeout_ms: c.txn_lock_timeout_ms,
-        write_pressure_hold_ms: mvps::engine::compaction::WRITE_PRESSURE_HOLD_MS,
+        policy: mvps::engine::debt::Policy::DEFAULT,
     };
     let buffer_path = c.buffer_store_path();
     let buffer = Arc::new(BufferStore::open(&buffer_path, store.clone(), session_cfg)?);

@@ -27,15 +27,15 @@ use std::time::Duration;
 const RETRY_BACKOFF_MIN_MS: u64 = 500;
 const RETRY_BACKOFF_MAX_MS: u64 = 30_000;
 
-pub fn start_thread(s: &Arc<Session>) {
+pub fn start_thread(s: &Arc<Session>) -> std::io::Result<()> {
     let weak = Arc::downgrade(s);
     let name = format!("ckpt-{}", s.image_id);
     let what = format!("image {}: checkpoint thread", s.image_id);
     let h = std::thread::Builder::new()
         .name(name)
-        .spawn(move || super::exit_on_panic(&what, || run(weak)))
-        .expect("spawn checkpoint thread");
+        .spawn(move || super::exit_on_panic(&what, || run(weak)))?;
     *s.checkpoint_thread.lock().unwrap() = Some(h);
+    Ok(())
 }
 
 fn next_delay_ms(s: &Session, failures: u32) -> u64 {
@@ -140,9 +140,6 @@ impl Session {
         };
         let started = std::time::Instant::now();
         let pages: u64 = snap.extents.iter().map(|e| e.len).sum();
-        if self.under_write_pressure(pages) {
-            *self.pressured_at.lock().unwrap() = Some(started);
-        }
         let refs = self.upload_layers(&snap)?;
         let uploaded = started.elapsed();
         let mut opened = Vec::with_capacity(refs.len());
@@ -182,9 +179,7 @@ impl Session {
             uploaded.as_millis(),
             started.elapsed().as_millis()
         );
-        let (m, c) = &self.drained;
-        *m.lock().unwrap() += 1;
-        c.notify_all();
+        self.notify_drained();
         drop(_publishing);
         self.retire_segments()?;
         self.wake_compaction();

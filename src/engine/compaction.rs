@@ -1,16 +1,13 @@
-//! Compaction (DESIGN §7): merges runs of adjacent layers of the same size tier into one
-//! layer, so the layer count — and the cost of a read that misses the buffer — grows only
-//! logarithmically with the data written, however many checkpoints there are.
-//!
-//! Tiers: a layer with `b` bytes of page data is in tier 0 if `b < TIER_BASE_BYTES`, else in
-//! tier `1 + floor(log4(b / TIER_BASE_BYTES))`. When `FANIN` or more adjacent layers share a
-//! tier, up to `RUN_MAX` of them (the oldest of the run) are merged: newer extents shadow
-//! older ones, and zero extents (tombstones) are dropped when the run starts at the bottom
-//! layer, where nothing older remains beneath them. The merged layer replaces the run in
-//! manifest g+1 (conditional create, like a checkpoint); the old blobs become garbage for
-//! `mvps-s3-gc`.
+//! Compaction (DESIGN §7): the job that pays back write debt. After each checkpoint it asks
+//! the policy (`debt::plan`, a pure function of the layer list) for the next step and carries
+//! it out — reorders the manifest, or merges layers (newer extents shadow older ones, zero
+//! extents drop out where nothing older remains beneath them) into new layer blobs — and
+//! publishes manifest g+1 (conditional create, like a checkpoint). The old blobs become
+//! garbage for `mvps-s3-gc`. Writes are paced by the debt measured here
+//! (`Session::pace_writes`), never deferred indefinitely: compaction always runs.
 
-use super::extent::{ExtentMap, ExtentValue};
+use super::debt::{self, cut_points, Debt, Shape, Spans, Step};
+use super::extent::{Extent, ExtentMap, ExtentValue};
 use super::layer::{Layer, LayerVal, SourceExtent};
 use super::manifest::{LayerRef, Manifest};
 use super::open::{now_unix, open_layer};
@@ -20,56 +17,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Layers merged once this many adjacent ones share a size tier.
-pub const FANIN: usize = 4;
-/// Most layers merged in one step (bounds one compaction's work).
-pub const RUN_MAX: usize = 8;
-/// Size of the smallest tier's layers.
-pub const TIER_BASE_BYTES: u64 = 4 << 20;
-/// Merges per compaction pass (a pass runs after each checkpoint).
-pub const STEPS_PER_PASS_MAX: usize = 4;
-/// While writes keep the checkpoints busy, compaction waits (it competes with them for CPU
-/// and disk, and merging layers that are about to be shadowed is wasted work), unless the
-/// image has more layers than this: then read cost comes first.
-pub const LAYERS_DEFER_MAX: usize = 24;
-/// How long write pressure outlives the checkpoint that saw it. Each checkpoint empties the
-/// buffer, so "the buffer is full" alone reads false right after one, and a merge (seconds
-/// of reading and writing layers) would start in the middle of sustained writes; checkpoints
-/// under such writes follow each other well within this.
-pub const WRITE_PRESSURE_HOLD_MS: u64 = 5_000;
-
 /// Most layer extents a pass looks at, newest layers first, to find layers that newer ones
 /// cover entirely (`drop_shadowed`). The scan is in memory but runs after every checkpoint;
 /// layers of large writes have few extents, and those are the ones it finds.
 pub const SHADOW_SCAN_EXTENTS_MAX: usize = 1 << 16;
-
-const _: () = assert!(FANIN >= 2 && RUN_MAX >= FANIN);
-
-pub fn tier(l: &LayerRef, page_size_bits: u32) -> u32 {
-    let units = (l.data_pages << page_size_bits) / TIER_BASE_BYTES;
-    if units == 0 {
-        0
-    } else {
-        1 + (63 - units.leading_zeros()) / 2
-    }
-}
-
-/// The run to merge, as `[start, end)` indexes into `layers` (oldest first), if any.
-pub fn pick_run(layers: &[LayerRef], page_size_bits: u32) -> Option<(usize, usize)> {
-    let mut end = layers.len();
-    while end > 0 {
-        let t = tier(&layers[end - 1], page_size_bits);
-        let mut start = end - 1;
-        while start > 0 && tier(&layers[start - 1], page_size_bits) == t {
-            start -= 1;
-        }
-        if end - start >= FANIN {
-            return Some((start, end.min(start + RUN_MAX)));
-        }
-        end = start;
-    }
-    None
-}
+/// Most steps in one pass; the thread checks for shutdown between steps and passes.
+pub const STEPS_PER_PASS_MAX: usize = 64;
 
 /// A merged page run: from source layer `.0` (index in the run) at `.1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,27 +38,16 @@ impl ExtentValue for Src {
 const RETRY_DELAY_MS: u64 = 5_000;
 /// Longest the compaction thread sleeps without being woken by a checkpoint.
 const IDLE_WAIT_MS: u64 = 60_000;
-/// How soon a deferred compaction looks again (checkpoints also wake it).
-const DEFER_RECHECK_MS: u64 = 1_000;
-
-/// What a compaction pass did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pass {
-    /// Nothing (more) to merge, or the session stopped.
-    Done,
-    /// Merges are due but wait for write pressure to ease.
-    Deferred,
-}
 
 /// Starts the session's compaction thread: it runs a pass whenever a checkpoint wakes it.
-pub fn start_thread(s: &Arc<Session>) {
+pub fn start_thread(s: &Arc<Session>) -> std::io::Result<()> {
     let weak = Arc::downgrade(s);
     let what = format!("image {}: compaction thread", s.image_id);
     let h = std::thread::Builder::new()
         .name(format!("compact-{}", s.image_id))
-        .spawn(move || super::exit_on_panic(&what, || run(weak)))
-        .expect("spawn compaction thread");
+        .spawn(move || super::exit_on_panic(&what, || run(weak)))?;
     *s.compaction_thread.lock().unwrap() = Some(h);
+    Ok(())
 }
 
 fn run(weak: std::sync::Weak<Session>) {
@@ -129,10 +71,10 @@ fn run(weak: std::sync::Weak<Session>) {
             return;
         }
         delay = match s.compact() {
-            Ok(Pass::Done) => IDLE_WAIT_MS,
-            Ok(Pass::Deferred) => DEFER_RECHECK_MS,
+            Ok(()) => IDLE_WAIT_MS,
             Err(e) => {
                 s.compaction_failing.store(true, Ordering::Release);
+                s.notify_drained(); // writers waiting on compaction stop waiting
                 log::error!("{e} (compaction failed; will retry)");
                 RETRY_DELAY_MS
             }
@@ -145,33 +87,45 @@ fn run(weak: std::sync::Weak<Session>) {
     }
 }
 
+/// The layers of a manifest as the policy sees them, with what a step needs to carry out.
+struct Picture {
+    /// Blob ids, oldest first (the manifest's order).
+    ids: Vec<String>,
+    /// The opened layers, oldest first.
+    layers: Vec<Arc<Layer>>,
+    shapes: Vec<Shape>,
+    live_bytes: u64,
+}
+
 impl Session {
-    /// Merges layer runs until none qualifies (at most STEPS_PER_PASS_MAX merges), unless
-    /// write pressure defers them (see LAYERS_DEFER_MAX).
-    pub fn compact(&self) -> Result<Pass> {
-        // Free (no data is read or written), so not deferred by write pressure.
+    /// Runs compaction steps until the policy has none left (or the session stops). One pass
+    /// at a time: the compaction thread and a caller (tests, an idle close) may both ask.
+    pub fn compact(&self) -> Result<()> {
+        let _one_at_a_time = self.compacting.lock().unwrap();
         self.drop_shadowed()?;
         for _ in 0..STEPS_PER_PASS_MAX {
             if self.is_stopped() {
                 break;
-            }
-            if self.compaction_deferred() {
-                return Ok(Pass::Deferred);
             }
             if !self.compact_step()? {
                 break;
             }
         }
         self.compaction_failing.store(false, Ordering::Release);
-        Ok(Pass::Done)
+        Ok(())
     }
 
-    /// Some run of layers qualifies for a merge.
+    /// Some compaction step is due.
     pub fn compaction_pending(&self) -> bool {
-        let w = self.writer.lock().unwrap();
-        w.manifest
-            .as_ref()
-            .is_some_and(|m| pick_run(&m.layers, self.page_size_bits).is_some())
+        self.picture().is_some_and(|p| {
+            debt::plan(
+                &self.buffer.cfg.policy,
+                &p.shapes,
+                p.live_bytes,
+                self.page_size_bits,
+            )
+            .is_some()
+        })
     }
 
     /// The last compaction failed (the image store is failing): an idle session may close
@@ -180,104 +134,120 @@ impl Session {
         self.compaction_failing.load(Ordering::Acquire)
     }
 
-    /// Write pressure: clients are connected, and the buffer holds over a quarter of the
-    /// throttle threshold or a checkpoint moved that much within the last
-    /// `write_pressure_hold_ms`, so checkpoints are busy draining it. Merges wait then,
-    /// unless the layer count passed LAYERS_DEFER_MAX.
-    fn compaction_deferred(&self) -> bool {
-        if self.connection_count() == 0 {
-            return false;
-        }
-        let hold = Duration::from_millis(self.buffer.cfg.write_pressure_hold_ms);
-        let recent = self
-            .pressured_at
-            .lock()
-            .unwrap()
-            .is_some_and(|at| at.elapsed() < hold);
-        if !recent && !self.under_write_pressure(self.buffered_pages()) {
-            return false;
-        }
-        let layers = self.view.read().unwrap().layers.len();
-        layers <= LAYERS_DEFER_MAX
+    /// The debt of the newest manifest, as last measured.
+    pub fn debt(&self) -> Debt {
+        *self.debt.lock().unwrap()
     }
 
-    /// `pages` buffered (or just checkpointed) are over a quarter of the throttle threshold.
-    pub(super) fn under_write_pressure(&self, pages: u64) -> bool {
-        pages > self.buffer.cfg.write_throttle_threshold_pages / 4
+    /// The current layers; None before the first manifest. Also records their debt, which
+    /// paces writes.
+    fn picture(&self) -> Option<Picture> {
+        let (ids, layers) = {
+            let w = self.writer.lock().unwrap();
+            let m = w.manifest.as_ref()?;
+            let view = self.view.read().unwrap();
+            let ids: Vec<String> = m.layers.iter().map(|l| l.blob_id.clone()).collect();
+            // The view holds the same layers newest first.
+            let layers: Vec<Arc<Layer>> = view.layers.iter().rev().cloned().collect();
+            (ids, layers)
+        };
+        assert!(
+            ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id) && ids.len() == layers.len(),
+            "view and manifest list the same layers"
+        );
+        let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
+        let live_bytes = live_pages(&layers) << self.page_size_bits;
+        *self.debt.lock().unwrap() = Debt::measure(&shapes, live_bytes);
+        Some(Picture {
+            ids,
+            layers,
+            shapes,
+            live_bytes,
+        })
     }
 
-    /// One merge. Returns false when there was nothing to merge.
+    /// One step of the policy. Returns false when none was due.
     fn compact_step(&self) -> Result<bool> {
         self.check_usable()?;
-        let (run_layers, run_ids, at_bottom) = {
-            let w = self.writer.lock().unwrap();
-            let Some(m) = w.manifest.as_ref() else {
-                return Ok(false);
-            };
-            let Some((start, end)) = pick_run(&m.layers, self.page_size_bits) else {
-                return Ok(false);
-            };
-            let view = self.view.read().unwrap();
-            // The view holds the same layers newest first.
-            let n = m.layers.len();
-            let picked: Vec<Arc<Layer>> = (start..end)
-                .map(|i| view.layers[n - 1 - i].clone())
-                .collect();
-            let ids: Vec<String> = m.layers[start..end]
-                .iter()
-                .map(|l| l.blob_id.clone())
-                .collect();
-            for (l, id) in picked.iter().zip(&ids) {
-                assert_eq!(&l.blob_id, id, "view and manifest list the same layers");
-            }
-            (picked, ids, start == 0)
+        let Some(pic) = self.picture() else {
+            return Ok(false);
         };
+        let Some(step) = debt::plan(
+            &self.buffer.cfg.policy,
+            &pic.shapes,
+            pic.live_bytes,
+            self.page_size_bits,
+        ) else {
+            return Ok(false);
+        };
+        let started = std::time::Instant::now();
+        let inputs: Vec<Arc<Layer>> = step
+            .inputs()
+            .iter()
+            .map(|&i| pic.layers[i].clone())
+            .collect();
         // The slow part, with no lock held: checkpoints go on meanwhile.
-        let merged_ref = self.merge(&run_layers, at_bottom)?;
-        let opened = match &merged_ref {
-            Some(r) => Some(Arc::new(open_layer(
+        let refs = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            self.merge(&inputs, &step)?
+        };
+        let mut opened = Vec::with_capacity(refs.len());
+        for r in &refs {
+            opened.push(Arc::new(open_layer(
                 &self.buffer,
                 &self.image_id,
                 &r.blob_id,
-            )?)),
-            None => None,
-        };
+            )?));
+        }
         let _publishing = self.manifest_lock.lock().unwrap();
         let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
             return Ok(false);
         };
-        // Checkpoints only append layers, so the run is still where it was; check anyway.
-        let Some(start) = base.layers.iter().position(|l| l.blob_id == run_ids[0]) else {
-            return Ok(false);
-        };
-        let end = start + run_ids.len();
-        if base
-            .layers
-            .get(start..end)
-            .is_none_or(|r| r.iter().zip(&run_ids).any(|(a, b)| &a.blob_id != b))
-        {
-            return Ok(false);
-        }
+        // Only checkpoints changed the manifest since the picture (compaction runs one pass
+        // at a time), and they only append layers.
+        let unchanged = base.layers.len() >= pic.ids.len()
+            && base
+                .layers
+                .iter()
+                .zip(&pic.ids)
+                .all(|(l, id)| &l.blob_id == id);
+        assert!(
+            unchanged,
+            "image {}: manifest changed under compaction",
+            self.image_id
+        );
         let mut next = base.clone();
         next.generation += 1;
         next.created_at_unix = now_unix();
-        let tail = next.layers.split_off(end);
-        next.layers.truncate(start);
-        next.layers.extend(merged_ref.iter().cloned());
-        next.layers.extend(tail);
+        next.layers = step.apply(&base.layers, refs.clone());
         self.publish(&next)?;
         self.install_compacted(&base, &next, opened);
+        let what = match &step {
+            Step::Sink { .. } => "moved layers disjoint from all older ones into the base".into(),
+            Step::IntoBase { inputs, .. } => {
+                format!(
+                    "merged {} layers into {} base layer(s)",
+                    inputs.len(),
+                    refs.len()
+                )
+            }
+            Step::Deltas { start, end } => format!("merged {} deltas", end - start),
+            Step::Coalesce { inputs } => format!("coalesced {} base layers", inputs.len()),
+        };
+        let written: u64 = refs.iter().map(|r| r.size_bytes).sum();
         log::info!(
-            "image {}: compaction: merged {} layers into {}, manifest generation {}",
+            "image {}: compaction: {what} ({} MiB written in {} ms), manifest generation {}, \
+             {} layers",
             self.image_id,
-            end - start,
-            if merged_ref.is_some() {
-                "1"
-            } else {
-                "none (all tombstones)"
-            },
-            next.generation
+            written >> 20,
+            started.elapsed().as_millis(),
+            next.generation,
+            next.layers.len()
         );
+        drop(_publishing);
+        self.picture(); // the new debt, for writers
+        self.notify_drained();
         Ok(true)
     }
 
@@ -324,7 +294,7 @@ impl Session {
         next.created_at_unix = now_unix();
         next.layers.retain(|l| !gone.contains(l.blob_id.as_str()));
         self.publish(&next)?;
-        self.install_compacted(&base, &next, None);
+        self.install_compacted(&base, &next, Vec::new());
         log::info!(
             "image {}: compaction: dropped {} layer(s) that newer layers cover, manifest \
              generation {}",
@@ -335,21 +305,38 @@ impl Session {
         Ok(gone.len())
     }
 
-    /// Writes the merge of `run` (oldest first) as one layer; None if nothing remains.
-    fn merge(&self, run: &[Arc<Layer>], at_bottom: bool) -> Result<Option<LayerRef>> {
+    /// Writes the merge of `run` (oldest first) as layers cut where `step` says; none if
+    /// nothing remains.
+    fn merge(&self, run: &[Arc<Layer>], step: &Step) -> Result<Vec<LayerRef>> {
         let mut map: ExtentMap<Src> = ExtentMap::new();
         for (i, layer) in run.iter().enumerate() {
             for e in layer.index.iter() {
                 map.insert(e.start, e.len, Src(i, e.value));
             }
         }
-        if at_bottom {
+        if step.at_bottom() {
             map.retain(|v| v.1 != LayerVal::Zero);
         }
-        if map.is_empty() {
-            return Ok(None);
+        let extents: Vec<Extent<Src>> = map.iter().collect();
+        drop(map);
+        let max_data_pages = match step {
+            Step::Deltas { .. } => u64::MAX,
+            _ => (self.buffer.cfg.policy.base_partition_bytes >> self.page_size_bits).max(1),
+        };
+        let outline: Vec<(u64, u64, bool)> = extents
+            .iter()
+            .map(|e| (e.start, e.len, e.value.1 != LayerVal::Zero))
+            .collect();
+        let cuts = cut_points(&outline, step.fences(), max_data_pages);
+        let mut refs = Vec::with_capacity(cuts.len() + 1);
+        for group in split_at(extents, &cuts) {
+            refs.push(self.write_merged(run, &group)?);
         }
-        let extents: Vec<_> = map.iter().collect();
+        Ok(refs)
+    }
+
+    /// Writes one merged layer from `extents` (in page order) of the layers `run`.
+    fn write_merged(&self, run: &[Arc<Layer>], extents: &[Extent<Src>]) -> Result<LayerRef> {
         let sources: Vec<SourceExtent> = extents
             .iter()
             .map(|e| match e.value.1 {
@@ -365,7 +352,7 @@ impl Session {
             .collect();
         let mut next = 0;
         // Pages are copied after their checksums are verified, so those checksums carry over.
-        let r = self.write_and_upload(&sources, |start, _n, buf, crcs| {
+        self.write_and_upload(&sources, |start, _n, buf, crcs| {
             while extents[next].end() <= start {
                 next += 1;
             }
@@ -376,12 +363,11 @@ impl Session {
             run[i]
                 .read_data_with_crcs(page, buf, crcs)
                 .map_err(std::io::Error::other)
-        })?;
-        Ok(Some(r))
+        })
     }
 
     /// Swaps the merged run for the new layer in the read view and records the manifest.
-    fn install_compacted(&self, base: &Manifest, next: &Manifest, merged: Option<Arc<Layer>>) {
+    fn install_compacted(&self, base: &Manifest, next: &Manifest, merged: Vec<Arc<Layer>>) {
         let mut w = self.writer.lock().unwrap();
         let mut view = self.view.write().unwrap();
         let mut by_id: std::collections::HashMap<String, Arc<Layer>> = view
@@ -389,7 +375,7 @@ impl Session {
             .iter()
             .map(|l| (l.blob_id.clone(), l.clone()))
             .collect();
-        if let Some(m) = merged {
+        for m in merged {
             by_id.insert(m.blob_id.clone(), m);
         }
         debug_assert_eq!(
@@ -409,98 +395,145 @@ impl Session {
 /// Indexes (into `layers`, newest first) of the layers whose every page a newer layer maps,
 /// looking at no more than `budget` extents (older layers past it are not checked).
 fn shadowed_layers(layers: &[Arc<Layer>], mut budget: usize) -> Vec<usize> {
-    // The pages mapped by the layers seen so far, as disjoint, non-adjacent ranges
-    // (start → end).
-    let mut cover: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
-    let covered = |cover: &std::collections::BTreeMap<u64, u64>, start: u64, end: u64| {
-        cover
-            .range(..=start)
-            .next_back()
-            .is_some_and(|(_, &e)| e >= end)
-    };
+    // The pages mapped by the layers seen so far.
+    let mut cover = Spans::default();
     let mut out = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         if layer.index.len() > budget {
             break;
         }
         budget -= layer.index.len();
-        if i > 0
-            && layer
-                .index
-                .iter()
-                .all(|e| covered(&cover, e.start, e.end()))
-        {
+        if i > 0 && layer.index.iter().all(|e| cover.covers(e.start, e.end())) {
             out.push(i);
             continue;
         }
         for e in layer.index.iter() {
-            add_range(&mut cover, e.start, e.end());
+            cover.add(e.start, e.end());
         }
     }
     out
 }
 
-/// Adds `[start, end)` to a set of disjoint, non-adjacent ranges, merging what it touches.
-fn add_range(cover: &mut std::collections::BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
-    if let Some((&s, &e)) = cover.range(..=start).next_back() {
-        if e >= start {
-            start = s;
-            end = end.max(e);
-            cover.remove(&s);
+/// The policy's view of a layer.
+fn shape(l: &Layer) -> Shape {
+    let (first, end) = l.index.span();
+    Shape {
+        first,
+        end,
+        data_pages: l.data_pages(),
+        bytes: l.size_bytes(),
+    }
+}
+
+/// Distinct pages whose newest mapping in `layers` (oldest first) is data.
+pub fn live_pages(layers: &[Arc<Layer>]) -> u64 {
+    let mut seen = Spans::default();
+    let mut live = 0;
+    for l in layers.iter().rev() {
+        for e in l.index.iter() {
+            if e.value != LayerVal::Zero {
+                live += seen
+                    .missing(e.start, e.end())
+                    .iter()
+                    .map(|(s, e)| e - s)
+                    .sum::<u64>();
+            }
+            seen.add(e.start, e.end());
         }
     }
-    let inside: Vec<(u64, u64)> = cover.range(start..=end).map(|(&s, &e)| (s, e)).collect();
-    for (s, e) in inside {
-        end = end.max(e);
-        cover.remove(&s);
+    live
+}
+
+/// `extents` (in page order) in groups that begin at each of `cuts` (sorted), splitting an
+/// extent that a cut falls inside. Empty groups are left out.
+fn split_at<V: ExtentValue>(extents: Vec<Extent<V>>, cuts: &[u64]) -> Vec<Vec<Extent<V>>> {
+    let mut groups: Vec<Vec<Extent<V>>> = vec![Vec::new()];
+    let mut cut = cuts.iter().peekable();
+    for mut e in extents {
+        while let Some(&&c) = cut.peek() {
+            if c >= e.end() {
+                break;
+            }
+            if c > e.start {
+                let head = c - e.start;
+                groups.last_mut().unwrap().push(Extent {
+                    start: e.start,
+                    len: head,
+                    value: e.value.clone(),
+                });
+                e = Extent {
+                    start: c,
+                    len: e.len - head,
+                    value: e.value.advance(head),
+                };
+            }
+            groups.push(Vec::new());
+            cut.next();
+        }
+        groups.last_mut().unwrap().push(e);
     }
-    cover.insert(start, end);
+    groups.retain(|g| !g.is_empty());
+    groups
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn ranges_merge_when_they_touch_or_overlap() {
-        let mut c = std::collections::BTreeMap::new();
-        add_range(&mut c, 10, 20);
-        add_range(&mut c, 30, 40);
-        assert_eq!(c.len(), 2);
-        add_range(&mut c, 20, 25); // touches the first
-        assert_eq!(c.get(&10), Some(&25));
-        add_range(&mut c, 5, 35); // swallows both
-        assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![(5, 40)]);
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct At(u64);
+    impl ExtentValue for At {
+        fn advance(&self, pages: u64) -> Self {
+            At(self.0 + pages)
+        }
     }
 
-    fn l(pages: u64) -> LayerRef {
-        LayerRef {
-            blob_id: String::new(),
-            size_bytes: 0,
-            data_pages: pages,
+    fn ex(start: u64, len: u64, at: u64) -> Extent<At> {
+        Extent {
+            start,
+            len,
+            value: At(at),
         }
     }
 
     #[test]
-    fn tiers() {
-        assert_eq!(tier(&l(1), 12), 0);
-        assert_eq!(tier(&l(1024), 12), 1); // 4 MiB
-        assert_eq!(tier(&l(4 * 1024), 12), 2); // 16 MiB
-        assert_eq!(tier(&l(4 * 1024 - 1), 12), 1);
+    fn groups_begin_at_cuts_and_split_extents_they_fall_in() {
+        let extents = vec![ex(0, 10, 100), ex(20, 5, 200)];
+        assert_eq!(split_at(extents.clone(), &[]), vec![extents.clone()]);
+        assert_eq!(
+            split_at(extents.clone(), &[4, 20, 22]),
+            vec![
+                vec![ex(0, 4, 100)],
+                vec![ex(4, 6, 104)],
+                vec![ex(20, 2, 200)],
+                vec![ex(22, 3, 202)]
+            ]
+        );
+        // A cut in a gap starts the next group at the next extent.
+        assert_eq!(
+            split_at(extents, &[15]),
+            vec![vec![ex(0, 10, 100)], vec![ex(20, 5, 200)]]
+        );
     }
 
     #[test]
-    fn picks_the_oldest_part_of_a_long_enough_run() {
+    fn tiers() {
+        let l = |pages| Shape {
+            first: 0,
+            end: pages,
+            data_pages: pages,
+            bytes: 0,
+        };
+        let tier = |s: &Shape| debt::tier(s, 12, debt::TIER_BASE_BYTES);
+        assert_eq!(tier(&l(1)), 0);
+        assert_eq!(tier(&l(1024)), 1); // 4 MiB
+        assert_eq!(tier(&l(4 * 1024)), 2); // 16 MiB
+        assert_eq!(tier(&l(4 * 1024 - 1)), 1);
         let big = 16 * 1024;
-        assert_eq!(pick_run(&[l(1), l(1), l(1)], 12), None);
-        assert_eq!(
-            pick_run(&[l(big), l(1), l(1), l(1), l(1)], 12),
-            Some((1, 5))
-        );
-        assert_eq!(pick_run(&vec![l(1); 10], 12), Some((0, 8)));
-        assert_eq!(
-            pick_run(&[l(1), l(1), l(1), l(1), l(big)], 12),
-            Some((0, 4))
-        );
+        let pick = |ls: &[Shape]| debt::pick_tier_run(ls, tier);
+        assert_eq!(pick(&[l(1), l(1), l(1)]), None);
+        assert_eq!(pick(&[l(big), l(1), l(1), l(1), l(1)]), Some((1, 5)));
+        assert_eq!(pick(&vec![l(1); 10]), Some((0, 8)));
+        assert_eq!(pick(&[l(1), l(1), l(1), l(1), l(big)]), Some((0, 4)));
     }
 }

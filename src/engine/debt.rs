@@ -76,6 +76,10 @@ pub struct Policy {
     pub base_partition_bytes: u64,
     pub base_layers_coalesce: usize,
     pub tier_base_bytes: u64,
+    pub read_depth_slowdown: usize,
+    pub read_depth_stop: usize,
+    pub stored_per_live_slowdown: u64,
+    pub stored_per_live_stop: u64,
 }
 
 impl Policy {
@@ -87,7 +91,27 @@ impl Policy {
         base_partition_bytes: BASE_PARTITION_BYTES,
         base_layers_coalesce: BASE_LAYERS_COALESCE,
         tier_base_bytes: TIER_BASE_BYTES,
+        read_depth_slowdown: READ_DEPTH_SLOWDOWN,
+        read_depth_stop: READ_DEPTH_STOP,
+        stored_per_live_slowdown: STORED_PER_LIVE_SLOWDOWN,
+        stored_per_live_stop: STORED_PER_LIVE_STOP,
     };
+
+    /// How writes should be paced at debt `d`.
+    pub fn pace(&self, d: &Debt) -> Pace {
+        if d.read_depth > self.read_depth_stop || self.stored_past(d, self.stored_per_live_stop) {
+            return Pace::Stop;
+        }
+        if d.read_depth > self.read_depth_slowdown
+            || self.stored_past(d, self.stored_per_live_slowdown)
+        {
+            // Steeper as the stop comes closer: 1..=10 steps.
+            let over = d.read_depth.saturating_sub(self.read_depth_slowdown) * 10
+                / (self.read_depth_stop - self.read_depth_slowdown).max(1);
+            return Pace::Slow(over.clamp(1, 10) as u32);
+        }
+        Pace::Free
+    }
 
     /// Stored bytes are past `ratio` × live bytes + slack.
     pub fn stored_past(&self, d: &Debt, ratio: u64) -> bool {
@@ -247,21 +271,6 @@ impl Debt {
             stored_bytes: layers.iter().map(|l| l.bytes).sum(),
             live_bytes,
         }
-    }
-
-    /// How writes should be paced.
-    pub fn pace(&self) -> Pace {
-        let p = Policy::DEFAULT;
-        if self.read_depth > READ_DEPTH_STOP || p.stored_past(self, STORED_PER_LIVE_STOP) {
-            return Pace::Stop;
-        }
-        if self.read_depth > READ_DEPTH_SLOWDOWN || p.stored_past(self, STORED_PER_LIVE_SLOWDOWN) {
-            // Steeper as the stop comes closer: 1..=10 steps.
-            let over = (self.read_depth.saturating_sub(READ_DEPTH_SLOWDOWN)) * 10
-                / (READ_DEPTH_STOP - READ_DEPTH_SLOWDOWN);
-            return Pace::Slow(over.clamp(1, 10) as u32);
-        }
-        Pace::Free
     }
 
     /// Why writes are paced, for the log.

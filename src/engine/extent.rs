@@ -117,6 +117,14 @@ impl<V: ExtentValue> ExtentMap<V> {
         out
     }
 
+    /// `[first page mapped, last page mapped + 1)`, or `(0, 0)` when empty.
+    pub fn span(&self) -> (u64, u64) {
+        match (self.map.first_key_value(), self.map.last_key_value()) {
+            (Some((&first, _)), Some((&last, (len, _)))) => (first, last + len),
+            _ => (0, 0),
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = Extent<V>> + '_ {
         self.map.iter().map(|(&start, (len, v))| Extent {
             start,

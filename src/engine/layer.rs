@@ -238,6 +238,16 @@ impl Layer {
         })
     }
 
+    /// Data pages the layer holds.
+    pub fn data_pages(&self) -> u64 {
+        self.crcs.len() as u64
+    }
+
+    /// Size of the blob.
+    pub fn size_bytes(&self) -> u64 {
+        self.reader.size_bytes()
+    }
+
     pub fn lookup(&self, start: u64, len: u64) -> Vec<Extent<LayerVal>> {
         self.index.lookup(start, len)
     }

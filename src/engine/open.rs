@@ -110,8 +110,17 @@ impl Session {
         };
         let s = Arc::new(Session::new(buffer, image_id, page_size_bits, writer, view));
         s.attach(); // the opener's connection (see BufferStore::attach)
-        checkpoint::start_thread(&s);
-        super::compaction::start_thread(&s);
+                    // No thread, no session: this connection gets the error, the server goes on.
+        let started =
+            checkpoint::start_thread(&s).and_then(|()| super::compaction::start_thread(&s));
+        if let Err(source) = started {
+            s.shutdown(); // stops the thread that did start
+            return Err(Error::Io {
+                image,
+                op: "start the checkpoint and compaction threads",
+                source,
+            });
+        }
         Ok(s)
     }
 }

@@ -17,7 +17,7 @@ use super::{Error, Result};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -34,9 +34,8 @@ pub struct SessionConfig {
     pub txn_bytes_max: u64,
     /// How long a LOCK_TXN holder may block other writers.
     pub txn_lock_timeout_ms: u64,
-    /// Compaction keeps waiting this long after the last checkpoint that found the buffer
-    /// under write pressure (`compaction::WRITE_PRESSURE_HOLD_MS` by default).
-    pub write_pressure_hold_ms: u64,
+    /// The compaction policy (`debt::Policy::DEFAULT`; tests scale it down).
+    pub policy: super::debt::Policy,
 }
 
 /// Longest a single write waits for a checkpoint to drain an over-full buffer. Writes are
@@ -44,6 +43,10 @@ pub struct SessionConfig {
 pub const THROTTLE_WAIT_MAX_MS: u64 = 1_000;
 /// Throttle delay per 10% the buffer is over its threshold.
 pub const THROTTLE_DELAY_STEP_MS: u64 = 10;
+/// Delay per write per step of compaction-debt slowdown (`debt::Pace::Slow`, 1..=10 steps).
+pub const PACE_STEP_US: u64 = 100;
+/// How often a write stalled on compaction debt looks again (compaction steps also wake it).
+const PACE_RECHECK_MS: u64 = 100;
 
 /// Where a buffered page lives: at log position `pos` in the WAL (`wal::position`: segment
 /// and byte offset), or zeros.
@@ -143,9 +146,12 @@ pub struct Session {
     pub(super) compaction_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The last compaction attempt failed.
     pub(super) compaction_failing: AtomicBool,
-    /// When a checkpoint last moved more than a quarter of the throttle threshold: write
-    /// pressure, which outlives the emptied buffer (see `compaction_deferred`).
-    pub(super) pressured_at: Mutex<Option<Instant>>,
+    /// Held for a whole compaction pass: one at a time plans and publishes merges.
+    pub(super) compacting: Mutex<()>,
+    /// The debt of the newest manifest, as the compaction thread last measured it.
+    pub(super) debt: Mutex<super::debt::Debt>,
+    /// How writes are paced now (a `Pace` level), so that a stall is logged once.
+    pace_level: AtomicU8,
     /// Signalled when the image write lock (LOCK_TXN) is released; used with `writer`.
     pub(super) lock_cv: Condvar,
 }
@@ -187,7 +193,9 @@ impl Session {
             compact_wake: (Mutex::new(false), Condvar::new()),
             compaction_thread: Mutex::new(None),
             compaction_failing: AtomicBool::new(false),
-            pressured_at: Mutex::new(None),
+            compacting: Mutex::new(()),
+            debt: Mutex::new(super::debt::Debt::default()),
+            pace_level: AtomicU8::new(0),
         }
     }
 
@@ -667,11 +675,18 @@ impl Session {
         self.append_end(w, Kind::Commit, txn_id, change)
     }
 
+    /// Paces a write (outside a transaction) by the two kinds of write debt: an over-full
+    /// buffer (checkpoints behind) and layers past the compaction policy's slowdown or stop
+    /// thresholds (compaction behind). Writes are delayed, never failed.
+    fn throttle(&self) {
+        self.throttle_buffer();
+        self.pace_writes();
+    }
+
     /// Slows writers while the buffer is over its threshold and uploads can drain it. The
     /// delay grows with the overshoot (THROTTLE_DELAY_STEP_MS per 10% over, at most
-    /// THROTTLE_WAIT_MAX_MS) and ends early when a checkpoint drains the buffer: writes slow
-    /// down, they never fail.
-    fn throttle(&self) {
+    /// THROTTLE_WAIT_MAX_MS) and ends early when a checkpoint drains the buffer.
+    fn throttle_buffer(&self) {
         let cfg = &self.buffer.cfg;
         let limit = cfg.write_throttle_threshold_pages;
         let pages = self.buffered_pages();
@@ -691,6 +706,66 @@ impl Session {
             }
             g = c.wait_timeout(g, deadline - now).unwrap().0;
         }
+    }
+
+    /// Compaction debt (`debt::Debt::pace`): past the slowdown threshold each write waits
+    /// PACE_STEP_US per step, past the stop threshold until compaction brings the debt back
+    /// under it (unless compaction is failing: an unreachable store must not hang writers,
+    /// who then get the longest slowdown). Each change of pace is logged once, with its cause.
+    fn pace_writes(&self) {
+        use super::debt::Pace;
+        let policy = &self.buffer.cfg.policy;
+        let debt = self.debt();
+        let pace = policy.pace(&debt);
+        let level = match pace {
+            Pace::Free => 0,
+            Pace::Slow(_) => 1,
+            Pace::Stop => 2,
+        };
+        let before = self.pace_level.swap(level, Ordering::AcqRel);
+        if level > before {
+            let what = if level == 2 { "stalled" } else { "slowed down" };
+            log::warn!(
+                "image {}: writes {what} until compaction catches up: {}",
+                self.image_id,
+                debt.cause()
+            );
+        } else if level == 0 && before > 0 {
+            log::info!(
+                "image {}: compaction caught up, writes no longer paced: {}",
+                self.image_id,
+                debt.cause()
+            );
+        }
+        match pace {
+            Pace::Free => {}
+            Pace::Slow(steps) => {
+                std::thread::sleep(Duration::from_micros(PACE_STEP_US * u64::from(steps)))
+            }
+            Pace::Stop => {
+                self.wake_compaction();
+                let (m, c) = &self.drained;
+                let mut g = m.lock().unwrap();
+                while policy.pace(&self.debt()) == Pace::Stop && !self.is_stopped() {
+                    if self.compaction_failing() {
+                        drop(g);
+                        std::thread::sleep(Duration::from_micros(PACE_STEP_US * 10));
+                        return;
+                    }
+                    g = c
+                        .wait_timeout(g, Duration::from_millis(PACE_RECHECK_MS))
+                        .unwrap()
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Wakes writers waiting for a checkpoint or a compaction step.
+    pub(super) fn notify_drained(&self) {
+        let (m, c) = &self.drained;
+        *m.lock().unwrap() += 1;
+        c.notify_all();
     }
 
     // ---------------------------------------------------------------- durability

@@ -31,7 +31,7 @@ pub(crate) fn cfg() -> SessionConfig {
         wal_segment_checkpoint_bytes: 1 << 20,
         txn_bytes_max: 64 << 20,
         txn_lock_timeout_ms: 500,
-        write_pressure_hold_ms: super::compaction::WRITE_PRESSURE_HOLD_MS,
+        policy: super::debt::Policy::DEFAULT,
     }
 }
 
@@ -458,7 +458,15 @@ on_both_stores! {
 /// A layer whose every page newer layers cover leaves the manifest without being merged; one
 /// that still shows a single page stays; the image reads the same before and after.
 fn layers_that_newer_ones_cover_are_dropped(dir, store) {
-    let (b, s) = open(dir, store.clone(), 9);
+    // A policy that never merges, so that only dropping can lower the count.
+    let policy = crate::engine::debt::Policy {
+        deltas_max: 100,
+        base_merge_ratio: 1000,
+        ..crate::engine::debt::Policy::DEFAULT
+    };
+    let cfg = SessionConfig { policy, ..cfg() };
+    let b = Arc::new(BufferStore::open(&dir.join("buffer"), store.clone(), cfg).unwrap());
+    let s = b.attach("model.mvps-image", 9).unwrap();
     let mut model = vec![0u8; 64 << 9];
     let mut put = |s: &Session, first: usize, pages: usize, v: u8| {
         let data = vec![v; pages << 9];
@@ -536,69 +544,76 @@ fn checkpoints_concurrent_with_writes(dir, store) {
 }
 }
 
-/// An image whose manifest lists `n` one-page layers (page `i` of layer `i` holds `i + 1`),
-/// written straight into `store`, owned by nobody yet.
-fn image_of_small_layers(dir: &Path, store: &dyn ImageStore, n: u64) {
-    let layers: Vec<(u64, u64)> = (0..n).map(|i| (i, 1)).collect();
-    super::testing::write_image(store, dir, "model.mvps-image", 9, &layers, |p| p as u8 + 1);
-}
-
-/// Merges wait while a connected client keeps the buffer over a quarter of the throttle
-/// threshold, until the image has more than LAYERS_DEFER_MAX layers. The pressure outlives
-/// the checkpoint that drains the buffer by `write_pressure_hold_ms` (under sustained writes
-/// the next checkpoint comes sooner); after that merges run. No page reads differently
-/// either way.
-#[test]
-fn compaction_waits_for_write_pressure_unless_layers_pile_up() {
-    use super::compaction::{Pass, LAYERS_DEFER_MAX};
-    for (layers, deferred) in [(6u64, true), (LAYERS_DEFER_MAX as u64 + 2, false)] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = local(dir.path());
-        image_of_small_layers(dir.path(), store.as_ref(), layers);
-        let hold = std::time::Duration::from_millis(300);
-        let cfg = SessionConfig {
-            write_throttle_threshold_pages: 8,
-            write_pressure_hold_ms: hold.as_millis() as u64,
-            ..cfg()
-        };
-        let b = Arc::new(BufferStore::open(&dir.path().join("buffer"), store, cfg).unwrap());
-        let s = b.attach("model.mvps-image", 9).unwrap();
-        // Three buffered pages: over 8 / 4.
-        s.write(None, 1000 << 9, &[9u8; 3 << 9]).unwrap();
-        let before = s.view.read().unwrap().layers.len();
-        assert_eq!(before as u64, layers);
-        let pass = s.compact().unwrap();
-        let after = s.view.read().unwrap().layers.len();
-        if deferred {
-            assert_eq!((pass, after), (Pass::Deferred, before));
-            // Checkpointed, the buffer is empty, but the checkpoint just moved 3 pages: the
-            // pressure holds, and neither this pass nor the compaction thread (woken by the
-            // checkpoint) merges.
-            s.checkpoint().unwrap();
-            assert_eq!(s.buffered_pages(), 0);
-            let checkpointed = std::time::Instant::now();
-            assert_eq!(s.compact().unwrap(), Pass::Deferred);
-            assert_eq!(s.view.read().unwrap().layers.len(), before + 1);
-            assert!(
-                checkpointed.elapsed() < hold,
-                "the test itself was too slow"
-            );
-            // The pressure gone, merges run. (The compaction thread may merge the same run
-            // first: either way one merge lands.)
-            std::thread::sleep(hold);
-            assert_eq!(s.compact().unwrap(), Pass::Done);
-            assert!(s.view.read().unwrap().layers.len() < before);
-        } else {
-            // Merges run until the count is back within the bound, then wait again.
-            assert!(after <= LAYERS_DEFER_MAX, "{after} layers, {pass:?}");
+on_both_stores! {
+/// The compaction policy carried out by the engine, scaled down (partitions of 64 pages, at
+/// most 4 deltas): after random writes, sequential runs and trims, each checkpointed and
+/// followed by a compaction pass, the debt is within the policy's limits, and the image
+/// reads as the model says — also after a restart from the layers alone.
+fn compaction_keeps_debt_within_limits(dir, store) {
+    use crate::engine::debt::{Policy, Shape};
+    let policy = Policy {
+        deltas_max: 4,
+        stored_per_live_max: 2,
+        stored_slack_bytes: 16 << 9,
+        base_partition_bytes: 64 << 9,
+        base_layers_coalesce: 4,
+        tier_base_bytes: 4 << 9,
+        ..Policy::DEFAULT
+    };
+    let cfg = SessionConfig { policy, ..cfg() };
+    let b = Arc::new(BufferStore::open(&dir.join("buffer"), store.clone(), cfg).unwrap());
+    let s = b.attach("model.mvps-image", 9).unwrap();
+    let pages = 512u64;
+    let mut model = vec![0u8; (pages << 9) as usize];
+    let mut rng = Rng(7);
+    let mut saw_merge = false;
+    for round in 0..40u64 {
+        let v = (round % 250) as u8 + 1;
+        match rng.below(5) {
+            0 | 1 => {
+                for _ in 0..1 + rng.below(40) {
+                    let p = rng.below(pages);
+                    s.write(None, p << 9, &[v; 512]).unwrap();
+                    model[(p << 9) as usize..((p + 1) << 9) as usize].fill(v);
+                }
+            }
+            2 | 3 => {
+                let p = rng.below(pages);
+                let n = (1 + rng.below(150)).min(pages - p);
+                s.write(None, p << 9, &vec![v; (n << 9) as usize]).unwrap();
+                model[(p << 9) as usize..((p + n) << 9) as usize].fill(v);
+            }
+            _ => {
+                let p = rng.below(pages);
+                let n = (1 + rng.below(60)).min(pages - p);
+                s.write_zeroes(None, p << 9, n << 9, false).unwrap();
+                model[(p << 9) as usize..((p + n) << 9) as usize].fill(0);
+            }
         }
-        for i in 0..layers {
-            let mut page = [0u8; 512];
-            s.read(None, i << 9, &mut page).unwrap();
-            assert_eq!(page, [i as u8 + 1; 512], "page {i}");
-        }
-        b.shutdown();
+        s.checkpoint().unwrap();
+        s.compact().unwrap();
+        let layers: Vec<Arc<crate::engine::layer::Layer>> =
+            s.view.read().unwrap().layers.iter().rev().cloned().collect();
+        let shapes: Vec<Shape> = layers
+            .iter()
+            .map(|l| {
+                let (first, end) = l.index.span();
+                Shape { first, end, data_pages: l.data_pages(), bytes: l.size_bytes() }
+            })
+            .collect();
+        let live = crate::engine::compaction::live_pages(&layers) << 9;
+        let debt = crate::engine::debt::Debt::measure(&shapes, live);
+        assert_eq!(s.debt(), debt, "the session measured the same debt");
+        assert!(debt.deltas <= policy.deltas_max, "round {round}: {debt:?}");
+        assert!(debt.read_depth <= policy.deltas_max + 1, "round {round}: {debt:?}");
+        assert!(!policy.stored_past(&debt, policy.stored_per_live_max), "round {round}: {debt:?}");
+        assert!(debt.layers <= policy.layers_limit(pages << 9), "round {round}: {debt:?}");
+        saw_merge |= debt.layers > 1 && debt.deltas == 0;
+        check_all(&s, &model);
     }
+    assert!(saw_merge, "deltas were merged into a base of several partitions");
+    check_then_restart_and_check(dir, store, 9, (b, s), &model);
+}
 }
 
 on_both_stores! {

@@ -129,20 +129,24 @@ fn pacing_grows_with_depth_and_stops() {
         read_depth: READ_DEPTH_MAX,
         ..Debt::default()
     };
-    assert_eq!(d.pace(), Pace::Free);
+    assert_eq!(Policy::DEFAULT.pace(&d), Pace::Free);
     d.read_depth = READ_DEPTH_SLOWDOWN + 1;
-    let Pace::Slow(a) = d.pace() else { panic!() };
+    let Pace::Slow(a) = Policy::DEFAULT.pace(&d) else {
+        panic!()
+    };
     d.read_depth = READ_DEPTH_STOP;
-    let Pace::Slow(b) = d.pace() else { panic!() };
+    let Pace::Slow(b) = Policy::DEFAULT.pace(&d) else {
+        panic!()
+    };
     assert!(a < b);
     d.read_depth = READ_DEPTH_STOP + 1;
-    assert_eq!(d.pace(), Pace::Stop);
+    assert_eq!(Policy::DEFAULT.pace(&d), Pace::Stop);
     let d = Debt {
         stored_bytes: STORED_SLACK_BYTES + 7 * (100 << 20),
         live_bytes: 100 << 20,
         ..Debt::default()
     };
-    assert_eq!(d.pace(), Pace::Stop);
+    assert_eq!(Policy::DEFAULT.pace(&d), Pace::Stop);
 }
 
 // ------------------------------------------------------------------ model
@@ -161,6 +165,7 @@ fn small_policy() -> Policy {
         base_partition_bytes: 64 << BITS,
         base_layers_coalesce: 4,
         tier_base_bytes: 4 << BITS,
+        ..Policy::DEFAULT
     }
 }
 
