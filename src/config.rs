@@ -65,8 +65,8 @@ pub struct Config {
     pub image_cache_block_size_bytes: u64,
 
     /// un-checkpointed pages per image past which writes are slowed down until a checkpoint
-    /// catches up (default 50000)
-    #[argh(option, default = "50_000")]
+    /// catches up; a checkpoint starts at half of it (default 524288)
+    #[argh(option, default = "524_288")]
     pub write_throttle_threshold_pages: u64,
 
     /// largest transaction, in bytes of written data; the write that crosses it fails with

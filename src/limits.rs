@@ -41,7 +41,10 @@ pub const CHECKPOINT_LAYER_PAGES_MAX: u64 = 262_144;
 /// A checkpoint starts early once the newest WAL segment holds this many bytes (each
 /// checkpoint moves the WAL on to a new segment and deletes the checkpointed ones), so the
 /// buffer store's disk use stays bounded even when writes keep overwriting a few pages.
-pub const WAL_SEGMENT_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Sized to absorb overwrites: uniform random writes over a working set of W bytes leave
+/// W × (1 − e^(−this/W)) distinct bytes per checkpoint, so a 1 GiB working set turns 1 GiB
+/// of client writes into 0.63 GiB of layer (docs/FORMAT.md, "Compaction").
+pub const WAL_SEGMENT_CHECKPOINT_BYTES: u64 = 1 << 30;
 
 /// Page checksums one WAL segment keeps in memory for its checkpoint (`wal::PageCrcs`): 4 MiB
 /// of them at most, covering 4 GiB of 4 KiB pages; a bigger segment's later pages are

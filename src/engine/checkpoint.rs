@@ -179,6 +179,7 @@ impl Session {
             uploaded.as_millis(),
             started.elapsed().as_millis()
         );
+        self.remeasure_debt();
         self.notify_drained();
         drop(_publishing);
         self.retire_segments()?;
@@ -231,6 +232,9 @@ impl Session {
         }
         let sealed = w.wal.segment();
         snap.page_crcs = Some((sealed, self.rotate(&mut w, next)?));
+        // Appends since the thread woke asked for this very checkpoint: forget them, or the
+        // next one would start at once with only the pages written meanwhile.
+        *self.wake.0.lock().unwrap() = false;
         Ok((Some(snap), true))
     }
 

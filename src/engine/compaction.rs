@@ -139,6 +139,23 @@ impl Session {
         *self.debt.lock().unwrap()
     }
 
+    /// Measures the debt again after a checkpoint added layers, for write pacing. Counting
+    /// live pages walks every extent, so that is left to the compaction thread's next
+    /// `picture`: the live bytes of the last one stand in (a checkpoint only adds layers,
+    /// so stored bytes are exact and the read depth can only be higher than it was).
+    pub(super) fn remeasure_debt(&self) {
+        let layers: Vec<Arc<Layer>> = self.view.read().unwrap().layers.iter().rev().cloned().collect();
+        let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
+        let mut d = self.debt.lock().unwrap();
+        // Never measured (the image's first layers): count once.
+        let live_bytes = if d.layers == 0 {
+            live_pages(&layers) << self.page_size_bits
+        } else {
+            d.live_bytes
+        };
+        *d = Debt::measure(&shapes, live_bytes);
+    }
+
     /// The current layers; None before the first manifest. Also records their debt, which
     /// paces writes.
     fn picture(&self) -> Option<Picture> {

@@ -74,7 +74,25 @@ pub fn write_layer(
             }
         })
         .sum();
-    let index_len = extents.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
+    // Neighbouring extents of one kind become one index entry (data pages are written in
+    // extent order, so their data is contiguous too): a checkpoint of scattered 4 KiB writes
+    // has many neighbours, and every entry costs memory in each server that opens the layer.
+    let mut entries: Vec<(u64, u64, u32, u64)> = Vec::with_capacity(extents.len());
+    let mut data_page = 0u64;
+    for e in extents {
+        let (start, len, kind) = match e {
+            SourceExtent::Data { start, len } => (*start, *len, KIND_DATA),
+            SourceExtent::Zero { start, len } => (*start, *len, KIND_ZERO),
+        };
+        match entries.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == start => last.1 += len,
+            _ => entries.push((start, len, kind, data_page)),
+        }
+        if kind == KIND_DATA {
+            data_page += len;
+        }
+    }
+    let index_len = entries.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
     let data_offset = HEADER_SIZE + index_len;
     let mut w = BlobFile::create(
         path,
@@ -82,19 +100,8 @@ pub fn write_layer(
         data_offset + (data_pages << page_size_bits),
     )?;
     let mut crcs = Vec::with_capacity(data_pages as usize);
-    let mut entries = Vec::with_capacity(extents.len() * EXTENT_ENTRY_SIZE as usize);
-    let mut next_data_page = 0u64;
     for e in extents {
-        let (start, len, kind) = match e {
-            SourceExtent::Data { start, len } => (*start, *len, KIND_DATA),
-            SourceExtent::Zero { start, len } => (*start, *len, KIND_ZERO),
-        };
-        entries.extend_from_slice(&start.to_le_bytes());
-        entries.extend_from_slice(&len.to_le_bytes());
-        entries.extend_from_slice(&kind.to_le_bytes());
-        entries.extend_from_slice(&0u32.to_le_bytes());
-        entries.extend_from_slice(&next_data_page.to_le_bytes());
-        if kind == KIND_DATA {
+        if let SourceExtent::Data { start, len } = *e {
             // Read straight into the file's buffer, a bounded piece at a time: an extent can
             // be large.
             let mut done = 0;
@@ -116,11 +123,16 @@ pub fn write_layer(
                 w.commit((n as usize) * page_size);
                 done += n;
             }
-            next_data_page += len;
         }
     }
-    let mut head = encode_header(page_size_bits, extents.len() as u64, data_pages, index_len);
-    head.extend_from_slice(&entries);
+    let mut head = encode_header(page_size_bits, entries.len() as u64, data_pages, index_len);
+    for (start, len, kind, data_page) in entries {
+        head.extend_from_slice(&start.to_le_bytes());
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&kind.to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        head.extend_from_slice(&data_page.to_le_bytes());
+    }
     for c in &crcs {
         head.extend_from_slice(&c.to_le_bytes());
     }
