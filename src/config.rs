@@ -83,6 +83,12 @@ pub struct Config {
     #[argh(switch)]
     pub disable_image_store_write: bool,
 
+    /// at shutdown, how long to keep checkpointing open images so their write-ahead logs are
+    /// empty before exiting, in milliseconds; what is left stays in the buffer store (default
+    /// 60000)
+    #[argh(option, default = "60_000")]
+    pub drain_timeout_ms: u64,
+
     /// log level: error, warn, info (default), debug or trace
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
@@ -110,6 +116,7 @@ pub const FLAGS: &[(&str, bool)] = &[
     ("txn-bytes-max", true),
     ("txn-lock-timeout-ms", true),
     ("disable-image-store-write", false),
+    ("drain-timeout-ms", true),
     ("log-level", true),
 ];
 

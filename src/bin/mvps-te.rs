@@ -90,6 +90,7 @@ fn run(c: Config) -> Result<(), String> {
     );
     let exports = Arc::new(EngineExports::new(buffer.clone(), secret.into_bytes()));
     server::serve(listener, exports);
+    buffer.drain(std::time::Duration::from_millis(c.drain_timeout_ms));
     buffer.shutdown();
     log::info!("stopped cleanly");
     Ok(())

@@ -127,6 +127,26 @@ impl BufferStore {
         self.sessions.lock().unwrap().values().cloned().collect()
     }
 
+    /// Graceful stop (no connections left): checkpoint every open image until its WAL is
+    /// empty, all in parallel, until `timeout`. Each image logs how its drain ended; what is
+    /// left stays in its WAL, durable after `shutdown`.
+    pub fn drain(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let sessions = self.sessions();
+        std::thread::scope(|scope| {
+            for s in &sessions {
+                // Joined by the scope; a thread that cannot start leaves its image's WAL
+                // for the next start, as a cut-short drain does.
+                let started = std::thread::Builder::new()
+                    .name(format!("drain-{}", s.image_id))
+                    .spawn_scoped(scope, move || s.drain(deadline));
+                if let Err(e) = started {
+                    log::error!("image {}: cannot start its drain: {e}", s.image_id);
+                }
+            }
+        });
+    }
+
     /// Shutdown: stop background work, make every WAL durable.
     pub fn shutdown(&self) {
         let sessions: Vec<_> = self

@@ -144,7 +144,15 @@ impl Session {
     /// `picture`: the live bytes of the last one stand in (a checkpoint only adds layers,
     /// so stored bytes are exact and the read depth can only be higher than it was).
     pub(super) fn remeasure_debt(&self) {
-        let layers: Vec<Arc<Layer>> = self.view.read().unwrap().layers.iter().rev().cloned().collect();
+        let layers: Vec<Arc<Layer>> = self
+            .view
+            .read()
+            .unwrap()
+            .layers
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
         let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
         let mut d = self.debt.lock().unwrap();
         // Never measured (the image's first layers): count once.
@@ -370,6 +378,10 @@ impl Session {
         let mut next = 0;
         // Pages are copied after their checksums are verified, so those checksums carry over.
         self.write_and_upload(&sources, |start, _n, buf, crcs| {
+            if self.is_stopped() {
+                // A merge can take seconds: a stopping server does not wait for it.
+                return Err(std::io::Error::other("the session stopped"));
+            }
             while extents[next].end() <= start {
                 next += 1;
             }

@@ -805,6 +805,63 @@ impl Session {
             .collect()
     }
 
+    /// Graceful stop: checkpoints until the buffer is empty (every replied write is then in
+    /// the image store, and the buffer store may be thrown away) or `deadline` passes, the
+    /// store keeps failing, or the image is fenced; logs which.
+    pub fn drain(&self, deadline: Instant) {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        let mut last_error = None;
+        while !self.buffer_is_empty() && !self.buffer.cfg.disable_image_store_write {
+            if Instant::now() >= deadline || self.fenced.load(Ordering::Acquire) {
+                break;
+            }
+            match self.checkpoint() {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    log::warn!("image {}: drain: {e}", self.image_id);
+                    last_error = Some(e.to_string());
+                    let backoff = Duration::from_millis(200 << failures.min(5));
+                    std::thread::sleep(
+                        backoff.min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                }
+            }
+        }
+        let (pages, wal_bytes) = {
+            let w = self.writer.lock().unwrap();
+            (self.buffered_pages(), w.wal.end)
+        };
+        if pages == 0 {
+            log::info!(
+                "image {}: drained in {} ms: every write is in the image store",
+                self.image_id,
+                started.elapsed().as_millis()
+            );
+        } else {
+            let why = if self.fenced.load(Ordering::Acquire) {
+                "the image is fenced".to_string()
+            } else if self.buffer.cfg.disable_image_store_write {
+                "image-store writes are disabled".to_string()
+            } else {
+                format!(
+                    "drain timeout reached{}",
+                    last_error
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                )
+            };
+            log::warn!(
+                "image {}: drain cut short after {} ms ({why}): {pages} pages stay in the WAL \
+                 (newest segment {wal_bytes} bytes); they are durable in the buffer store and \
+                 replayed when it next opens the image",
+                self.image_id,
+                started.elapsed().as_millis()
+            );
+        }
+    }
+
     /// Server shutdown: stop the checkpoint thread and make the WAL durable.
     pub fn shutdown(&self) {
         self.closed.store(true, Ordering::Release);
