@@ -443,6 +443,21 @@ fn shadowed_layers(layers: &[Arc<Layer>], mut budget: usize) -> Vec<usize> {
     out
 }
 
+/// The debt of image version `m`, measured from its layers in `store` (their headers and
+/// indexes are read): for operators (`mvpsctl`) and tests.
+pub fn measure(store: &dyn crate::store::ImageStore, m: &Manifest) -> crate::store::Result<Debt> {
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for l in &m.layers {
+        let reader = store.open_blob(&crate::store::keys::blob_key(&l.blob_id))?;
+        layers.push(Arc::new(Layer::open(&l.blob_id, reader)?));
+    }
+    let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
+    Ok(Debt::measure(
+        &shapes,
+        live_pages(&layers) << m.page_size_bits,
+    ))
+}
+
 /// The policy's view of a layer.
 fn shape(l: &Layer) -> Shape {
     let (first, end) = l.index.span();
