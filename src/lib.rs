@@ -14,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod fail_stop;
 pub mod limits;
+pub mod memory;
 pub mod nbd;
 pub mod s3;
 pub mod server;

@@ -98,6 +98,7 @@ fn run(c: Config) -> Result<(), String> {
 
 fn main() {
     mvps::fail_stop::install_panic_hook();
+    mvps::memory::limit_arenas();
     let c: Config = config::parse_or_exit("MVPS_TE_", config::FLAGS);
     if c.version {
         println!("mvps-te {}", env!("CARGO_PKG_VERSION"));

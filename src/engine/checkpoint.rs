@@ -184,6 +184,7 @@ impl Session {
         drop(_publishing);
         self.retire_segments()?;
         self.wake_compaction();
+        crate::memory::release_freed();
         Ok(pages)
     }
 

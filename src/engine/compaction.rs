@@ -273,6 +273,7 @@ impl Session {
         drop(_publishing);
         self.picture(); // the new debt, for writers
         self.notify_drained();
+        crate::memory::release_freed();
         Ok(true)
     }
 
