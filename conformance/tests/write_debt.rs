@@ -12,6 +12,7 @@ use mvps::engine::compaction;
 use mvps::engine::debt::{self, Debt};
 use mvps::engine::manifest;
 use mvps::store::local::LocalStore;
+use mvps_conformance::bins;
 use mvps_conformance::server::Server;
 use mvps_conformance::token;
 use mvps_conformance::tools::{cmd, heavy, run, wait_for, Output};
@@ -140,6 +141,26 @@ fn sustained_random_writes_stay_within_the_debt_limits() {
     // From the layers alone: a stop (which drains the buffer), then a new buffer store.
     let st = s.terminate();
     assert_eq!(st.code(), Some(0), "{st}");
+    // The operator sees the same debt (the server stopped: the manifest holds still).
+    let mut ctl = std::process::Command::new(bins::bin("mvpsctl"));
+    ctl.args(["inspect", "--image-id", &image, "--image-store-local-path"])
+        .arg(s.image_store());
+    let out = run(&mut ctl, Duration::from_secs(60)).ok();
+    let shown: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON line");
+    let now = debt_now(&store, &image).unwrap();
+    assert_eq!(
+        (
+            shown["layers"].as_u64(),
+            shown["read_depth"].as_u64(),
+            shown["live_bytes"].as_u64()
+        ),
+        (
+            Some(now.layers as u64),
+            Some(now.read_depth as u64),
+            Some(now.live_bytes)
+        ),
+        "{out}"
+    );
     std::fs::remove_dir_all(s.buffer_store()).unwrap();
     s.restart();
     let out = fio(&s, &tok, &verify_only()).ok();

@@ -19,6 +19,33 @@ struct Top {
 enum Cmd {
     Token(TokenCmd),
     Txn(TxnCmd),
+    Inspect(InspectCmd),
+}
+
+/// Print one JSON line describing an image's newest manifest and its write debt (layers,
+/// deltas, read depth, stored and live bytes), read straight from the image store.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "inspect")]
+struct InspectCmd {
+    /// image id, e.g. disk1.mvps-image
+    #[argh(option)]
+    image_id: String,
+    /// image store kind: local (default) or s3 (credentials and S3_ENDPOINT from the
+    /// environment, as for mvps-te)
+    #[argh(option, default = "String::from(\"local\")")]
+    image_store: String,
+    /// directory of the local image store (default mvps-data/image-store)
+    #[argh(
+        option,
+        default = "std::path::PathBuf::from(\"mvps-data/image-store\")"
+    )]
+    image_store_local_path: std::path::PathBuf,
+    /// S3 bucket of the image store
+    #[argh(option)]
+    image_store_s3_bucket: Option<String>,
+    /// key prefix inside the bucket
+    #[argh(option, default = "String::new()")]
+    image_store_s3_prefix: String,
 }
 
 /// Print an export-name token (HS256 JWT) signed with MVPS_TE_JWT_SECRET.
@@ -79,11 +106,50 @@ fn token(t: TokenCmd) -> Result<(), String> {
     Ok(())
 }
 
+fn inspect(c: InspectCmd) -> Result<(), String> {
+    use mvps::store::ImageStore;
+    let store: Box<dyn ImageStore> = match c.image_store.as_str() {
+        "local" => Box::new(
+            mvps::store::local::LocalStore::open(&c.image_store_local_path)
+                .map_err(|e| format!("{}: {e}", c.image_store_local_path.display()))?,
+        ),
+        "s3" => {
+            let bucket = c
+                .image_store_s3_bucket
+                .as_deref()
+                .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
+            let cfg = mvps::s3::S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
+            Box::new(mvps::s3::S3Store::open(cfg).map_err(|e| format!("S3 image store: {e}"))?)
+        }
+        other => return Err(format!("--image-store {other:?}: use local or s3")),
+    };
+    let m = mvps::engine::manifest::load_latest(store.as_ref(), &c.image_id)
+        .map_err(|e| format!("image {}: {e}", c.image_id))?
+        .ok_or_else(|| format!("image {}: no manifest (never checkpointed)", c.image_id))?;
+    let d = mvps::engine::compaction::measure(store.as_ref(), &m)
+        .map_err(|e| format!("image {}: {e}", c.image_id))?;
+    let out = serde_json::json!({
+        "image_id": c.image_id,
+        "generation": m.generation,
+        "change_count": m.change_count,
+        "page_size_bits": m.page_size_bits,
+        "layers": d.layers,
+        "deltas": d.deltas,
+        "read_depth": d.read_depth,
+        "read_depth_max": mvps::engine::debt::READ_DEPTH_MAX,
+        "stored_bytes": d.stored_bytes,
+        "live_bytes": d.live_bytes,
+    });
+    println!("{out}");
+    Ok(())
+}
+
 fn main() {
     let top: Top = argh::from_env();
     let r = match top.cmd {
         Cmd::Token(t) => token(t).map_err(Failure::Other),
         Cmd::Txn(t) => txn(t),
+        Cmd::Inspect(i) => inspect(i).map_err(Failure::Other),
     };
     if let Err(f) = r {
         let (code, msg) = match f {
