@@ -19,7 +19,7 @@ pub fn ready(status: &str) {
 
 /// Tells the service manager a graceful shutdown has begun.
 pub fn stopping() {
-    notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests, final checkpoint\n");
+    notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests\n");
 }
 
 fn notify(state: &str) {
