@@ -36,6 +36,9 @@ expect_stat() {
 }
 
 [ "$(id -u)" -eq 0 ] || fail "run as root (it installs the package)"
+# One run at a time per machine: runs of other checkouts would install the same package.
+exec 9>/run/lock/mvps-package-test.lock
+flock -w 900 9 || fail "another packaging/test.sh holds /run/lock/mvps-package-test.lock"
 if dpkg-query -W -f='${Status}' mvps 2>/dev/null | grep -q 'installed\|config-files'; then
   fail "the mvps package is already on this machine; the test installs and purges it"
 fi
@@ -131,6 +134,10 @@ done
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 [ "$(/usr/bin/mvps-te --version)" = "mvps-te $version" ] ||
   fail "mvps-te --version: $(/usr/bin/mvps-te --version)"
+# What ships is only the product: the SeaweedFS test launcher (mvps::s3::testing) is not in it.
+for b in "${binaries[@]}"; do
+  if grep -q -a MVPS_TEST_WEED "/usr/bin/$b"; then fail "/usr/bin/$b holds test scaffolding"; fi
+done
 for page in "${manpages[@]}"; do
   name=$(basename "$page")
   found=$(man -w "${name%.*}") || fail "man -w ${name%.*} finds nothing"
