@@ -2,7 +2,7 @@
 # The packages, tested as an admin would use them (run by conformance/test-all.sh, as root, on
 # a machine without the mvps package; needs lintian, rpm, systemd, man-db, mandoc, strace,
 # qemu-utils, python3):
-#  1. man pages: groff -ww and mandoc -T lint clean;
+#  1. man pages: groff -ww and mandoc -T lint clean; the maintainer scripts parse;
 #  2. packaging/build.sh from the working tree; lintian clean (kept warnings are overridden
 #     in the package, with reasons: packaging/debian/lintian-overrides);
 #  3. dpkg -i: files, owners and modes, the mvps account, nothing enabled, --version, man -w,
@@ -13,7 +13,8 @@
 #     mvpsctl, a write and a read-back through qemu-io, a checkpoint into /var/lib/mvps, a
 #     clean stop on SIGTERM; every system call it made is allowed by the unit's
 #     SystemCallFilter;
-#  5. dpkg -r keeps /etc/mvps and /var/lib/mvps; dpkg --purge deletes /etc/mvps, keeps the
+#  5. dpkg -i again (an upgrade) keeps the edited configuration, its mode and the data;
+#     dpkg -r keeps /etc/mvps and /var/lib/mvps; dpkg --purge deletes /etc/mvps, keeps the
 #     data and says so;
 #  6. the .rpm: rpm -qlp lists the same payload; rpm -i --nodeps into a scratch root puts
 #     the files in place.
@@ -84,6 +85,12 @@ for page in "${manpages[@]}"; do
   [ -z "$out" ] || fail "groff warns on $page: $out"
   out=$(mandoc -T lint "$page" 2>&1) || fail "mandoc $page: $out"
   [ -z "$out" ] || fail "mandoc -T lint $page: $out"
+done
+
+step "maintainer scripts parse (sh -n)"
+for script in packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
+  packaging/rpm/*.sh; do
+  sh -n "$script" || fail "$script does not parse"
 done
 
 step "packaging/build.sh"
@@ -280,6 +287,17 @@ denied=$(expand_set ${filters[1]#\~} | sort -u)
 outside=$(comm -23 <(echo "$used") <(comm -23 <(echo "$allowed") <(echo "$denied")))
 [ -z "$outside" ] || fail "mvps-te made system calls its unit forbids: $outside"
 echo "    $(echo "$used" | wc -l) distinct system calls, all allowed" >&2
+
+step "dpkg -i again (an upgrade): the edited configuration and the data stay as they are"
+dpkg -i "$deb" >"$work/upgrade.log" 2>&1 || {
+  cat "$work/upgrade.log" >&2
+  fail "dpkg -i over the installed package"
+}
+grep -q "^MVPS_TE_JWT_SECRET=$secret" "$env_file" || fail "the upgrade replaced the configuration"
+expect_stat "$env_file" 640 root mvps
+expect_stat /var/lib/mvps 750 mvps mvps
+[ -n "$(blobs)" ] || fail "the upgrade lost the data"
+[ "$(getent passwd mvps)" = "$passwd_line" ] || fail "the upgrade changed the mvps account"
 
 step "dpkg -r keeps configuration and data"
 dpkg -r mvps >"$work/remove.log" 2>&1 || {
