@@ -17,7 +17,8 @@
 #     dpkg -r keeps /etc/mvps and /var/lib/mvps; dpkg --purge deletes /etc/mvps, keeps the
 #     data and says so;
 #  6. the .rpm: rpm -qlp lists the same payload; rpm -i --nodeps into a scratch root puts
-#     the files in place.
+#     the files in place; on this system, its scriptlets make the account, the data
+#     directory and the env files' group, and rpm -e keeps the data and edited config.
 # The machine is left as it was: the test's account, data directory and package are removed.
 set -euo pipefail
 
@@ -60,7 +61,9 @@ cleanup() {
   if dpkg-query -W -f='${Status}' mvps 2>/dev/null | grep -q 'installed\|config-files'; then
     dpkg --purge mvps >/dev/null 2>&1
   fi
+  rpm -q mvps >/dev/null 2>&1 && rpm -e --noscripts mvps >/dev/null 2>&1
   [ -e /var/lib/mvps/$MARKER ] && rm -rf /var/lib/mvps
+  [ -e /etc/mvps/mvps-te.env.rpmsave ] && rm -rf /etc/mvps
   $created_account && getent passwd mvps >/dev/null && userdel mvps
   rm -rf "$work"
 }
@@ -348,5 +351,29 @@ done <"$work/rpm.list"
 for b in "${binaries[@]}"; do [ -x "$scratch/usr/bin/$b" ] || fail "rpm: $b not executable"; done
 [ "$(stat -c %a "$scratch/etc/mvps/mvps-te.env")" = 640 ] || fail "rpm: env file mode"
 "$scratch/usr/bin/mvps-te" --version | grep -qx "mvps-te $version" || fail "rpm: mvps-te"
+
+step "rpm -i on this system: the scriptlets make the account and /var/lib/mvps; rpm -e"
+# As on a machine that never had mvps: no account, no data directory.
+rm -rf /var/lib/mvps
+userdel mvps
+rpm -i --nodeps "$rpm_file" >"$work/rpm-system.log" 2>&1 || {
+  cat "$work/rpm-system.log" >&2
+  fail "rpm -i --nodeps on this system"
+}
+getent passwd mvps >/dev/null || fail "rpm %pre made no mvps account"
+for e in "${envs[@]}"; do expect_stat "/etc/mvps/$e" 640 root mvps; done
+expect_stat /var/lib/mvps 750 mvps mvps
+touch /var/lib/mvps/$MARKER
+echo "# edited" >>/etc/mvps/mvps-te.env
+rpm -e mvps >"$work/rpm-erase.log" 2>&1 || {
+  cat "$work/rpm-erase.log" >&2
+  fail "rpm -e"
+}
+[ ! -e /usr/bin/mvps-te ] || fail "rpm -e left /usr/bin/mvps-te"
+[ -e /etc/mvps/mvps-te.env.rpmsave ] || fail "rpm -e did not keep the edited config as .rpmsave"
+[ -e /var/lib/mvps/$MARKER ] || fail "rpm -e deleted the data directory"
+grep -q '/var/lib/mvps .* was left in place' "$work/rpm-erase.log" ||
+  fail "rpm -e does not say the data directory was left"
+rm -rf /etc/mvps
 
 step "packages pass: $(basename "$deb"), $(basename "$rpm_file")"
