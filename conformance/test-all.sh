@@ -5,7 +5,8 @@
 # 2. cargo fmt --check, clippy with warnings denied, build of the binaries;
 # 3. cargo test --workspace: unit tests, then the conformance suites, which start real
 #    mvps-te processes and drive them with nbdinfo, qemu-io, nbdcopy, fio, qemu-storage-daemon
-#    + ext4, and a raw NBD client. No test skips: a missing tool fails the run.
+#    + ext4, and a raw NBD client. No test skips: a missing tool fails the run;
+# 4. packaging/test.sh: the .deb and .rpm built, linted, installed, run and removed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,9 +20,11 @@ else
 fi
 
 # Debian packages: qemu-storage-daemon ships in qemu-system-common, qemu-io in qemu-utils,
-# nbdinfo/nbdcopy in libnbd-bin, fusermount3 in fuse3, losetup/mount in mount.
+# nbdinfo/nbdcopy in libnbd-bin, fusermount3 in fuse3, losetup/mount in mount; the package
+# test (packaging/test.sh) needs lintian, rpm, systemd-analyze (systemd), man (man-db),
+# mandoc and strace.
 packages=(fio nbdkit libnbd-bin qemu-utils qemu-block-extra qemu-system-common fuse3
-  e2fsprogs mount util-linux coreutils groff-base)
+  e2fsprogs mount util-linux coreutils groff-base lintian rpm systemd man-db mandoc strace)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -62,7 +65,7 @@ if ! command -v weed >/dev/null 2>&1; then
   hash -r
 fi
 for tool in fio nbdinfo nbdcopy qemu-io qemu-storage-daemon mkfs.ext4 e2fsck fusermount3 \
-  losetup mount weed; do
+  losetup mount weed lintian rpm systemd-analyze man mandoc strace python3; do
   command -v "$tool" >/dev/null || { echo "test-all: $tool is still missing" >&2; exit 1; }
 done
 for comp in rustfmt clippy; do
@@ -81,5 +84,10 @@ cargo build --quiet --workspace --bins
 
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
+
+step "packages: build, lintian, install, run, remove (packaging/test.sh)"
+# It installs and purges the package: root, with this user's toolchain.
+"${sudo[@]}" env "PATH=$PATH" "HOME=$HOME" ${CARGO_TARGET_DIR:+"CARGO_TARGET_DIR=$CARGO_TARGET_DIR"} \
+  ./packaging/test.sh
 
 step "all checks passed"

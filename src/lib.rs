@@ -8,7 +8,6 @@
 //! - [`auth`]: JWT export names.
 
 pub mod auth;
-pub mod base64;
 pub mod client;
 pub mod config;
 pub mod engine;

@@ -42,6 +42,7 @@ const CTL_SECTIONS: &[&str] = &[
     "DESCRIPTION",
     "OPTIONS",
     "ENVIRONMENT",
+    "FILES",
     "EXIT STATUS",
     "EXAMPLES",
     "SEE ALSO",

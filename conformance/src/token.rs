@@ -75,7 +75,8 @@ pub fn bad_signature(c: &Claims) -> String {
 
 /// Unpadded base64url (RFC 4648 §5), as JWTs use.
 pub fn base64url(data: &[u8]) -> String {
-    mvps::base64::url_unpadded(data)
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
 #[cfg(test)]

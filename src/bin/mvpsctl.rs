@@ -303,6 +303,7 @@ fn token_from(flag: Option<String>) -> Result<String, String> {
 
 /// SHA-256 of `length` bytes at `offset`, read in bounded pieces.
 fn range_digest(c: &mut Client, offset: u64, length: u64) -> Result<[u8; 32], client::Error> {
+    use sha256::Digest;
     let mut h = sha256::Sha256::new();
     let mut at = 0;
     while at < length {
@@ -310,7 +311,7 @@ fn range_digest(c: &mut Client, offset: u64, length: u64) -> Result<[u8; 32], cl
         h.update(&c.read(offset + at, n as usize)?);
         at += n;
     }
-    Ok(h.finalize())
+    Ok(sha256::finish(h))
 }
 
 /// Everything between BEGIN and COMMIT. An `Err` leaves the transaction for the caller to

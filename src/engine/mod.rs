@@ -12,6 +12,7 @@ pub mod layer;
 pub mod manifest;
 pub mod open;
 pub mod session;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod txn;
 pub mod wal;

@@ -1,5 +1,6 @@
-//! Test fixtures, for the engine's unit tests and the conformance suites (the server never
-//! calls them): an image written straight into an image store, without a session.
+//! Test fixtures, for the engine's unit tests and the conformance suites: an image written
+//! straight into an image store, without a session. Built only for tests and with the
+//! `testing` feature; the server never calls them.
 
 use super::layer::{write_layer, SourceExtent};
 use super::manifest::{self, LayerRef, Manifest};

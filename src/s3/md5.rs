@@ -5,13 +5,14 @@
 //! connection was cut short from being stored as a shorter object (docs/S3.md, *Request
 //! integrity*). MD5 is a checksum here, not a security measure: the request signature covers
 //! the header. The digest comes from the `md-5` crate, which rusty-s3 already builds on for
-//! its own DeleteObjects bodies.
+//! its own DeleteObjects bodies; the encoding from `base64`, which rusty-s3 uses too.
 
+use base64::Engine;
 use md5::{Digest, Md5};
 
 /// The value of a `Content-MD5` header for `body`.
 pub fn content_md5(body: &[u8]) -> String {
-    crate::base64::standard(&Md5::digest(body))
+    base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
 }
 
 #[cfg(test)]

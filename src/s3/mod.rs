@@ -10,7 +10,8 @@
 //! - [`error`]: `s3::Error` and its translation into `store::Error` with advice.
 //! - `client`: the only code that calls ureq; sends with retries.
 //! - `blob`, `multipart`: ranged reads of blobs, and large uploads.
-//! - [`testing`]: starts a real SeaweedFS for tests (this crate's and the conformance suite's).
+//! - `testing` (tests and the `testing` feature only): starts a real SeaweedFS for tests
+//!   (this crate's and the conformance suite's).
 //!
 //! Keys given to the store are relative to its root; the store prepends its prefix. The
 //! fencing primitive, [`ImageStore::create_if_absent`], is a PUT with `If-None-Match: *`:
@@ -24,6 +25,7 @@ mod md5;
 mod multipart;
 pub mod request;
 pub mod retry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod xml;
 

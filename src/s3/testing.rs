@@ -1,6 +1,7 @@
 //! A real SeaweedFS (`weed server -s3`) for tests: this crate's S3 tests and the
 //! conformance suite both start one with [`SeaweedFs::start`] (or share one per test
 //! process with [`shared`]), make a fresh bucket per test, and point an [`S3Config`] at it.
+//! Built only for tests and with the `testing` feature, so the shipped binaries lack it.
 //!
 //! The server listens on free ports of 127.0.0.1 only, keeps its data in a fresh temporary
 //! directory, and accepts exactly one identity ([`ACCESS_KEY_ID`] / [`SECRET_ACCESS_KEY`]),

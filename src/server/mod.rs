@@ -3,6 +3,7 @@
 
 pub mod exports;
 pub mod fence;
+pub mod notify;
 pub mod signals;
 
 use crate::limits::{CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_MS};
@@ -90,6 +91,8 @@ struct Connections {
 /// returns.
 pub fn serve(listener: Listener, exports: Arc<dyn Exports>) {
     signals::install(listener.raw_fd());
+    // After the handlers: a SIGTERM sent as soon as systemd sees READY must find them.
+    notify::ready(&format!("listening on {}", listener.describe()));
     let conns = Arc::new(Connections::default());
     let mut next_id = 0u64;
     while !signals::stop_requested() {
@@ -122,6 +125,7 @@ pub fn serve(listener: Listener, exports: Arc<dyn Exports>) {
         }
     }
     log::info!("shutting down: no new connections; finishing in-flight requests");
+    notify::stopping();
     drain(&conns);
 }
 

@@ -6,22 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 static STOP: AtomicBool = AtomicBool::new(false);
 static LISTEN_FD: AtomicI32 = AtomicI32::new(-1);
 
-const SIGINT: i32 = 2;
-const SIGTERM: i32 = 15;
-const SHUT_RDWR: i32 = 2;
-
-extern "C" {
-    fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
-    fn shutdown(fd: i32, how: i32) -> i32;
-}
-
-extern "C" fn on_signal(_sig: i32) {
+extern "C" fn on_signal(_sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
     let fd = LISTEN_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: shutdown(2) is async-signal-safe; fd is our listening socket.
         unsafe {
-            shutdown(fd, SHUT_RDWR);
+            libc::shutdown(fd, libc::SHUT_RDWR);
         }
     }
 }
@@ -29,10 +20,23 @@ extern "C" fn on_signal(_sig: i32) {
 /// Installs the handlers; `fd` is the listening socket to wake.
 pub fn install(fd: i32) {
     LISTEN_FD.store(fd, Ordering::SeqCst);
-    // SAFETY: installing a handler that only touches atomics and calls shutdown(2).
-    unsafe {
-        signal(SIGINT, on_signal);
-        signal(SIGTERM, on_signal);
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing a handler that only touches atomics and calls shutdown(2).
+        // sigaction with SA_RESTART rather than signal(): its semantics are the same on
+        // every libc (no one-shot reset), and other threads' blocking calls resume.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+                log::warn!(
+                    "cannot install the handler for signal {sig}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }
 
