@@ -28,7 +28,7 @@ impl SmallFs {
         let path = dir.path().to_path_buf();
         let opts = format!("size={size}");
         run(
-            &mut cmd("mount", ["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(&path),
+            cmd("mount", ["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(&path),
             Duration::from_secs(30),
         )
         .ok();
