@@ -107,7 +107,7 @@ fn writes_get_enospc_on_a_full_disk_and_resume_when_space_returns() {
 
     // Space returns: the server carries on by itself.
     std::fs::remove_file(&filler).unwrap();
-    let again = wait_for(
+    wait_for(
         "writes to be replied again",
         Duration::from_secs(60),
         || match c.write(first_refused * CHUNK as u64, &pattern(first_refused, CHUNK)) {
@@ -119,7 +119,6 @@ fn writes_get_enospc_on_a_full_disk_and_resume_when_space_returns() {
             Err(e) => panic!("write after space returned: error {e}"),
         },
     );
-    let _: () = again;
     replied.push(first_refused);
     // …and checkpoints again (the failed attempts are retried with backoff): the buffer
     // moves into a layer.
