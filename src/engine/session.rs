@@ -1,11 +1,19 @@
 //! A session: one open image, shared by all of its connections. It owns the image's WAL, the
 //! in-memory index of buffered pages, the opened layers, and the checkpoint thread.
 //!
-//! Locks, always taken in this order: `writer` (serializes every change), then `view` (what
-//! reads see). Reads take only `view`, briefly, to resolve pages to locations; the I/O happens
-//! after the lock is released. That is safe because nothing is overwritten in place: WAL
-//! segments are append-only (an old one is deleted whole, and an open handle keeps its bytes)
-//! and layers are immutable.
+//! Locks, always taken in this order (a lock may be skipped, never taken out of order):
+//! 1. `checkpointing` / `compacting`: one checkpoint, one compaction pass at a time (jobs;
+//!    held for the whole job, never both by one thread);
+//! 2. `manifest_lock`: one manifest publication at a time (checkpoint or compaction);
+//! 3. `writer`: serializes every change to the WAL and the transaction table;
+//! 4. `view`: what reads see;
+//! 5. leaves, never held while taking another lock but `debt` under `drained`: `drained`,
+//!    `debt`, `wake`, `compact_wake`.
+//!
+//! Reads take only `view`, briefly, to resolve pages to locations; the I/O happens after the
+//! lock is released. That is safe because nothing is overwritten in place: WAL segments are
+//! append-only (an old one is deleted whole, and an open handle keeps its bytes) and layers are
+//! immutable. The slow parts of jobs (writing and uploading layers) hold only level 1.
 
 use super::buffer::BufferStore;
 use super::extent::{gaps, ExtentMap, ExtentValue};
