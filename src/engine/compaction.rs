@@ -139,10 +139,9 @@ impl Session {
         *self.debt.lock().unwrap()
     }
 
-    /// Measures the debt again after a checkpoint added layers, for write pacing. Counting
-    /// live pages walks every extent, so that is left to the compaction thread's next
-    /// `picture`: the live bytes of the last one stand in (a checkpoint only adds layers,
-    /// so stored bytes are exact and the read depth can only be higher than it was).
+    /// Measures the debt again after a checkpoint added layers, for write pacing. The live
+    /// bytes of the last full count stand in (the compaction thread's next `picture` counts
+    /// again): layers, stored bytes and read depth are exact.
     pub(super) fn remeasure_debt(&self) {
         let layers: Vec<Arc<Layer>> = self
             .view
@@ -153,7 +152,7 @@ impl Session {
             .rev()
             .cloned()
             .collect();
-        let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
+        let shapes = shapes(&layers);
         let mut d = self.debt.lock().unwrap();
         // Never measured (the image's first layers): count once.
         let live_bytes = if d.layers == 0 {
@@ -180,7 +179,7 @@ impl Session {
             ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id) && ids.len() == layers.len(),
             "view and manifest list the same layers"
         );
-        let shapes: Vec<Shape> = layers.iter().map(|l| shape(l)).collect();
+        let shapes = shapes(&layers);
         let live_bytes = live_pages(&layers) << self.page_size_bits;
         *self.debt.lock().unwrap() = Debt::measure(&shapes, live_bytes);
         Some(Picture {
@@ -459,7 +458,7 @@ pub fn measure(store: &dyn crate::store::ImageStore, m: &Manifest) -> crate::sto
     ))
 }
 
-/// The policy's view of a layer.
+/// The policy's view of a layer (judged by its span: see `shapes`).
 fn shape(l: &Layer) -> Shape {
     let (first, end) = l.index.span();
     Shape {
@@ -467,7 +466,25 @@ fn shape(l: &Layer) -> Shape {
         end,
         data_pages: l.data_pages(),
         bytes: l.size_bytes(),
+        pages_disjoint: false,
     }
+}
+
+/// The policy's view of `layers` (oldest first), each told whether it maps no page an older
+/// one maps. One walk over every extent.
+pub fn shapes(layers: &[Arc<Layer>]) -> Vec<Shape> {
+    let mut seen = Spans::default();
+    layers
+        .iter()
+        .map(|l| {
+            let mut s = shape(l);
+            s.pages_disjoint = l.index.iter().all(|e| !seen.intersects(e.start, e.end()));
+            for e in l.index.iter() {
+                seen.add(e.start, e.end());
+            }
+            s
+        })
+        .collect()
 }
 
 /// Distinct pages whose newest mapping in `layers` (oldest first) is data.
@@ -568,6 +585,7 @@ mod tests {
             end: pages,
             data_pages: pages,
             bytes: 0,
+            pages_disjoint: false,
         };
         let tier = |s: &Shape| debt::tier(s, 12, debt::TIER_BASE_BYTES);
         assert_eq!(tier(&l(1)), 0);

@@ -3,9 +3,10 @@
 //! to the next merge. The arithmetic behind the numbers is in docs/FORMAT.md ("Compaction").
 //!
 //! Shape of an image's layers (oldest first, as in the manifest):
-//! - the **base**: layers whose page spans are disjoint from every older layer's span. They
-//!   tile the image like one LSM level: a read consults at most one of them. A sequential
-//!   fill lands here directly and is never merged just to lower a count.
+//! - the **base**: layers that map no page an older layer maps (judged by their spans, or by
+//!   their pages when the caller knows them). They tile the image like one LSM level: a read
+//!   consults at most one of them. A sequential fill lands here directly and is never merged
+//!   just to lower a count.
 //! - the **deltas**: every other layer (checkpoints of random writes, mostly). A read may have
 //!   to consult each delta whose span covers its page.
 //!
@@ -141,6 +142,10 @@ pub struct Shape {
     pub data_pages: u64,
     /// Size of its blob.
     pub bytes: u64,
+    /// Known to map no page that an older layer maps (even if the spans overlap: a
+    /// sequential writer with several requests in flight leaves neighbouring checkpoints
+    /// interleaved at their edges). False: judge by the spans.
+    pub pages_disjoint: bool,
 }
 
 impl Shape {
@@ -302,18 +307,26 @@ pub fn split(layers: &[Shape]) -> (Vec<usize>, Vec<usize>) {
     let mut seen = Spans::default();
     let (mut base, mut deltas) = (Vec::new(), Vec::new());
     for (i, l) in layers.iter().enumerate() {
-        if seen.intersects(l.first, l.end) {
-            deltas.push(i);
-        } else {
+        if l.pages_disjoint || !seen.intersects(l.first, l.end) {
             base.push(i);
+        } else {
+            deltas.push(i);
         }
         seen.add(l.first, l.end);
     }
     (base, deltas)
 }
 
-/// The most layers whose spans cover one page.
+/// The most layers a read of one page may consult: base layers share no page, so at most
+/// one of them, plus every delta whose span covers the page.
 pub fn read_depth(layers: &[Shape]) -> usize {
+    let (base, deltas) = split(layers);
+    let deltas: Vec<Shape> = deltas.iter().map(|&d| layers[d]).collect();
+    spans_depth(&deltas) + usize::from(!base.is_empty())
+}
+
+/// The most of `layers` whose spans cover one page.
+fn spans_depth(layers: &[Shape]) -> usize {
     let mut edges: Vec<(u64, i64)> = Vec::with_capacity(layers.len() * 2);
     for l in layers.iter().filter(|l| l.end > l.first) {
         edges.push((l.first, 1));

@@ -594,13 +594,7 @@ fn compaction_keeps_debt_within_limits(dir, store) {
         s.compact().unwrap();
         let layers: Vec<Arc<crate::engine::layer::Layer>> =
             s.view.read().unwrap().layers.iter().rev().cloned().collect();
-        let shapes: Vec<Shape> = layers
-            .iter()
-            .map(|l| {
-                let (first, end) = l.index.span();
-                Shape { first, end, data_pages: l.data_pages(), bytes: l.size_bytes() }
-            })
-            .collect();
+        let shapes: Vec<Shape> = crate::engine::compaction::shapes(&layers);
         let live = crate::engine::compaction::live_pages(&layers) << 9;
         let debt = crate::engine::debt::Debt::measure(&shapes, live);
         assert_eq!(s.debt(), debt, "the session measured the same debt");

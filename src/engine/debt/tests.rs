@@ -7,6 +7,7 @@ fn shape(first: u64, end: u64, data_pages: u64) -> Shape {
         end,
         data_pages,
         bytes: data_pages << 12,
+        pages_disjoint: false,
     }
 }
 
@@ -31,6 +32,18 @@ fn sequential_fill_is_all_base_and_needs_nothing() {
         plan(&Policy::DEFAULT, &big, 100 * BASE_PARTITION_BYTES, 12),
         None
     );
+}
+
+#[test]
+fn checkpoints_interleaved_at_their_edges_stay_in_the_base_when_their_pages_are_disjoint() {
+    // A sequential writer with requests in flight: the second checkpoint holds a page below
+    // the first one's last.
+    let mut layers = vec![shape(0, 1000, 999), shape(998, 2000, 1001)];
+    assert_eq!(split(&layers).1, vec![1], "by spans alone, a delta");
+    layers[1].pages_disjoint = true;
+    assert_eq!(split(&layers), (vec![0, 1], vec![]));
+    assert_eq!(read_depth(&layers), 1);
+    assert_eq!(plan(&Policy::DEFAULT, &layers, 2000 << 12, 12), None);
 }
 
 #[test]
@@ -169,14 +182,25 @@ fn small_policy() -> Policy {
     }
 }
 
-fn model_shape(m: &Model) -> Shape {
-    let data = m.values().filter(|v| v.is_some()).count() as u64;
-    Shape {
-        first: m.keys().next().copied().unwrap_or(0),
-        end: m.keys().next_back().map_or(0, |k| k + 1),
-        data_pages: data,
-        bytes: (data << BITS) + 64 * m.len() as u64,
-    }
+/// The policy's view of the model's layers (oldest first), told which layers share no page
+/// with older ones, as the engine tells it.
+fn model_shapes(layers: &[Model]) -> Vec<Shape> {
+    let mut seen = std::collections::BTreeSet::new();
+    layers
+        .iter()
+        .map(|m| {
+            let data = m.values().filter(|v| v.is_some()).count() as u64;
+            let pages_disjoint = m.keys().all(|k| !seen.contains(k));
+            seen.extend(m.keys().copied());
+            Shape {
+                first: m.keys().next().copied().unwrap_or(0),
+                end: m.keys().next_back().map_or(0, |k| k + 1),
+                data_pages: data,
+                bytes: (data << BITS) + 64 * m.len() as u64,
+                pages_disjoint,
+            }
+        })
+        .collect()
 }
 
 fn newest(layers: &[Model], page: u64) -> Option<u64> {
@@ -268,13 +292,13 @@ proptest! {
             layers.push(l);
             let mut steps = 0;
             loop {
-                let shapes: Vec<Shape> = layers.iter().map(model_shape).collect();
+                let shapes = model_shapes(&layers);
                 let Some(step) = plan(&p, &shapes, live_bytes(&layers), BITS) else { break };
                 layers = run_step(&p, &layers, &step);
                 steps += 1;
                 prop_assert!(steps < 64, "compaction does not converge: {:?}", step);
             }
-            let shapes: Vec<Shape> = layers.iter().map(model_shape).collect();
+            let shapes = model_shapes(&layers);
             let debt = Debt::measure(&shapes, live_bytes(&layers));
             prop_assert!(debt.deltas <= p.deltas_max, "{debt:?}");
             prop_assert!(debt.read_depth <= p.deltas_max + 1, "{debt:?}");
