@@ -43,6 +43,8 @@ IDLE_TIMEOUT=180   # seconds to wait for mvps-te to checkpoint and close an idle
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 
 # ------------------------------------------------------------------ tools
 need_pkgs=()
@@ -83,9 +85,7 @@ OUT=${BENCH_OUT:-$TMP/out}
 mkdir -p "$OUT"
 PIDS=()
 cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    stop_all
     # Keep only the results.
     rm -rf "$TMP/mvps" "$TMP"/*.img "$TMP"/*.sock
     [ "$OUT" = "$TMP/out" ] || rm -rf "$TMP"
@@ -93,14 +93,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 30000))
-        if ! ss -Htln "sport = :$p" | grep -q .; then echo "$p"; return; fi
-    done
-    die "no free port"
-}
 
 # URIs: nbd://127.0.0.1:PORT/NAME or nbd+unix:///NAME?socket=PATH
 uri_of() { # endpoint export-name
@@ -110,13 +102,6 @@ uri_of() { # endpoint export-name
     esac
 }
 
-wait_ready() { # uri what
-    for _ in $(seq 1 100); do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    die "$2 did not come up"
-}
 
 # ------------------------------------------------------------------ servers
 SIZE_BYTES=$(numfmt --from=iec "$SIZE")

@@ -41,6 +41,8 @@ IMAGE=sustain.mvps-image
 
 log() { printf '[sustained %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 
 for t in fio nbdkit nbdinfo jq ss bc; do command -v $t >/dev/null || die "$t is missing (see run.sh)"; done
 
@@ -60,24 +62,13 @@ OUT=${BENCH_OUT:-$TMP/out}
 mkdir -p "$OUT"
 PIDS=()
 cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    stop_all
     rm -rf "$TMP/mvps" "$TMP"/*.img
     [ "$OUT" = "$TMP/out" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 30000))
-        if ! ss -Htln "sport = :$p" | grep -q .; then echo "$p"; return; fi
-    done
-    die "no free port"
-}
-wait_ready() { for _ in $(seq 1 100); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; die "$2 did not come up"; }
 
 # The block device under TMP, for /proc/diskstats (a partition's parent counts the same).
 DEV=$(basename "$(df --output=source "$TMP" | tail -1)")
