@@ -139,9 +139,10 @@ impl Session {
         *self.debt.lock().unwrap()
     }
 
-    /// Measures the debt again after a checkpoint added layers, for write pacing. The live
-    /// bytes of the last full count stand in (the compaction thread's next `picture` counts
-    /// again): layers, stored bytes and read depth are exact.
+    /// Measures the debt again after a checkpoint added layers, for write pacing. Layers,
+    /// stored bytes and read depth are exact; for the live bytes (a full count is the
+    /// compaction thread's, in its next `picture`) the last count plus every byte added since
+    /// stands in — an upper bound, so that pacing never stalls writers on a stale count.
     pub(super) fn remeasure_debt(&self) {
         let layers: Vec<Arc<Layer>> = self
             .view
@@ -158,7 +159,8 @@ impl Session {
         let live_bytes = if d.layers == 0 {
             live_pages(&layers) << self.page_size_bits
         } else {
-            d.live_bytes
+            let stored: u64 = shapes.iter().map(|s| s.bytes).sum();
+            d.live_bytes + stored.saturating_sub(d.stored_bytes)
         };
         *d = Debt::measure(&shapes, live_bytes);
     }
