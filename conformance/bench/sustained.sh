@@ -227,7 +227,7 @@ for JOB in $JOBS; do
             jq -s -r '"  mvps worst sample: layers \(map(.layers // 0) | max), read depth \(map(.read_depth // 0) | max), stored/live \(map(if (.live_bytes // 0) > 0 then .stored_bytes / .live_bytes else 0 end) | max * 100 | round / 100), RSS \(map(.rss_kb // 0) | max / 1024 | round) MiB, blobs dir peak \(map(.blobs_bytes // 0) | max / 1073741824 * 10 | round / 10) GiB\(if any(.stopped_low_disk) then ", STOPPED: disk low" else "" end)"' \
                 "$OUT/samples-$JOB-mvps.jsonl"
         fi
-        [ -z "$GC_BIN" ] || echo "  collector passes: $(wc -l <"$OUT/gc-$JOB.jsonl" 2>/dev/null || echo 0)"
+        [ -z "$GC_BIN" ] || echo "  collector passes: $(grep -c "^{" "$OUT/gc-$JOB.jsonl" 2>/dev/null || echo 0)"
         # Layer bytes: checkpoint pages (4 KiB) plus what merges wrote.
         ck=$(grep -oE "checkpoint: [0-9]+ pages" "$OUT/mvps-te-$JOB.log" | awk '{s+=$2} END{printf "%.0f", s*4096}')
         mg=$(grep -oE "\([0-9]+ MiB written" "$OUT/mvps-te-$JOB.log" | tr -d '(' | awk '{s+=$1} END{printf "%.0f", s*1048576}')
