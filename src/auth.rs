@@ -3,8 +3,8 @@
 //! The algorithm is pinned to HS256: `alg: none`, RS/HS confusion and every other algorithm
 //! are refused by the validator. `exp` is required. Errors never echo the token.
 
+use crate::catalog::keys::is_valid_image_id;
 use crate::limits::{EXPORT_NAME_LENGTH_MAX, PAGE_SIZE_BITS_MAX, PAGE_SIZE_BITS_MIN};
-use crate::store::keys::is_valid_image_id;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::fmt;

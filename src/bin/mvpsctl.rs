@@ -85,6 +85,15 @@ fn parse_duration_secs(s: &str) -> Result<u64, String> {
 }
 
 fn token(t: TokenCmd) -> Result<(), String> {
+    // The image id becomes a key in the image store: checked by the catalog's rule first.
+    if !mvps::catalog::keys::is_valid_image_id(&t.image_id) {
+        return Err(format!(
+            "--image-id {:?}: expected 1 to {} letters, digits, _ or -, then {}",
+            t.image_id,
+            mvps::catalog::keys::IMAGE_ID_LENGTH_MAX,
+            mvps::catalog::keys::IMAGE_ID_SUFFIX
+        ));
+    }
     let secret = std::env::var("MVPS_TE_JWT_SECRET")
         .map_err(|_| "MVPS_TE_JWT_SECRET is not set; export the server's secret".to_string())?;
     if secret.is_empty() {

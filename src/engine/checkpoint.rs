@@ -9,11 +9,12 @@
 
 use super::extent::{Extent, ExtentValue};
 use super::layer::{write_layer, SourceExtent};
-use super::manifest::{self, LayerRef, Manifest};
-use super::open::{now_unix, open_layer};
+use super::manifest::{LayerRef, Manifest};
+use super::open::open_layer;
 use super::session::{BufVal, Session, WriterState};
 use super::wal::{self, Kind, PageCrcs, WalFile, WalHeader};
 use super::{Error, Result};
+use crate::catalog::{self, Conflict, Edit, Outcome};
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
 use std::collections::BTreeMap;
@@ -154,12 +155,12 @@ impl Session {
         // manifest; the slow part (writing and uploading blobs) happened above, unlocked.
         let _publishing = self.manifest_lock.lock().unwrap();
         let base = self.writer.lock().unwrap().manifest.clone();
-        let Some(mut next) = base else { return Ok(0) };
-        next.generation += 1;
-        next.change_count = snap.change_count;
-        next.layers.extend(refs.iter().cloned());
-        next.created_at_unix = now_unix();
-        self.publish(&next)?;
+        let Some(base) = base else { return Ok(0) };
+        let edit = Edit::Append {
+            change_count: snap.change_count,
+            layers: refs.clone(),
+        };
+        let next = self.publish(&base, &edit)?;
         {
             let mut w = self.writer.lock().unwrap();
             let mut v = self.view.write().unwrap();
@@ -296,25 +297,30 @@ impl Session {
         Ok(())
     }
 
-    /// Creates manifest `next` (generation g+1) with a conditional create. If another buffer
-    /// store wrote that generation first, this session is fenced from then on.
-    pub(super) fn publish(&self, next: &Manifest) -> Result<()> {
-        let created = manifest::create(self.buffer.store.as_ref(), next).map_err(|source| {
-            Error::Manifest {
-                image: self.image_id.clone(),
-                source,
-            }
-        })?;
-        if created {
-            return Ok(());
-        }
+    /// Publishes the manifest `edit` makes of `base` as generation g+1 (`catalog::
+    /// publish_next`). If another buffer store wrote that generation or a newer one, this
+    /// session is fenced from then on.
+    pub(super) fn publish(&self, base: &Manifest, edit: &Edit) -> Result<Manifest> {
+        let store = self.buffer.store.as_ref();
+        let newest = catalog::manifest::Newest::of(base.clone());
+        let outcome =
+            catalog::publish_next(store, &newest, edit, Conflict::Fence).map_err(|source| {
+                Error::Manifest {
+                    image: self.image_id.clone(),
+                    source,
+                }
+            })?;
+        let generation = match outcome {
+            Outcome::Published(next) => return Ok(next),
+            Outcome::Fenced { generation, .. } => generation,
+            Outcome::GaveUp { .. } => unreachable!("Conflict::Fence never retries"),
+        };
         self.fenced.store(true, Ordering::Release);
         log::error!(
-            "image {}: fenced: generation {} was written by another buffer store. This \
-             server stops writing the image; its WAL stays in the buffer store for \
+            "image {}: fenced: generation {generation} was written by another buffer store. \
+             This server stops writing the image; its WAL stays in the buffer store for \
              inspection. Serve the image from the new owner only.",
             self.image_id,
-            next.generation
         );
         Err(Error::Fenced {
             image: self.image_id.clone(),

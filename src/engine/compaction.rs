@@ -10,9 +10,10 @@ use super::debt::{self, cut_points, Debt, Shape, Spans, Step};
 use super::extent::{Extent, ExtentMap, ExtentValue};
 use super::layer::{Layer, LayerVal, SourceExtent};
 use super::manifest::{LayerRef, Manifest};
-use super::open::{now_unix, open_layer};
+use super::open::open_layer;
 use super::session::Session;
 use super::Result;
+use crate::catalog::Edit;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,11 +244,8 @@ impl Session {
             "image {}: manifest changed under compaction",
             self.image_id
         );
-        let mut next = base.clone();
-        next.generation += 1;
-        next.created_at_unix = now_unix();
-        next.layers = step.apply(&base.layers, refs.clone());
-        self.publish(&next)?;
+        let edit = Edit::SetLayers(step.apply(&base.layers, refs.clone()));
+        let next = self.publish(&base, &edit)?;
         self.install_compacted(&base, &next, opened);
         let what = match &step {
             Step::Sink { .. } => "moved layers disjoint from all older ones into the base".into(),
@@ -316,11 +314,8 @@ impl Session {
         if listed != gone.len() {
             return Ok(0);
         }
-        let mut next = base.clone();
-        next.generation += 1;
-        next.created_at_unix = now_unix();
-        next.layers.retain(|l| !gone.contains(l.blob_id.as_str()));
-        self.publish(&next)?;
+        let edit = Edit::Drop(gone.iter().map(|id| id.to_string()).collect());
+        let next = self.publish(&base, &edit)?;
         self.install_compacted(&base, &next, Vec::new());
         log::info!(
             "image {}: compaction: dropped {} layer(s) that newer layers cover, manifest \

@@ -8,11 +8,12 @@ use super::buffer::BufferStore;
 use super::checkpoint;
 use super::extent::ExtentMap;
 use super::layer::Layer;
-use super::manifest::{self, writer_id_hex, Manifest, MANIFEST_FORMAT_VERSION};
+use super::manifest::{self, writer_id_hex, Manifest, Newest};
 use super::session::{BufVal, Session, View, WriterState};
 use super::wal::{self, WalFile, WalHeader};
 use super::{Error, Result};
-use crate::store::keys;
+use crate::catalog::keys;
+use crate::catalog::{self, Conflict, Edit, Outcome};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
@@ -20,9 +21,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Layers opened at once when a session opens (each is one or two ranged GETs on S3).
 const LAYER_OPEN_PARALLEL: usize = 16;
-
-/// How many times a takeover re-reads the newest manifest when its conditional create races.
-const TAKEOVER_ATTEMPTS_MAX: u32 = 5;
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -57,9 +55,7 @@ impl Session {
                 newest.next_generation()
             );
         }
-        let taken = newest.taken_generation;
-        let manifest = newest.manifest;
-        if let Some(m) = &manifest {
+        if let Some(m) = &newest.manifest {
             if m.page_size_bits != page_size_bits {
                 return Err(Error::Refused {
                     image,
@@ -91,16 +87,9 @@ impl Session {
         let segments =
             wal::list_segments(&buffer.dir, image_id).map_err(io("list WAL segments"))?;
         let (writer, index, files) = if segments.is_empty() {
-            take_over(&buffer, image_id, page_size_bits, manifest, taken)?
+            take_over(&buffer, image_id, page_size_bits, newest)?
         } else {
-            resume(
-                &buffer,
-                image_id,
-                page_size_bits,
-                manifest,
-                taken,
-                &segments,
-            )?
+            resume(&buffer, image_id, page_size_bits, newest, &segments)?
         };
         let layers = open_layers(&buffer, image_id, writer.manifest.as_ref())?;
         let view = View {
@@ -129,17 +118,18 @@ impl Session {
 /// segment file by number.
 type Opened = (WriterState, ExtentMap<BufVal>, BTreeMap<u64, Arc<File>>);
 
-/// `taken`: the highest manifest generation whose key exists (above `manifest`'s when
-/// cut-short objects were skipped; see `manifest::Newest`).
+/// `newest`: the newest complete manifest and the highest generation whose key exists
+/// (above the manifest's when cut-short objects were skipped; see `manifest::Newest`).
 fn resume(
     buffer: &BufferStore,
     image_id: &str,
     bits: u32,
-    manifest: Option<Manifest>,
-    taken: u64,
+    newest: Newest,
     segments: &[(u64, std::path::PathBuf)],
 ) -> Result<Opened> {
     let image = image_id.to_string();
+    let taken = newest.taken_generation;
+    let manifest = newest.manifest.clone();
     let path = &segments[segments.len() - 1].1;
     let (mut wal, files, rec) = wal::recover(segments).map_err(|source| Error::Io {
         image: image.clone(),
@@ -232,10 +222,14 @@ fn resume(
             None => {
                 // The store has no manifest (new or wiped store): publish the first one as
                 // ours (generation 1, or above cut-short objects).
-                let first = initial_manifest(image_id, bits, h_writer(&w), taken + 1, 0, vec![]);
-                publish_takeover(buffer, &mut w, first)?;
+                let edit = Edit::TakeOver {
+                    image_id: image.clone(),
+                    page_size_bits: bits,
+                    writer_id: w.wal.header.writer_id,
+                };
+                publish_takeover(buffer, &mut w, &newest, &edit)?;
             }
-            Some(m) if taken > m.generation => publish_bridge(buffer, &mut w, taken)?,
+            Some(m) if taken > m.generation => publish_bridge(buffer, &mut w, &newest)?,
             Some(_) => {}
         }
     }
@@ -247,87 +241,48 @@ fn resume(
 /// our manifest above them (same layers and change count, conditional create) so that the
 /// session's next manifest has a free generation. If another buffer store publishes a
 /// manifest meanwhile, it has taken the image over: refuse, as for any foreign owner.
-fn publish_bridge(buffer: &BufferStore, w: &mut WriterState, mut taken: u64) -> Result<()> {
+fn publish_bridge(buffer: &BufferStore, w: &mut WriterState, newest: &Newest) -> Result<()> {
     let base = w.manifest.clone().expect("resumed from a manifest");
     let image = base.image_id.clone();
     let store = buffer.store.as_ref();
-    let wrap = |source| Error::Manifest {
-        image: image.clone(),
-        source,
-    };
-    for _ in 0..TAKEOVER_ATTEMPTS_MAX {
-        let bridge = Manifest {
-            generation: taken + 1,
-            created_at_unix: now_unix(),
-            ..base.clone()
-        };
-        if manifest::create(store, &bridge).map_err(wrap)? {
+    let outcome = catalog::publish_next(store, newest, &Edit::Copy, Conflict::RetryWhileUnchanged)
+        .map_err(|source| Error::Manifest {
+            image: image.clone(),
+            source,
+        })?;
+    match outcome {
+        Outcome::Published(bridge) => {
             log::info!(
                 "image {image}: resumed at manifest generation {} (a copy of generation {} \
                  above {} cut-short object(s))",
                 bridge.generation,
                 base.generation,
-                taken - base.generation
+                bridge.generation - 1 - base.generation
             );
             w.manifest = Some(bridge);
-            return Ok(());
+            Ok(())
         }
-        let newest = manifest::load_newest(store, &image).map_err(wrap)?;
-        if newest.manifest.as_ref() != Some(&base) {
-            return Err(Error::Refused {
-                image: image.clone(),
-                why: format!(
-                    "while this buffer store ({}) was resuming from manifest generation {}, \
-                     another one published generation {}: it took the image over. To serve \
-                     the image here, move this buffer store's WAL segments aside (their \
-                     un-checkpointed writes are then lost) and reconnect",
-                    base.writer_id,
-                    base.generation,
-                    newest.manifest.map(|m| m.generation).unwrap_or(0)
-                ),
-            });
-        }
-        taken = newest.taken_generation;
-    }
-    Err(Error::Refused {
-        image,
-        why: "could not publish a manifest above cut-short ones: too much contention".into(),
-    })
-}
-
-fn h_writer(w: &WriterState) -> u128 {
-    w.wal.header.writer_id
-}
-
-fn initial_manifest(
-    image_id: &str,
-    bits: u32,
-    writer: u128,
-    generation: u64,
-    change_count: u64,
-    layers: Vec<manifest::LayerRef>,
-) -> Manifest {
-    Manifest {
-        format_version: MANIFEST_FORMAT_VERSION,
-        image_id: image_id.to_string(),
-        generation,
-        change_count,
-        writer_id: writer_id_hex(writer),
-        page_size_bits: bits,
-        layers,
-        created_at_unix: now_unix(),
+        Outcome::Fenced { newest, .. } => Err(Error::Refused {
+            image,
+            why: format!(
+                "while this buffer store ({}) was resuming from manifest generation {}, \
+                 another one published generation {newest}: it took the image over. To serve \
+                 the image here, move this buffer store's WAL segments aside (their \
+                 un-checkpointed writes are then lost) and reconnect",
+                base.writer_id, base.generation,
+            ),
+        }),
+        Outcome::GaveUp { .. } => Err(Error::Refused {
+            image,
+            why: "could not publish a manifest above cut-short ones: too much contention".into(),
+        }),
     }
 }
 
 /// Creates a new WAL with a fresh writer id and publishes a manifest naming it, at
 /// generation `taken + 1` (`taken`: the highest generation whose key exists).
-fn take_over(
-    buffer: &BufferStore,
-    image_id: &str,
-    bits: u32,
-    manifest: Option<Manifest>,
-    taken: u64,
-) -> Result<Opened> {
+fn take_over(buffer: &BufferStore, image_id: &str, bits: u32, newest: Newest) -> Result<Opened> {
+    let manifest = newest.manifest.clone();
     let image = image_id.to_string();
     let writer_id = keys::random_u128();
     let header = WalHeader {
@@ -359,18 +314,12 @@ fn take_over(
         let files = BTreeMap::from([(w.wal.segment(), w.wal.file.clone())]);
         return Ok((w, ExtentMap::new(), files));
     }
-    let next = match &w.manifest {
-        Some(m) => initial_manifest(
-            image_id,
-            bits,
-            writer_id,
-            taken.max(m.generation) + 1,
-            m.change_count,
-            m.layers.clone(),
-        ),
-        None => initial_manifest(image_id, bits, writer_id, taken + 1, 0, vec![]),
+    let edit = Edit::TakeOver {
+        image_id: image.clone(),
+        page_size_bits: bits,
+        writer_id,
     };
-    let r = publish_takeover(buffer, &mut w, next);
+    let r = publish_takeover(buffer, &mut w, &newest, &edit);
     if r.is_err() {
         // Nothing was written to the WAL yet: remove it so a retry starts clean.
         let _ = std::fs::remove_file(&path);
@@ -385,44 +334,34 @@ fn take_over(
     Ok((w, ExtentMap::new(), files))
 }
 
-/// Writes `next` with a conditional create; if another writer raced us to that generation,
-/// re-reads the newest manifest and tries on top of it.
-fn publish_takeover(buffer: &BufferStore, w: &mut WriterState, mut next: Manifest) -> Result<()> {
-    let image = next.image_id.clone();
+/// Publishes a takeover manifest (`edit`, on top of `newest`); if another writer races us
+/// to that generation, re-reads the newest manifest and tries on top of it.
+fn publish_takeover(
+    buffer: &BufferStore,
+    w: &mut WriterState,
+    newest: &Newest,
+    edit: &Edit,
+) -> Result<()> {
+    let image = w.wal.header.image_id.clone();
     let store = buffer.store.as_ref();
-    for _ in 0..TAKEOVER_ATTEMPTS_MAX {
-        let created = manifest::create(store, &next).map_err(|source| Error::Manifest {
-            image: image.clone(),
-            source,
+    let outcome =
+        catalog::publish_next(store, newest, edit, Conflict::Rebase).map_err(|source| {
+            Error::Manifest {
+                image: image.clone(),
+                source,
+            }
         })?;
-        if created {
+    match outcome {
+        Outcome::Published(next) => {
             w.change_count = w.change_count.max(next.change_count);
             w.manifest = Some(next);
-            return Ok(());
+            Ok(())
         }
-        let newest = manifest::load_newest(store, &image).map_err(|source| Error::Manifest {
-            image: image.clone(),
-            source,
-        })?;
-        if newest.taken_generation < next.generation {
-            return Err(Error::Refused {
-                image: image.clone(),
-                why: format!("manifest generation {} vanished", next.generation),
-            });
-        }
-        next.generation = newest.next_generation();
-        // On top of the newest complete manifest (none: only cut-short objects so far).
-        let (change_count, layers) = newest
-            .manifest
-            .map(|m| (m.change_count, m.layers))
-            .unwrap_or_default();
-        next.change_count = change_count;
-        next.layers = layers;
+        Outcome::Fenced { .. } | Outcome::GaveUp { .. } => Err(Error::Refused {
+            image,
+            why: "could not publish a takeover manifest: too much contention".into(),
+        }),
     }
-    Err(Error::Refused {
-        image,
-        why: "could not publish a takeover manifest: too much contention".into(),
-    })
 }
 
 fn open_layers(
@@ -546,8 +485,17 @@ mod tests {
     /// and publishes above the empty object; nothing is lost, then or later.
     #[test]
     fn resume_over_a_cut_short_manifest_loses_nothing() {
-        let full =
-            serde_json::to_vec_pretty(&initial_manifest(IMAGE, 12, 5, 3, 9, vec![])).unwrap();
+        let whole = Manifest {
+            format_version: manifest::MANIFEST_FORMAT_VERSION,
+            image_id: IMAGE.into(),
+            generation: 3,
+            change_count: 9,
+            writer_id: writer_id_hex(5),
+            page_size_bits: 12,
+            layers: vec![],
+            created_at_unix: 0,
+        };
+        let full = whole.to_bytes();
         for cut in [&b""[..], &full[..40]] {
             let dir = tempfile::tempdir().unwrap();
             let store = local(dir.path());

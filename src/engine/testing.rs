@@ -50,6 +50,13 @@ pub fn write_image(
         layers: refs,
         created_at_unix: 0,
     };
-    assert!(manifest::create(store, &m).unwrap(), "manifest 1 is new");
+    let newest = manifest::load_newest(store, image_id).unwrap();
+    assert_eq!(newest.taken_generation, 0, "manifest 1 is new");
+    let edit = crate::catalog::Edit::Whole(m.clone());
+    let outcome =
+        crate::catalog::publish_next(store, &newest, &edit, crate::catalog::Conflict::Fence);
+    let crate::catalog::Outcome::Published(m) = outcome.unwrap() else {
+        panic!("manifest 1 was not published");
+    };
     m
 }

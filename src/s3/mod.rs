@@ -33,7 +33,7 @@ pub use error::Error;
 pub use multipart::{MULTIPART_PART_BYTES, MULTIPART_THRESHOLD_BYTES, MULTIPART_UPLOAD_THREADS};
 
 use crate::store::cache::{BlockCache, CacheStats};
-use crate::store::{self, BlobReader, CreateOutcome, ImageStore, ObjectInfo};
+use crate::store::{self, BlobReader, CreateOutcome, ImageStore, ObjectInfo, UploadInfo};
 use client::{Client, Failure, Response};
 use std::fmt;
 use std::path::Path;
@@ -235,7 +235,10 @@ impl S3Store {
     }
 
     fn probe_conditional_create(&self) -> store::Result<()> {
-        let key = format!("{PROBE_KEY_PREFIX}{:032x}", store::keys::random_u128());
+        let key = format!(
+            "{PROBE_KEY_PREFIX}{:032x}",
+            crate::catalog::keys::random_u128()
+        );
         // Different bodies: should the second create be retried after an attempt whose
         // 412 was lost, the read-back in `create_if_absent` must not take the first
         // object for its own.
@@ -541,6 +544,78 @@ impl ImageStore for S3Store {
         self.client
             .call("delete", sign, &[], SMALL_BODY_BYTES_MAX, accept)
             .map_err(|f| self.error(key, &full, f))
+    }
+
+    fn delete_many(&self, keys: &[String]) -> store::Result<()> {
+        S3Store::delete_many(self, keys)
+    }
+
+    fn list_uploads(&self) -> store::Result<Vec<UploadInfo>> {
+        let full_prefix = self.prefix.clone();
+        let mut out = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let m = markers.as_ref().map(|(k, u)| (k.as_str(), u.as_str()));
+            let sign = |b: &_, c: &_| request::list_multipart_uploads(b, c, &full_prefix, m);
+            let page = self
+                .client
+                .call(
+                    "list multipart uploads",
+                    sign,
+                    &[],
+                    LIST_BODY_BYTES_MAX,
+                    |r| {
+                        expect_success(r).and_then(|r| {
+                            xml::parse_list_uploads(&String::from_utf8_lossy(&r.body))
+                        })
+                    },
+                )
+                .map_err(|f| self.error("", &full_prefix, f))?;
+            for u in page.uploads {
+                if let Some(key) = u.full_key.strip_prefix(self.prefix.as_str()) {
+                    out.push(UploadInfo {
+                        key: key.to_string(),
+                        upload_id: u.upload_id,
+                        initiated_unix: u.initiated_unix,
+                    });
+                }
+            }
+            match page.next_markers {
+                Some(next) if Some(&next) != markers.as_ref() => markers = Some(next),
+                _ => return Ok(out),
+            }
+        }
+        Err(store::Error::Remote {
+            key: String::new(),
+            message: format!(
+                "listing multipart uploads of s3://{}/{full_prefix}: more than \
+                 {LIST_PAGES_MAX} pages",
+                self.bucket()
+            ),
+        })
+    }
+
+    fn abort_upload(&self, upload: &UploadInfo) -> store::Result<()> {
+        let full = self.full_key(&upload.key)?;
+        let sign = |b: &_, c: &_| request::abort_multipart(b, c, &full, &upload.upload_id);
+        let accept = |r: Response| match r.status {
+            // Already completed or aborted: nothing left to abort.
+            404 => Ok(()),
+            _ => expect_success(r).map(drop),
+        };
+        self.client
+            .call(
+                "abort multipart upload",
+                sign,
+                &[],
+                SMALL_BODY_BYTES_MAX,
+                accept,
+            )
+            .map_err(|f| self.error(&upload.key, &full, f))
+    }
+
+    fn requests_sent(&self) -> Option<u64> {
+        Some(S3Store::requests_sent(self))
     }
 
     fn describe(&self) -> String {

@@ -48,7 +48,7 @@ pub fn is_valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= KEY_BYTES_MAX && key.split('/').all(is_valid_component)
 }
 
-use crate::store::keys::is_valid_key_component as is_valid_component;
+use crate::catalog::keys::is_valid_key_component as is_valid_component;
 
 /// A listing prefix: empty, or whole valid components, each followed by `/`, then possibly
 /// the start of one more component (`images/`, `blobs/01H`, `images/x.mvps-image/`).
@@ -236,12 +236,81 @@ pub fn delete_objects(b: &Bucket, c: &Credentials, full_keys: &[String]) -> (Req
     )
 }
 
+/// Signs `url` (a bucket or object URL) with `query` (sorted by name, then value), then
+/// writes each parameter named in `bare` without its `=`: S3 subresources such as `uploads`
+/// take no value, and some S3 implementations refuse one (`uploads=1`, as rusty-s3 writes
+/// it). SigV4 signs a parameter without a value as `name=`, so the signature holds.
+fn sign_canonical(
+    b: &Bucket,
+    c: &Credentials,
+    method: Method,
+    url: url::Url,
+    query: &[(&str, &str)],
+    bare: &[&str],
+) -> Request {
+    debug_assert!(query.windows(2).all(|w| w[0] <= w[1]), "sorted query");
+    let signed = rusty_s3::signing::sign(
+        &jiff::Timestamp::now(),
+        method,
+        url,
+        c.key(),
+        c.secret(),
+        c.token(),
+        b.region(),
+        PRESIGN_EXPIRES.as_secs(),
+        query.iter().copied(),
+        std::iter::empty(),
+    );
+    let mut url = signed.to_string();
+    if let Some(q) = url.find('?') {
+        let params: Vec<&str> = url[q + 1..]
+            .split('&')
+            .map(|p| match p.strip_suffix('=') {
+                Some(name) if bare.contains(&name) => name,
+                _ => p,
+            })
+            .collect();
+        url = format!("{}?{}", &url[..q], params.join("&"));
+    }
+    Request {
+        method,
+        url,
+        headers: Vec::new(),
+    }
+}
+
+/// CreateMultipartUpload: `POST /key?uploads`, the subresource without a value.
 pub fn create_multipart(b: &Bucket, c: &Credentials, full_key: &str) -> Request {
-    sign(
-        &b.create_multipart_upload(Some(c), full_key),
-        Method::Post,
-        Vec::new(),
-    )
+    let url = b.object_url(full_key);
+    sign_canonical(b, c, Method::Post, url, &[("uploads", "")], &["uploads"])
+}
+
+/// Uploads one ListMultipartUploads page may list (the S3 API limit).
+pub const LIST_UPLOADS_PAGE_MAX: u16 = 1000;
+
+/// One page of ListMultipartUploads (`GET /?uploads&prefix=…`) of the uploads in progress
+/// under `full_prefix`, after the markers of the previous page.
+pub fn list_multipart_uploads(
+    b: &Bucket,
+    c: &Credentials,
+    full_prefix: &str,
+    markers: Option<(&str, &str)>,
+) -> Request {
+    let max = LIST_UPLOADS_PAGE_MAX.to_string();
+    let mut query = Vec::new();
+    if let Some((key, _)) = markers {
+        query.push(("key-marker", key));
+    }
+    query.push(("max-uploads", max.as_str()));
+    if !full_prefix.is_empty() {
+        query.push(("prefix", full_prefix));
+    }
+    if let Some((_, upload_id)) = markers {
+        query.push(("upload-id-marker", upload_id));
+    }
+    query.push(("uploads", ""));
+    let url = b.base_url().clone();
+    sign_canonical(b, c, Method::Get, url, &query, &["uploads"])
 }
 
 /// Part numbers start at 1 (S3 allows 1..=10000). `content_md5` of the part's body is signed,
@@ -320,6 +389,33 @@ mod tests {
             "AKIAIOSFODNN7EXAMPLE",
             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         )
+    }
+
+    #[test]
+    fn subresources_are_sent_without_a_value() {
+        let (b, _) = bucket(Some("http://127.0.0.1:9000"), "us-east-1", "bkt").unwrap();
+        let r = create_multipart(&b, &creds(), "p/blobs/x");
+        assert_eq!(r.method, Method::Post);
+        let query = r.url.split_once('?').unwrap().1;
+        let params: Vec<&str> = query.split('&').collect();
+        assert!(params.contains(&"uploads"), "{}", r.url);
+        assert!(!r.url.contains("uploads="), "{}", r.url);
+        assert!(r.url.starts_with("http://127.0.0.1:9000/bkt/p/blobs/x?"));
+        let r = list_multipart_uploads(&b, &creds(), "p/", Some(("p/k", "id1")));
+        let query = r.url.split_once('?').unwrap().1;
+        let params: Vec<&str> = query.split('&').collect();
+        for want in [
+            "uploads",
+            "prefix=p%2F",
+            "key-marker=p%2Fk",
+            "upload-id-marker=id1",
+        ] {
+            assert!(params.contains(&want), "{want} in {}", r.url);
+        }
+        assert!(
+            r.url.starts_with("http://127.0.0.1:9000/bkt/?")
+                || r.url.starts_with("http://127.0.0.1:9000/bkt?")
+        );
     }
 
     #[test]

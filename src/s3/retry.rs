@@ -75,7 +75,7 @@ pub fn backoff_ceiling(retry: u32) -> Duration {
 
 /// A random wait before retry number `retry`.
 pub fn jittered_backoff(retry: u32) -> Duration {
-    backoff(retry, crate::store::keys::random_u128() as u64)
+    backoff(retry, crate::catalog::keys::random_u128() as u64)
 }
 
 #[cfg(test)]

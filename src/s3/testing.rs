@@ -210,7 +210,7 @@ impl SeaweedFs {
     pub fn fresh_bucket(&self) -> String {
         let name = format!(
             "mvps-test-{:016x}",
-            crate::store::keys::random_u128() as u64
+            crate::catalog::keys::random_u128() as u64
         );
         self.create_bucket(&name).unwrap_or_else(|e| panic!("{e}"));
         name

@@ -169,6 +169,68 @@ pub fn parse_delete_objects(body: &str) -> Result<Vec<(String, String)>, Error> 
         .collect())
 }
 
+/// One multipart upload in progress, its key still including the store prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedUpload {
+    pub full_key: String,
+    pub upload_id: String,
+    /// Seconds since the Unix epoch (0 if the store did not say).
+    pub initiated_unix: u64,
+}
+
+/// One page of a ListMultipartUploads listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadsPage {
+    pub uploads: Vec<ListedUpload>,
+    /// Set when truncated: (`NextKeyMarker`, `NextUploadIdMarker`) for the next page.
+    pub next_markers: Option<(String, String)>,
+}
+
+/// Reads a `ListMultipartUploadsResult` (a flat document: read by hand like errors).
+pub fn parse_list_uploads(body: &str) -> Result<UploadsPage, Error> {
+    let bad = |message: &str| Error::Parse {
+        what: "ListMultipartUploads",
+        message: message.to_string(),
+    };
+    if !body.contains("<ListMultipartUploadsResult") {
+        return Err(bad("not a ListMultipartUploadsResult document"));
+    }
+    let mut uploads = Vec::new();
+    let mut rest = body;
+    while let Some(start) = rest.find("<Upload>") {
+        let end = rest[start..]
+            .find("</Upload>")
+            .ok_or_else(|| bad("<Upload> without </Upload>"))?
+            + start;
+        let one = &rest[start..end];
+        uploads.push(ListedUpload {
+            full_key: tag_text(one, "Key").ok_or_else(|| bad("an upload without <Key>"))?,
+            upload_id: tag_text(one, "UploadId")
+                .ok_or_else(|| bad("an upload without <UploadId>"))?,
+            initiated_unix: tag_text(one, "Initiated")
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .unwrap_or(0),
+        });
+        rest = &rest[end..];
+    }
+    // The page's own fields come after the uploads in S3's answers, but read them from the
+    // part outside <Upload> elements either way.
+    let head = body.split("<Upload>").next().unwrap_or("");
+    let field = |tag: &str| tag_text(head, tag).or_else(|| tag_text(rest, tag));
+    let truncated = field("IsTruncated").as_deref() == Some("true");
+    let next_markers = if truncated {
+        let key = field("NextKeyMarker").ok_or_else(|| bad("truncated without NextKeyMarker"))?;
+        Some((key, field("NextUploadIdMarker").unwrap_or_default()))
+    } else {
+        None
+    };
+    Ok(UploadsPage {
+        uploads,
+        next_markers,
+    })
+}
+
 /// `2026-01-02T03:04:05.678Z` (or with a `±hh:mm` offset) → seconds since the Unix epoch.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
@@ -225,6 +287,32 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_uploads() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>
+  <NextKeyMarker>p/blobs/b</NextKeyMarker><NextUploadIdMarker>u&amp;2</NextUploadIdMarker>
+  <MaxUploads>2</MaxUploads><IsTruncated>true</IsTruncated>
+  <Upload><Key>p/blobs/a</Key><UploadId>u1</UploadId>
+    <Initiated>2026-01-02T03:04:05.000Z</Initiated></Upload>
+  <Upload><Key>p/blobs/b</Key><UploadId>u&amp;2</UploadId></Upload>
+</ListMultipartUploadsResult>"#;
+        let page = parse_list_uploads(body).unwrap();
+        assert_eq!(page.uploads.len(), 2);
+        assert_eq!(page.uploads[0].full_key, "p/blobs/a");
+        assert_eq!(
+            page.uploads[0].initiated_unix,
+            parse_rfc3339("2026-01-02T03:04:05Z").unwrap()
+        );
+        assert_eq!(page.uploads[1].upload_id, "u&2");
+        assert_eq!(page.next_markers, Some(("p/blobs/b".into(), "u&2".into())));
+        let empty = "<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>";
+        assert_eq!(parse_list_uploads(empty).unwrap().uploads, vec![]);
+        assert!(parse_list_uploads("<html/>").is_err());
+        assert!(parse_list_uploads("<ListMultipartUploadsResult><Upload><Key>k</Key>").is_err());
+    }
 
     #[test]
     fn error_body_aws() {

@@ -1,11 +1,11 @@
 //! The image store: a narrow object-store trait. Everything above it is storage-agnostic.
 //!
 //! Keys are relative to the store's root (a directory, or an S3 bucket + prefix) and use the
-//! layout in [`keys`]. Objects are immutable once written, except that a blob may be written
+//! layout in [`crate::catalog::keys`] (re-exported here as `store::keys`). Objects are immutable once written, except that a blob may be written
 //! again with identical content after a retry.
 
 pub mod cache;
-pub mod keys;
+pub use crate::catalog::keys;
 pub mod local;
 
 use std::fmt;
@@ -19,6 +19,17 @@ pub struct ObjectInfo {
     pub size_bytes: u64,
     /// Seconds since the Unix epoch (0 when the store cannot tell).
     pub last_modified_unix: u64,
+}
+
+/// A multipart upload in progress (S3): invisible in listings, billed until completed or
+/// aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadInfo {
+    /// Key relative to the store root.
+    pub key: String,
+    pub upload_id: String,
+    /// Seconds since the Unix epoch (0 when the store cannot tell).
+    pub initiated_unix: u64,
 }
 
 /// Outcome of a conditional create.
@@ -90,6 +101,24 @@ pub trait ImageStore: Send + Sync {
     fn list(&self, prefix: &str, limit: Option<usize>) -> Result<Vec<ObjectInfo>>;
     /// Deletes an object; deleting a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes many objects (missing ones are not an error). The default deletes them one by
+    /// one; S3 sends DeleteObjects batches.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
+    /// Multipart uploads in progress under the store's root; stores without them have none.
+    fn list_uploads(&self) -> Result<Vec<UploadInfo>> {
+        Ok(Vec::new())
+    }
+    /// Aborts an upload from [`ImageStore::list_uploads`]; one already gone is not an error.
+    fn abort_upload(&self, upload: &UploadInfo) -> Result<()> {
+        let _ = upload;
+        Ok(())
+    }
+    /// Requests sent so far, when the store counts them (S3), for reports and benchmarks.
+    fn requests_sent(&self) -> Option<u64> {
+        None
+    }
     /// A short description for logs ("local:/var/lib/mvps/image-store", "s3://bucket/prefix").
     fn describe(&self) -> String;
 }

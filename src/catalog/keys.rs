@@ -1,9 +1,11 @@
-//! Object layout (DESIGN §3, docs/FORMAT.md):
+//! Object keys and ids: the object layout (DESIGN §3, docs/FORMAT.md), shared by the engine,
+//! the garbage collector and mvpsctl:
 //!
 //! ```text
 //! images/<image_id>/<gen>.json   manifest; <gen> = 16 lowercase hex of (u64::MAX - generation)
 //! blobs/<blob_id>                layer blob; blob_id = <ULID>-<random base32>.mvps-blob
 //! gcmark/<blob_id>               garbage-collector mark
+//! gcmark/pass.json               the garbage collector's record of its last pass
 //! ```
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -81,6 +83,32 @@ pub fn generation_of_manifest_key(key: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok().map(|inv| u64::MAX - inv)
 }
 
+/// The image id of a manifest key (`images/<image_id>/<gen>.json`) and its generation; None
+/// for any other key.
+pub fn parse_manifest_key(key: &str) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix(IMAGES_PREFIX)?;
+    let (image_id, name) = rest.split_once('/')?;
+    if !is_valid_image_id(image_id) || name.contains('/') {
+        return None;
+    }
+    Some((image_id, generation_of_manifest_key(name)?))
+}
+
+/// The blob id of a blob key (`blobs/<blob_id>`), if it is one of ours.
+pub fn parse_blob_key(key: &str) -> Option<&str> {
+    key.strip_prefix(BLOBS_PREFIX)
+        .filter(|id| is_valid_blob_id(id))
+}
+
+/// The blob id of a mark key (`gcmark/<blob_id>`), if it is one.
+pub fn parse_gcmark_key(key: &str) -> Option<&str> {
+    key.strip_prefix(GCMARK_PREFIX)
+        .filter(|id| is_valid_blob_id(id))
+}
+
+/// Where the garbage collector records what its last pass saw (for its sanity checks).
+pub const GC_PASS_KEY: &str = "gcmark/pass.json";
+
 pub fn blob_key(blob_id: &str) -> String {
     format!("{BLOBS_PREFIX}{blob_id}")
 }
@@ -91,13 +119,41 @@ pub fn gcmark_key(blob_id: &str) -> String {
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
+/// Characters of a ULID's time part (48 bits in 10 base32 digits).
+const ULID_TIME_CHARS: usize = 10;
+
+/// When a blob was created: the Unix milliseconds in its ULID (the clock of the writer that
+/// named it, just before it wrote the blob). None if the id is not ours.
+pub fn blob_created_unix_ms(blob_id: &str) -> Option<u64> {
+    if !is_valid_blob_id(blob_id) {
+        return None;
+    }
+    let mut ms: u64 = 0;
+    for c in blob_id.bytes().take(ULID_TIME_CHARS) {
+        let digit = CROCKFORD.iter().position(|&d| d == c)? as u64;
+        ms = (ms << 5) | digit;
+    }
+    // 10 digits hold 50 bits; a ULID's time has 48, so a larger value is not a ULID.
+    (ms < 1 << 48).then_some(ms)
+}
+
 /// A new blob id: a ULID (48-bit milliseconds + 80 random bits, Crockford base32) so blob ids
 /// sort by creation time, then 16 more random base32 characters so two writers never collide.
 pub fn new_blob_id() -> String {
-    let ms = SystemTime::now()
+    new_blob_id_at(now_unix_ms())
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 if it is before 1970).
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A blob id whose ULID carries `ms` as its creation time (tests plant old blobs with it).
+pub fn new_blob_id_at(ms: u64) -> String {
+    let ms = u128::from(ms);
     let ulid: u128 = ((ms & ((1 << 48) - 1)) << 80) | (random_u128() >> 48);
     let mut s = String::with_capacity(64);
     for i in (0..26).rev() {
@@ -179,5 +235,28 @@ mod tests {
         assert!(is_valid_blob_id(&a), "{a}");
         assert_ne!(a, b);
         assert!(!is_valid_blob_id("../etc/passwd"));
+        let at = 1_790_000_000_123;
+        let old = new_blob_id_at(at);
+        assert_eq!(blob_created_unix_ms(&old), Some(at));
+        let now = blob_created_unix_ms(&a).unwrap();
+        assert!(now.abs_diff(now_unix_ms()) < 60_000);
+        assert_eq!(parse_blob_key(&blob_key(&a)), Some(a.as_str()));
+        assert_eq!(parse_gcmark_key(&gcmark_key(&a)), Some(a.as_str()));
+        assert_eq!(parse_gcmark_key(GC_PASS_KEY), None);
+        assert_eq!(blob_created_unix_ms("zz"), None);
+    }
+
+    #[test]
+    fn manifest_keys_parse_back() {
+        let k = manifest_key("a.mvps-image", 42);
+        assert_eq!(parse_manifest_key(&k), Some(("a.mvps-image", 42)));
+        for bad in [
+            "images/a.mvps-image/x.json",
+            "images/bad/ffffffffffffffd5.json",
+            "images/a.mvps-image/sub/ffffffffffffffd5.json",
+            "blobs/ffffffffffffffd5.json",
+        ] {
+            assert_eq!(parse_manifest_key(bad), None, "{bad}");
+        }
     }
 }
