@@ -120,6 +120,44 @@ pub const FLAGS: &[(&str, bool)] = &[
     ("log-level", true),
 ];
 
+/// Logs to stderr at `level` (error, warn, info, debug or trace), RFC 3339 timestamps.
+pub fn init_logging(level: &str) -> Result<(), String> {
+    let filter = match level.to_ascii_lowercase().as_str() {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(format!(
+                "--log-level {other:?}: use error, warn, info, debug or trace"
+            ))
+        }
+    };
+    let cfg = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .build();
+    simplelog::WriteLogger::init(filter, cfg, std::io::stderr()).map_err(|e| e.to_string())
+}
+
+/// A duration in whole seconds: a number, or with a unit s, m, h or d (`90`, `15m`, `30d`).
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown duration unit in {s:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration {s:?} overflows"))
+}
+
 /// Environment variable for a flag: `--image-store-s3-bucket` → `MVPS_TE_IMAGE_STORE_S3_BUCKET`.
 pub fn env_name(prefix: &str, flag: &str) -> String {
     format!("{prefix}{}", flag.replace('-', "_").to_ascii_uppercase())

@@ -7,27 +7,6 @@ use mvps::server::{self, exports::EngineExports, Listener};
 use mvps::store::{cache::BlockCache, local::LocalStore, ImageStore};
 use std::sync::Arc;
 
-fn init_logging(level: &str) -> Result<(), String> {
-    let filter = match level.to_ascii_lowercase().as_str() {
-        "error" => log::LevelFilter::Error,
-        "warn" => log::LevelFilter::Warn,
-        "info" => log::LevelFilter::Info,
-        "debug" => log::LevelFilter::Debug,
-        "trace" => log::LevelFilter::Trace,
-        other => {
-            return Err(format!(
-                "--log-level {other:?}: use error, warn, info, debug or trace"
-            ))
-        }
-    };
-    let cfg = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(log::LevelFilter::Off)
-        .set_target_level(log::LevelFilter::Off)
-        .build();
-    simplelog::WriteLogger::init(filter, cfg, std::io::stderr()).map_err(|e| e.to_string())
-}
-
 fn open_image_store(c: &Config) -> Result<Arc<dyn ImageStore>, String> {
     match c.image_store.as_str() {
         "local" => {
@@ -57,7 +36,7 @@ fn open_image_store(c: &Config) -> Result<Arc<dyn ImageStore>, String> {
 }
 
 fn run(c: Config) -> Result<(), String> {
-    init_logging(&c.log_level)?;
+    config::init_logging(&c.log_level)?;
     let secret = c
         .jwt_secret
         .clone()

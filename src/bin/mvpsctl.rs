@@ -69,21 +69,6 @@ struct TokenCmd {
     ttl: String,
 }
 
-fn parse_duration_secs(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("unknown duration unit in {s:?} (use s, m, h or d)")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("duration {s:?} overflows"))
-}
-
 fn token(t: TokenCmd) -> Result<(), String> {
     // The image id becomes a key in the image store: checked by the catalog's rule first.
     if !mvps::catalog::keys::is_valid_image_id(&t.image_id) {
@@ -107,7 +92,7 @@ fn token(t: TokenCmd) -> Result<(), String> {
         image_id: t.image_id,
         image_size: auth::parse_size(&t.size)?,
         page_size_bits: t.page_size_bits,
-        exp: now.saturating_add(parse_duration_secs(&t.ttl)?),
+        exp: now.saturating_add(mvps::config::parse_duration_secs(&t.ttl)?),
         client_id: t.client_id,
     };
     let tok = auth::mint(&claims, secret.as_bytes()).map_err(|e| e.to_string())?;

@@ -21,7 +21,7 @@ pub struct Mark {
 
 /// What one pass saw, for the next pass's sanity check ("a listing of manifests much
 /// smaller than the previous pass saw").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassRecord {
     pub format_version: u32,
     /// Unix seconds when the pass started.
