@@ -33,9 +33,9 @@ pub fn profile_dir() -> PathBuf {
 }
 
 /// The workspace binaries the suites run.
-pub const BINARIES: &[&str] = &["mvps-te", "mvpsctl"];
+pub const BINARIES: &[&str] = &["mvps-te", "mvpsctl", "mvps-s3-gc"];
 
-/// Path of a workspace binary (`mvps-te`, `mvpsctl`), built first if it is missing or older
+/// Path of a workspace binary (`mvps-te`, `mvpsctl`, `mvps-s3-gc`), built first if it is missing or older
 /// than any source of the root package.
 ///
 /// The check runs once per test process. Building only when stale (rather than always
@@ -72,7 +72,7 @@ fn is_stale(binary: &Path) -> bool {
         return true;
     };
     let root = workspace_root();
-    ["src", "Cargo.toml", "Cargo.lock"]
+    ["src", "gc/src", "gc/Cargo.toml", "Cargo.toml", "Cargo.lock"]
         .iter()
         .filter_map(|p| newest(&root.join(p)))
         .any(|t| t > built)
