@@ -3,8 +3,9 @@
 //! appear in `man/mvps-te.8`; every command that `mvpsctl --help` lists has a subsection
 //! `.SS mvpsctl CMD` of OPTIONS in `man/mvpsctl.1` with each of its options and defaults, and
 //! its flags in SYNOPSIS; `mvpsctl txn`'s exit codes are under EXIT STATUS; and neither page's
-//! OPTIONS section names a flag that does not exist. The pages must also format without groff
-//! warnings.
+//! OPTIONS section names a flag that does not exist. `man/mvps-s3-gc.8` likewise documents
+//! every `mvps-s3-gc` flag with its default, its `MVPS_S3_GC_*` variable and the exit codes.
+//! The pages must also format without groff warnings.
 //!
 //! The roff is reduced to plain text by a small renderer below (escapes such as `\-` and
 //! `\fB`, and the font-alternating macros `.BR`, `.IR`, ...), enough for these checks.
@@ -17,6 +18,7 @@ use std::process::Command;
 
 const SERVER_PAGE: &str = "man/mvps-te.8";
 const CTL_PAGE: &str = "man/mvpsctl.1";
+const GC_PAGE: &str = "man/mvps-s3-gc.8";
 
 /// The sections each page must have, in this order (ripgrep's order, then ours).
 const SERVER_SECTIONS: &[&str] = &[
@@ -43,6 +45,17 @@ const CTL_SECTIONS: &[&str] = &[
     "OPTIONS",
     "ENVIRONMENT",
     "FILES",
+    "EXIT STATUS",
+    "EXAMPLES",
+    "SEE ALSO",
+];
+
+const GC_SECTIONS: &[&str] = &[
+    "NAME",
+    "SYNOPSIS",
+    "DESCRIPTION",
+    "OPTIONS",
+    "ENVIRONMENT",
     "EXIT STATUS",
     "EXAMPLES",
     "SEE ALSO",
@@ -693,11 +706,97 @@ fn ctl_page_documents_environment_and_txn_exit_codes() {
     }
 }
 
+fn gc_help() -> String {
+    match mvps_s3_gc::Options::from_args(&["mvps-s3-gc"], &["--help"]) {
+        Err(e) => e.output,
+        Ok(_) => panic!("--help parsed as options"),
+    }
+}
+
+#[test]
+fn gc_page_sections_and_version() {
+    let page = Page::load(GC_PAGE);
+    page.check_sections(GC_SECTIONS);
+    page.check_version();
+}
+
+#[test]
+fn gc_page_documents_every_flag_variable_and_exit_code() {
+    let page = Page::load(GC_PAGE);
+    let help = help_options(&gc_help());
+    for (flag, _) in mvps_s3_gc::FLAGS {
+        assert!(
+            help.iter().any(|(f, _)| f == flag),
+            "mvps_s3_gc::FLAGS has --{flag}, --help does not"
+        );
+    }
+    for (flag, _) in &help {
+        assert!(
+            BUILTIN_FLAGS.contains(&flag.as_str())
+                || mvps_s3_gc::FLAGS.iter().any(|(f, _)| f == flag),
+            "--{flag} is in --help but not in mvps_s3_gc::FLAGS (no environment variable)"
+        );
+    }
+    check_options(&page, None, &help, &[], &["ENVIRONMENT", "SYNOPSIS"]);
+
+    let env = page.section("ENVIRONMENT").items();
+    let item = |var: &str| {
+        env.iter()
+            .find(|(tag, _)| tag == var)
+            .map(|(_, b)| b.clone())
+    };
+    let mut wanted = BTreeSet::new();
+    for (flag, _) in mvps_s3_gc::FLAGS {
+        let var = env_name(mvps_s3_gc::ENV_PREFIX, flag);
+        let body = item(&var)
+            .unwrap_or_else(|| panic!("{GC_PAGE}: ENVIRONMENT has no item for {var} (--{flag})"));
+        assert!(
+            long_flags(&body).iter().any(|f| f == flag),
+            "{GC_PAGE}: the ENVIRONMENT item {var} should refer to --{flag}:\n{body}"
+        );
+        wanted.insert(var);
+    }
+    // `.TQ` joins the credential variables under one item: look in the section's text.
+    let text = page.section("ENVIRONMENT").text();
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "S3_ENDPOINT",
+        mvps::catalog::MIN_BLOB_AGE_ENV,
+    ] {
+        assert!(
+            contains_word(&text, var),
+            "{GC_PAGE}: ENVIRONMENT does not name {var}"
+        );
+    }
+    for (tag, _) in &env {
+        if tag.starts_with(mvps_s3_gc::ENV_PREFIX) {
+            assert!(
+                wanted.contains(tag),
+                "{GC_PAGE}: ENVIRONMENT documents {tag}, which no flag reads"
+            );
+        }
+    }
+    let status = page.section("EXIT STATUS").items();
+    for code in [
+        mvps_s3_gc::EXIT_OK,
+        mvps_s3_gc::EXIT_ERROR,
+        mvps_s3_gc::EXIT_STOP,
+    ] {
+        assert!(
+            status.iter().any(|(tag, _)| tag == &code.to_string()),
+            "{GC_PAGE}: EXIT STATUS has no item for {code}"
+        );
+    }
+}
+
 /// `groff -man -ww -z` prints nothing for a clean page. groff comes with man-db
 /// (Debian package groff-base).
 #[test]
 fn pages_format_without_groff_warnings() {
-    for path in [SERVER_PAGE, CTL_PAGE] {
+    for path in [SERVER_PAGE, CTL_PAGE, GC_PAGE] {
         let full = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path);
         let out = Command::new("groff")
             .args(["-man", "-ww", "-z"])
