@@ -29,6 +29,15 @@ const SIZE: u64 = 4 << 20;
 const PAGE: usize = 4096;
 /// NBD_EIO.
 const EIO: u32 = 5;
+/// Collect as soon as the bound allows: one pass, no waiting days, only the newest manifest.
+const PROMPT: [&str; 6] = [
+    "--threshold-inactive-days",
+    "0",
+    "--threshold-inactive-count",
+    "1",
+    "--manifest-retention",
+    "0s",
+];
 
 /// An image store under test: a local directory or a SeaweedFS bucket prefix.
 enum Target {
@@ -253,14 +262,7 @@ fn churn_then_collect(t: &Target) {
     assert!(live.is_subset(&blobs));
     std::thread::sleep(MIN_AGE + Duration::from_millis(500));
 
-    let args = [
-        "--threshold-inactive-days",
-        "0",
-        "--threshold-inactive-count",
-        "2",
-        "--manifest-retention",
-        "0s",
-    ];
+    let args = with_count("2");
     let first = t.gc(&args).ok();
     assert_eq!(first.n("manifests_deleted"), manifests - 1, "{}", first.out);
     assert_eq!(first.n("manifests_kept"), 1);
@@ -352,16 +354,7 @@ fn a_fenced_writer_whose_generation_was_collected_stays_fenced() {
             .unwrap()
             .filter(|m| m.generation > g + 1)
     });
-    let out = t
-        .gc(&[
-            "--threshold-inactive-days",
-            "0",
-            "--threshold-inactive-count",
-            "1",
-            "--manifest-retention",
-            "0s",
-        ])
-        .ok();
+    let out = t.gc(&PROMPT).ok();
     assert!(out.n("manifests_deleted") >= 2, "{}", out.out);
     let takeover_key = keys::manifest_key(&id, g + 1);
     assert!(
@@ -424,50 +417,46 @@ fn seed_store(store: &dyn ImageStore, image: &str, garbage: usize) -> Manifest {
     m2
 }
 
+/// [`PROMPT`] with another pass count.
+fn with_count(n: &'static str) -> [&'static str; 6] {
+    let mut a = PROMPT;
+    a[3] = n;
+    a
+}
+
+/// Runs a pass that must stop (see [`Gc::stopped`]) and checks that the store is unchanged.
+fn assert_stops(t: &Target, what: &str) -> Gc {
+    std::thread::sleep(MIN_AGE);
+    let before = t.all_keys();
+    let g = t.gc(&PROMPT).stopped(what);
+    assert_eq!(t.all_keys(), before, "a sanity stop changed the store");
+    g
+}
+
 /// Each crafted sanity stop: exit status 2, nothing deleted, a message saying what to check.
 #[test]
 fn sanity_stops_delete_nothing() {
-    let gc_args = [
-        "--threshold-inactive-days",
-        "0",
-        "--threshold-inactive-count",
-        "1",
-        "--manifest-retention",
-        "0s",
-    ];
     // Blobs but no manifests.
     let t = Target::local();
-    t.store()
-        .put(&keys::blob_key(&keys::new_blob_id()), b"x")
-        .unwrap();
-    std::thread::sleep(MIN_AGE);
-    let before = t.all_keys();
-    t.gc(&gc_args).stopped("no manifest under images/");
-    assert_eq!(t.all_keys(), before);
+    let blob = keys::blob_key(&keys::new_blob_id());
+    t.store().put(&blob, b"x").unwrap();
+    assert_stops(&t, "no manifest under images/");
 
     // A kept manifest naming a missing blob: corruption, said loudly.
     let t = Target::local();
     let m = seed(&t, "s.mvps-image", 2);
-    t.store()
-        .delete(&keys::blob_key(&m.layers[0].blob_id))
-        .unwrap();
-    std::thread::sleep(MIN_AGE);
-    let before = t.all_keys();
-    let g = t.gc(&gc_args).stopped("CORRUPTION");
-    assert!(g.out.stderr.contains(&m.layers[0].blob_id), "{}", g.out);
-    assert_eq!(t.all_keys(), before);
+    let lost = &m.layers[0].blob_id;
+    t.store().delete(&keys::blob_key(lost)).unwrap();
+    let g = assert_stops(&t, "CORRUPTION");
+    assert!(g.out.stderr.contains(lost.as_str()), "{}", g.out);
 
     // A damaged newest manifest: never read as "references nothing".
     let t = Target::local();
     let m = seed(&t, "s.mvps-image", 2);
     let key = keys::manifest_key("s.mvps-image", m.generation + 1);
-    t.store()
-        .create_if_absent(&key, b"{\"format_version\": 1,, }")
-        .unwrap();
-    std::thread::sleep(MIN_AGE);
-    let before = t.all_keys();
-    t.gc(&gc_args).stopped("damaged");
-    assert_eq!(t.all_keys(), before);
+    let damaged = b"{\"format_version\": 1,, }";
+    t.store().create_if_absent(&key, damaged).unwrap();
+    assert_stops(&t, "damaged");
 
     // Far fewer manifests than the previous pass kept.
     let t = Target::local();
@@ -480,10 +469,7 @@ fn sanity_stops_delete_nothing() {
     t.store()
         .put(keys::GC_PASS_KEY, &record.to_bytes())
         .unwrap();
-    std::thread::sleep(MIN_AGE);
-    let before = t.all_keys();
-    t.gc(&gc_args).stopped(keys::GC_PASS_KEY);
-    assert_eq!(t.all_keys(), before);
+    assert_stops(&t, keys::GC_PASS_KEY);
 
     // A listing error: wrong credentials on S3 (one line that names what to fix).
     let t = Target::s3();
@@ -510,14 +496,7 @@ fn dry_run_empty_prefix_and_missing_bucket() {
     for t in [Target::local(), Target::s3()] {
         let m = seed(&t, "d.mvps-image", 3);
         std::thread::sleep(MIN_AGE + Duration::from_millis(300));
-        let args = [
-            "--threshold-inactive-days",
-            "0",
-            "--threshold-inactive-count",
-            "1",
-            "--manifest-retention",
-            "0s",
-        ];
+        let args = PROMPT;
         let before = t.all_keys();
         let mut dry = args.to_vec();
         dry.push("--dry-run");
@@ -584,16 +563,8 @@ fn passes_through_a_fault_proxy_never_delete_a_referenced_blob() {
     let proxy = FaultProxy::start(s3.weed.endpoint(), 0.2, 16);
     proxy.set_stall(Duration::from_millis(300));
     proxy.set_faults(true);
-    let args = [
-        "--threshold-inactive-days",
-        "0",
-        "--threshold-inactive-count",
-        "2",
-        "--manifest-retention",
-        "0s",
-        "--concurrency",
-        "8",
-    ];
+    let mut args = with_count("2").to_vec();
+    args.extend(["--concurrency", "8"]);
     let mut codes = Vec::new();
     for _ in 0..4 {
         let g = t.gc_with_endpoint(Some(&proxy.endpoint()), &args);
