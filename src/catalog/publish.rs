@@ -18,6 +18,12 @@ use std::collections::HashSet;
 /// ([`Conflict::Rebase`], [`Conflict::RetryWhileUnchanged`]) before it gives up.
 pub const PUBLISH_ATTEMPTS_MAX: u32 = 5;
 
+/// LISTs that confirm a created manifest is the newest, before the publish fails (each is
+/// already retried by the store). A publish that cannot be confirmed fails; the writer's
+/// next attempt then finds its own generation taken and stops as fenced, which keeps its
+/// WAL (a restart resumes from it): never a WAL entry dropped on an unconfirmed publish.
+pub const CONFIRM_ATTEMPTS_MAX: u32 = 3;
+
 /// How the next manifest is made from its base (the newest complete manifest, if any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit {
@@ -146,7 +152,7 @@ pub fn publish_next(
         let created = manifest::create(store, &next)?;
         let image = next.image_id.clone();
         if created {
-            let newest = newest_generation(store, &image)?;
+            let newest = confirm_newest(store, &next)?;
             if newest == Some(next.generation) {
                 return Ok(Outcome::Published(next));
             }
@@ -187,6 +193,33 @@ pub fn publish_next(
     Ok(Outcome::GaveUp {
         attempts: PUBLISH_ATTEMPTS_MAX,
     })
+}
+
+/// The newest generation after `created` was created: [`newest_generation`], tried up to
+/// [`CONFIRM_ATTEMPTS_MAX`] times.
+fn confirm_newest(
+    store: &dyn ImageStore,
+    created: &Manifest,
+) -> Result<Option<u64>, ManifestError> {
+    let mut attempt = 1;
+    loop {
+        match newest_generation(store, &created.image_id) {
+            Ok(g) => return Ok(g),
+            Err(e) if attempt >= CONFIRM_ATTEMPTS_MAX => {
+                log::error!(
+                    "image {}: manifest generation {} was created, but whether it is the \
+                     newest could not be confirmed ({e}); the checkpoint fails",
+                    created.image_id,
+                    created.generation
+                );
+                return Err(e);
+            }
+            Err(e) => {
+                log::warn!("confirming manifest {}: {e} (retrying)", created.key());
+                attempt += 1;
+            }
+        }
+    }
 }
 
 /// The generation of the image's newest manifest key (one LIST, limit 1).
