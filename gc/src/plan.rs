@@ -11,7 +11,8 @@
 //! - an unreferenced blob past the minimum age gets a mark; it is deleted only when the
 //!   mark's pass count and age meet the thresholds; a referenced blob loses its mark;
 //! - sanity stops: blobs but no manifests, a kept manifest naming a missing blob, a
-//!   manifest listing much smaller than the previous pass kept.
+//!   manifest listing much smaller than the previous pass kept, an object under `images/`
+//!   that is not a manifest key.
 
 use mvps::catalog::gcmark::{Mark, PassRecord, GCMARK_FORMAT_VERSION};
 use mvps::catalog::keys;
@@ -265,6 +266,20 @@ pub fn plan(i: &Inputs) -> Result<Plan, Stop> {
         .iter()
         .filter(|o| keys::parse_blob_key(&o.key).is_some())
         .count();
+    // An object under images/ that is not a manifest key might be a manifest of a format
+    // this collector does not know: its blobs would look unreferenced.
+    if let Some(o) = listing
+        .manifests
+        .iter()
+        .find(|o| keys::parse_manifest_key(&o.key).is_none())
+    {
+        return Err(Stop::Unreadable {
+            key: o.key.clone(),
+            why: "not a manifest key (images/<image_id>/<16 hex digits>.json); move it out of \
+                  images/"
+                .into(),
+        });
+    }
     if manifest_count == 0 && blob_count > 0 {
         return Err(Stop::NoManifests { blobs: blob_count });
     }
@@ -306,9 +321,7 @@ pub fn plan(i: &Inputs) -> Result<Plan, Stop> {
         ..Plan::default()
     };
     for o in &listing.manifests {
-        if keys::parse_manifest_key(&o.key).is_none() {
-            p.foreign_keys += 1;
-        } else if !kept_set.contains(o.key.as_str()) {
+        if !kept_set.contains(o.key.as_str()) {
             p.delete_manifests.push(o.key.clone());
         }
     }

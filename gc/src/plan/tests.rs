@@ -276,6 +276,14 @@ fn sanity_stops() {
     })
     .unwrap_err();
     assert!(e.to_string().contains(keys::GC_PASS_KEY), "{e}");
+    // Something under images/ that is not a manifest key.
+    let mut w = World::new();
+    w.manifest(IMG, 1, &[], 0);
+    w.listing
+        .manifests
+        .push(obj("images/a.mvps-image/notes.txt", 1, 0));
+    let e = w.plan(&policy(1, 0, 0), NOW_MS).unwrap_err();
+    assert!(e.to_string().contains("notes.txt"), "{e}");
     // An empty store is fine.
     let p = World::new().plan(&policy(1, 0, 0), NOW_MS).unwrap();
     assert_eq!(
