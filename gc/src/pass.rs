@@ -175,22 +175,30 @@ pub fn plan_pass(store: &dyn ImageStore, policy: &Policy, workers: usize) -> Res
 }
 
 /// Deletes `keys` in batches of [`DELETE_BATCH_KEYS`], `workers` batches at once. Returns
-/// how many keys were deleted and how many batches failed (each failure logged).
-fn delete_all(store: &dyn ImageStore, keys: &[String], workers: usize, what: &str) -> (u64, u64) {
+/// whether each batch went through (each failure logged).
+fn delete_all(store: &dyn ImageStore, keys: &[String], workers: usize, what: &str) -> Vec<bool> {
     let batches: Vec<&[String]> = keys.chunks(DELETE_BATCH_KEYS).collect();
     let results = parallel(&batches, workers, |b| store.delete_many(b));
+    batches
+        .iter()
+        .zip(results)
+        .map(|(b, r)| {
+            r.map_err(|e| log::error!("deleting {} {what}: {e}", b.len()))
+                .is_ok()
+        })
+        .collect()
+}
+
+/// How many keys the batches that went through held, and how many batches failed.
+fn tally(keys: usize, done: &[bool]) -> (u64, u64) {
+    let failed = done.iter().filter(|ok| !**ok).count();
     let mut deleted = 0;
-    let mut failed = 0;
-    for (b, r) in batches.iter().zip(results) {
-        match r {
-            Ok(()) => deleted += b.len() as u64,
-            Err(e) => {
-                failed += 1;
-                log::error!("deleting {} {what}: {e}", b.len());
-            }
+    for (i, ok) in done.iter().enumerate() {
+        if *ok {
+            deleted += (keys - i * DELETE_BATCH_KEYS).min(DELETE_BATCH_KEYS) as u64;
         }
     }
-    (deleted, failed)
+    (deleted, failed as u64)
 }
 
 /// Carries out `plan` (or, with `dry_run`, prints it) and sums it up.
@@ -236,15 +244,24 @@ pub fn execute(store: &dyn ImageStore, p: &Plan, workers: usize, dry_run: bool) 
             log::error!("writing mark of blob {}: {e}", m.blob_id);
         }
     }
-    let (n, failed) = delete_all(store, &p.delete_manifests, workers, "old manifests");
+    let done = delete_all(store, &p.delete_manifests, workers, "old manifests");
+    let (n, failed) = tally(p.delete_manifests.len(), &done);
     s.manifests_deleted = n;
     s.errors += failed;
     let blob_keys: Vec<String> = p.delete_blobs.iter().map(|(k, _)| k.clone()).collect();
-    let (n, failed) = delete_all(store, &blob_keys, workers, "unreferenced blobs");
+    let done = delete_all(store, &blob_keys, workers, "unreferenced blobs");
+    let (n, failed) = tally(blob_keys.len(), &done);
     s.blobs_deleted = n;
     s.errors += failed;
-    s.bytes_freed = if failed == 0 { p.bytes_freed() } else { 0 };
-    let (n, failed) = delete_all(store, &p.delete_marks, workers, "gc marks");
+    s.bytes_freed = p
+        .delete_blobs
+        .chunks(DELETE_BATCH_KEYS)
+        .zip(&done)
+        .filter(|(_, ok)| **ok)
+        .flat_map(|(batch, _)| batch.iter().map(|(_, size)| size))
+        .sum();
+    let done = delete_all(store, &p.delete_marks, workers, "gc marks");
+    let (n, failed) = tally(p.delete_marks.len(), &done);
     s.marks_deleted = n;
     s.errors += failed;
     let aborted = parallel(&p.abort_uploads, workers, |u| store.abort_upload(u));
@@ -287,4 +304,30 @@ pub fn run(
     s.seconds = started.elapsed().as_secs_f64();
     s.requests = store.requests_sent().zip(before).map(|(a, b)| a - b);
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_counts_the_batches_that_went_through() {
+        let n = 2 * DELETE_BATCH_KEYS + 5;
+        assert_eq!(tally(n, &[true, true, true]), (n as u64, 0));
+        assert_eq!(
+            tally(n, &[true, false, true]),
+            (DELETE_BATCH_KEYS as u64 + 5, 1)
+        );
+        assert_eq!(tally(0, &[]), (0, 0));
+    }
+
+    #[test]
+    fn parallel_keeps_the_order() {
+        let items: Vec<u32> = (0..100).collect();
+        assert_eq!(
+            parallel(&items, 7, |x| x * 2),
+            items.iter().map(|x| x * 2).collect::<Vec<_>>()
+        );
+        assert!(parallel(&Vec::<u32>::new(), 4, |x| *x).is_empty());
+    }
 }
