@@ -236,7 +236,9 @@ pub fn execute(store: &dyn ImageStore, p: &Plan, workers: usize, dry_run: bool) 
         return s;
     }
     let wrote = parallel(&p.write_marks, workers, |m| {
-        store.put(&m.key(), &m.to_bytes())
+        let key = m.key();
+        m.check(&key)?;
+        store.put(&key, &m.to_bytes()).map_err(|e| e.to_string())
     });
     for (m, r) in p.write_marks.iter().zip(wrote) {
         if let Err(e) = r {

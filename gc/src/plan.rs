@@ -175,13 +175,9 @@ pub fn manifests_kept(
             match reads.get(&o.key) {
                 Some(Read::Manifest(_)) => complete = true,
                 Some(Read::CutShort) => {}
-                None => {
-                    // Unread: nothing older is known to be needed until it is read.
-                    complete = complete || !needed;
-                    if needed {
-                        break;
-                    }
-                }
+                // Unread and needed: nothing older is known to be needed until it is read.
+                None if needed => break,
+                None => {}
             }
         }
     }
