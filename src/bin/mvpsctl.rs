@@ -117,7 +117,7 @@ fn inspect(c: InspectCmd) -> Result<(), String> {
         }
         other => return Err(format!("--image-store {other:?}: use local or s3")),
     };
-    let m = mvps::engine::manifest::load_latest(store.as_ref(), &c.image_id)
+    let m = mvps::catalog::manifest::load_latest(store.as_ref(), &c.image_id)
         .map_err(|e| format!("image {}: {e}", c.image_id))?
         .ok_or_else(|| format!("image {}: no manifest (never checkpointed)", c.image_id))?;
     let d = mvps::engine::compaction::measure(store.as_ref(), &m)

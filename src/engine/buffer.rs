@@ -1,8 +1,10 @@
 //! The buffer store directory: locked by one process, one WAL per image, and the registry of
 //! open sessions.
 
+use super::layer::Layer;
 use super::session::{Session, SessionConfig};
 use super::{Error, Result};
+use crate::catalog::keys;
 use crate::store::ImageStore;
 use fs2::FileExt;
 use std::collections::HashMap;
@@ -160,4 +162,19 @@ impl BufferStore {
             s.shutdown();
         }
     }
+}
+
+/// Opens the layer blob `blob_id` of `image_id` from the image store (here rather than in
+/// `open`, so that checkpoints and compactions need not import the session opener, which
+/// starts their threads).
+pub fn open_layer(buffer: &BufferStore, image_id: &str, blob_id: &str) -> Result<Layer> {
+    let wrap = |source| Error::Store {
+        image: image_id.to_string(),
+        source,
+    };
+    let reader = buffer
+        .store
+        .open_blob(&keys::blob_key(blob_id))
+        .map_err(wrap)?;
+    Layer::open(blob_id, reader).map_err(wrap)
 }

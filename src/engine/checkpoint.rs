@@ -7,10 +7,10 @@
 //! them) and every segment in place; after it, recovery skips WAL changes with a change count
 //! at or below the manifest's, and the next checkpoint deletes the segments that held them.
 
+use super::buffer::open_layer;
 use super::extent::{Extent, ExtentValue};
 use super::layer::{write_layer, SourceExtent};
 use super::manifest::{LayerRef, Manifest};
-use super::open::open_layer;
 use super::session::{BufVal, Session, WriterState};
 use super::wal::{self, Kind, PageCrcs, WalFile, WalHeader};
 use super::{Error, Result};

@@ -6,11 +6,11 @@
 //! garbage for `mvps-s3-gc`. Writes are paced by the debt measured here
 //! (`Session::pace_writes`), never deferred indefinitely: compaction always runs.
 
+use super::buffer::open_layer;
 use super::debt::{self, cut_points, Debt, Shape, Spans, Step};
 use super::extent::{Extent, ExtentMap, ExtentValue};
 use super::layer::{Layer, LayerVal, SourceExtent};
 use super::manifest::{LayerRef, Manifest};
-use super::open::open_layer;
 use super::session::Session;
 use super::Result;
 use crate::catalog::Edit;

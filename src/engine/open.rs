@@ -4,6 +4,7 @@
 //! - no WAL: take over: a new writer id, and a fenced manifest g+1 naming it.
 //! - a WAL whose writer differs from the newest manifest's: refuse, naming both ids.
 
+use super::buffer::open_layer;
 use super::buffer::BufferStore;
 use super::checkpoint;
 use super::extent::ExtentMap;
@@ -17,17 +18,9 @@ use crate::catalog::{self, Conflict, Edit, Outcome};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Layers opened at once when a session opens (each is one or two ranged GETs on S3).
 const LAYER_OPEN_PARALLEL: usize = 16;
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 impl Session {
     /// Opens the session of `image_id` with one connection attached (the caller's).
@@ -390,18 +383,6 @@ fn open_layers(
         }
     }
     Ok(layers)
-}
-
-pub fn open_layer(buffer: &BufferStore, image_id: &str, blob_id: &str) -> Result<Layer> {
-    let wrap = |source| Error::Store {
-        image: image_id.to_string(),
-        source,
-    };
-    let reader = buffer
-        .store
-        .open_blob(&keys::blob_key(blob_id))
-        .map_err(wrap)?;
-    Layer::open(blob_id, reader).map_err(wrap)
 }
 
 /// Opening on top of manifest objects that a PUT cut short left behind (empty, or ending
