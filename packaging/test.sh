@@ -291,6 +291,20 @@ outside=$(comm -23 <(echo "$used") <(comm -23 <(echo "$allowed") <(echo "$denied
 [ -z "$outside" ] || fail "mvps-te made system calls its unit forbids: $outside"
 echo "    $(echo "$used" | wc -l) distinct system calls, all allowed" >&2
 
+step "mvps-s3-gc as its unit runs it: a dry-run pass over the image store mvps-te wrote"
+te_unit=$unit te_env_file=$env_file
+unit=/lib/systemd/system/mvps-s3-gc.service
+[ "$(unit_value User)" = mvps ] || fail "the collector's unit does not run as mvps"
+[ "$(unit_value Type)" = oneshot ] || fail "the collector's unit is not Type=oneshot"
+env_file=$(unit_value EnvironmentFile)
+[ "$env_file" = /etc/mvps/mvps-s3-gc.env ] || fail "EnvironmentFile=$env_file"
+status=0
+(as_unit -- $(unit_value ExecStart) --dry-run --json) >"$work/gc.log" 2>"$work/gc.err" || status=$?
+[ "$status" -eq 0 ] || fail "mvps-s3-gc --dry-run: status $status, $(cat "$work/gc.err")"
+grep -q '"manifests_kept":1' "$work/gc.log" || fail "the dry run did not see the image: $(cat "$work/gc.log")"
+grep -q '"dry_run":true' "$work/gc.log" || fail "not a dry run: $(cat "$work/gc.log")"
+unit=$te_unit env_file=$te_env_file
+
 step "dpkg -i again (an upgrade): the edited configuration and the data stay as they are"
 dpkg -i "$deb" >"$work/upgrade.log" 2>&1 || {
   cat "$work/upgrade.log" >&2
