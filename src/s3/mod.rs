@@ -172,6 +172,12 @@ impl S3Store {
         self.client.requests_sent()
     }
 
+    /// Connections this store has opened (new TCP/TLS handshakes; requests on a pooled
+    /// connection open none).
+    pub fn connections_opened(&self) -> u64 {
+        self.client.connections_opened()
+    }
+
     /// The block cache's counters, if there is a cache.
     pub fn cache_stats(&self) -> Option<CacheStats> {
         self.cache.as_ref().map(|c| c.stats())
