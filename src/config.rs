@@ -60,8 +60,9 @@ pub struct Config {
     #[argh(option, default = "256 << 20")]
     pub image_cache_size_bytes: u64,
 
-    /// block size of the image cache in bytes: the unit fetched from a remote store (default 262144)
-    #[argh(option, default = "256 << 10")]
+    /// block size of the image cache in bytes: the smallest range fetched from a remote
+    /// store, what a random reader fetches (default 4096; sequential readers fetch more)
+    #[argh(option, default = "4 << 10")]
     pub image_cache_block_size_bytes: u64,
 
     /// un-checkpointed pages per image past which writes are slowed down until a checkpoint

@@ -152,14 +152,14 @@ fn cached_blob_reads_count_requests() {
         assert_eq!(buf, &data[off..off + len], "{off}+{len}");
     };
     let n0 = s.requests_sent();
-    // Opening is one GET: it learns the size and caches block 0.
+    // Opening is one GET: it learns the size and caches the first 256 KiB (blocks 0..=3).
     let b = s.open_blob("blobs/c.mvps-blob").unwrap();
     assert_eq!(b.size_bytes(), data.len() as u64);
     assert_eq!(s.requests_sent() - n0, 1);
     read(b.as_ref(), 0, 64);
     read(b.as_ref(), 1000, 60_000);
-    assert_eq!(s.requests_sent() - n0, 1, "block 0 came with the open");
-    // Blocks 1..=4 in one ranged GET; then they are hits.
+    assert_eq!(s.requests_sent() - n0, 1, "blocks 0..=3 came with the open");
+    // Blocks 1..=4: only block 4 is missing, one ranged GET; then they are hits.
     read(b.as_ref(), 70_000, 250_000);
     assert_eq!(s.requests_sent() - n0, 2);
     read(b.as_ref(), 65_536, 262_144);
