@@ -4,7 +4,7 @@ use mvps::config::{self, Config};
 use mvps::engine::{BufferStore, SessionConfig};
 use mvps::s3::{S3Config, S3Store};
 use mvps::server::{self, exports::EngineExports, Listener};
-use mvps::store::{cache::BlockCache, local::LocalStore, ImageStore};
+use mvps::store::{cache::BlockCache, disk_cache::DiskCache, local::LocalStore, ImageStore};
 use std::sync::Arc;
 
 fn init_logging(level: &str) -> Result<(), String> {
@@ -46,19 +46,40 @@ fn open_image_store(c: &Config) -> Result<Stores, String> {
                 .filter(|b| !b.is_empty())
                 .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
             let cfg = S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
-            let cache = BlockCache::new(c.image_cache_size_bytes, c.image_cache_block_size_bytes)?;
+            let cache = open_image_cache(c)?;
             let s = S3Store::open_checked(cfg).map_err(|e| format!("S3 image store: {e}"))?;
-            log::info!(
-                "image cache: {} bytes in blocks of {} bytes",
-                c.image_cache_size_bytes,
-                c.image_cache_block_size_bytes
-            );
             let s = Arc::new(s.with_block_cache(Arc::new(cache)));
             log_read_stats(&s);
             Ok((s.clone(), Some(s)))
         }
         other => Err(format!("--image-store {other:?}: use local or s3")),
     }
+}
+
+/// The block cache for a remote image store: memory, and the disk tier below it unless its
+/// size or the memory cache's is 0.
+fn open_image_cache(c: &Config) -> Result<BlockCache, String> {
+    let cache = BlockCache::new(c.image_cache_size_bytes, c.image_cache_block_size_bytes)?;
+    log::info!(
+        "image cache: {} bytes in blocks of {} bytes",
+        c.image_cache_size_bytes,
+        c.image_cache_block_size_bytes
+    );
+    if c.image_cache_dir_size_bytes == 0 || c.image_cache_size_bytes == 0 {
+        return Ok(cache);
+    }
+    let dir = c.image_cache_dir();
+    let disk = DiskCache::open(
+        &dir,
+        c.image_cache_dir_size_bytes,
+        c.image_cache_block_size_bytes,
+    )?;
+    log::info!(
+        "image cache disk tier: {} bytes in {}",
+        disk.size_bytes(),
+        dir.display()
+    );
+    cache.with_disk(disk)
 }
 
 /// How often the S3 read counters are logged (only when they changed).

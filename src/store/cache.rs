@@ -36,11 +36,12 @@
 //! Reads that would need more blocks than half the cache bypass it (a full scan of a large
 //! layer must not evict everything), as does every read when `capacity_bytes` is 0.
 
+use super::disk_cache::{DiskCache, DiskStats};
 use super::{BlobReader, Error, Result};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 
 /// Longest single ranged read the cache issues. A longer run of missing blocks is split into
 /// reads of this size, fetched in parallel (a single stream rarely fills a link to S3).
@@ -97,6 +98,10 @@ pub const BLOCK_BYTES_MAX: u64 = 64 << 20;
 /// layers up to ~50 000 pages, its whole index, so that opening a layer is one request.
 pub const OPEN_FETCH_BYTES: u64 = 256 << 10;
 
+/// Fetched blocks waiting to be written to the disk tier, in bytes of their fetch buffers:
+/// past it, fetched blocks are not written (memory the queue may hold beyond the cache's).
+pub const DISK_QUEUE_BYTES_MAX: u64 = 32 << 20;
+
 /// Prefetched blocks evicted unread that are remembered (to count refetches), at most.
 pub const GHOSTS_MAX: usize = 1 << 16;
 
@@ -134,6 +139,10 @@ pub struct CacheStats {
     pub held_bytes: u64,
     /// Prefetched blocks not read yet, now (in flight or cached).
     pub readahead_unread_blocks: u64,
+    /// The disk tier's counters (all 0 without one).
+    pub disk: DiskStats,
+    /// Fetched blocks not written to the disk tier because its queue was full.
+    pub disk_skipped_blocks: u64,
 }
 
 impl std::fmt::Display for CacheStats {
@@ -154,7 +163,21 @@ impl std::fmt::Display for CacheStats {
             self.refetched_blocks,
             self.evicted_blocks,
             self.held_bytes
-        )
+        )?;
+        let d = &self.disk;
+        if d.written_blocks > 0 {
+            write!(
+                f,
+                "; disk: hits {} written {} skipped {} evicted {} corrupt {} blocks, {} I/O errors",
+                d.hit_blocks,
+                d.written_blocks,
+                self.disk_skipped_blocks,
+                d.evicted_blocks,
+                d.corrupt_blocks,
+                d.io_errors
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -289,6 +312,19 @@ pub struct BlockCache {
     counters: Counters,
     /// Runs the readahead fetches.
     pool: Mutex<threadpool::ThreadPool>,
+    /// The disk tier below, if any ([`BlockCache::with_disk`]).
+    disk: Option<DiskTier>,
+}
+
+/// The disk tier and the queue of fetched blocks its writer thread writes to it.
+struct DiskTier {
+    cache: Arc<DiskCache>,
+    /// Runs of fetched blocks: (blob, first block, blocks). The thread ends when this goes.
+    queue: mpsc::Sender<(u64, u64, Blocks)>,
+    /// Bytes of fetch buffers queued (each counted whole), at most [`DISK_QUEUE_BYTES_MAX`].
+    queued_bytes: Arc<AtomicU64>,
+    /// Blocks not written because the queue was full.
+    skipped_blocks: AtomicU64,
 }
 
 impl BlockCache {
@@ -329,7 +365,63 @@ impl BlockCache {
                     .thread_name("readahead".into())
                     .build(),
             ),
+            disk: None,
         })
+    }
+
+    /// Puts `disk` below the memory cache: fetched blocks are written to it (by a thread of
+    /// its own, off the read path), and a memory miss looks there before fetching. Blocks
+    /// must be the same size in both.
+    pub fn with_disk(mut self, disk: DiskCache) -> std::result::Result<BlockCache, String> {
+        if disk.block_bytes() != self.block_bytes {
+            return Err(format!(
+                "image cache directory {}: blocks of {} bytes, the memory cache's are {}",
+                disk.dir().display(),
+                disk.block_bytes(),
+                self.block_bytes
+            ));
+        }
+        let cache = Arc::new(disk);
+        let (queue, jobs) = mpsc::channel::<(u64, u64, Blocks)>();
+        let queued_bytes = Arc::new(AtomicU64::new(0));
+        let (writer, queued) = (cache.clone(), queued_bytes.clone());
+        std::thread::Builder::new()
+            .name("image-cache-disk".into())
+            .spawn(move || {
+                for (blob, first, blocks) in jobs {
+                    // Cut from one buffer, back to back: written as one run.
+                    let (Some(a), Some(z)) = (blocks.first(), blocks.last()) else {
+                        continue;
+                    };
+                    writer.put_run(blob, first, &a.run.bytes[a.start..z.start + z.len]);
+                    queued.fetch_sub(a.run.bytes.capacity() as u64, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| format!("image cache: cannot start the disk writer thread: {e}"))?;
+        self.disk = Some(DiskTier {
+            cache,
+            queue,
+            queued_bytes,
+            skipped_blocks: AtomicU64::new(0),
+        });
+        Ok(self)
+    }
+
+    /// Queues fetched blocks (all cut from one buffer) for the disk tier; drops them if the
+    /// queue is full (the disk is slower than the network just now).
+    fn offer_to_disk(&self, blob: u64, first: u64, blocks: &[Block]) {
+        let (Some(d), Some(b)) = (&self.disk, blocks.first()) else {
+            return;
+        };
+        let cost = b.run.bytes.capacity() as u64;
+        let queued = d.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+        if queued + cost > DISK_QUEUE_BYTES_MAX
+            || d.queue.send((blob, first, blocks.to_vec())).is_err()
+        {
+            d.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+            d.skipped_blocks
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn capacity_bytes(&self) -> u64 {
@@ -365,6 +457,12 @@ impl BlockCache {
             copied_blocks: get(&c.copied_blocks),
             held_bytes: self.state.read().unwrap().held_bytes,
             readahead_unread_blocks: get(&c.readahead_unread_blocks),
+            disk: self
+                .disk
+                .as_ref()
+                .map(|d| d.cache.stats())
+                .unwrap_or_default(),
+            disk_skipped_blocks: self.disk.as_ref().map_or(0, |d| get(&d.skipped_blocks)),
         }
     }
 
@@ -866,9 +964,77 @@ impl Blob {
         plans
     }
 
-    /// Fetches blocks `[start, start + n)` with one read and publishes them (or the error)
-    /// to the cache and to every reader waiting for them.
+    /// Gets blocks `[start, start + n)` and publishes them (or the error) to the cache and to
+    /// every reader waiting for them: those the disk tier holds from there, the others with
+    /// one read of the underlying source per contiguous run.
     fn fetch_run(&self, start: u64, flights: &[Arc<Flight>]) -> Result<Blocks> {
+        let Some(disk) = &self.cache.disk else {
+            return self.fetch_remote(start, flights);
+        };
+        let bs = self.cache.block_bytes;
+        let size = self.inner.size_bytes();
+        let wanted: Vec<((u64, u64), usize)> = (start..start + flights.len() as u64)
+            .map(|index| {
+                (
+                    (self.id, index),
+                    (((index + 1) * bs).min(size) - index * bs) as usize,
+                )
+            })
+            .collect();
+        let mut out: Vec<Option<Block>> = (disk.cache.get_many(&wanted).into_iter())
+            .zip(&wanted)
+            .map(|(bytes, ((_, index), _))| {
+                Some(Block::cut(self.id, *index, bytes?, bs as usize).swap_remove(0))
+            })
+            .collect();
+        if out.iter().all(Option::is_none) {
+            return self.fetch_remote(start, flights);
+        }
+        {
+            let mut st = self.cache.state.write().unwrap();
+            for (i, data) in out.iter().enumerate() {
+                if let Some(data) = data {
+                    self.publish(&mut st, start + i as u64, &flights[i], data);
+                }
+            }
+        }
+        // The rest, in contiguous runs; after a failure the remaining runs fail unfetched.
+        let mut failed: Option<Error> = None;
+        let mut i = 0;
+        while i < out.len() {
+            if out[i].is_some() {
+                i += 1;
+                continue;
+            }
+            let j = (i..out.len())
+                .find(|&j| out[j].is_some())
+                .unwrap_or(out.len());
+            let index = start + i as u64;
+            match &failed {
+                Some(e) => self.fail(index, &flights[i..j], e),
+                None => match self.fetch_remote(index, &flights[i..j]) {
+                    Ok(blocks) => {
+                        for (slot, b) in out[i..j].iter_mut().zip(blocks) {
+                            *slot = Some(b);
+                        }
+                    }
+                    Err(e) => failed = Some(e),
+                },
+            }
+            i = j;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out
+                .into_iter()
+                .map(|b| b.expect("every block got"))
+                .collect()),
+        }
+    }
+
+    /// Fetches blocks `[start, start + n)` with one read of the source, publishes them and
+    /// hands them to the disk tier.
+    fn fetch_remote(&self, start: u64, flights: &[Arc<Flight>]) -> Result<Blocks> {
         let bs = self.cache.block_bytes;
         let n = flights.len() as u64;
         let end = ((start + n) * bs).min(self.inner.size_bytes());
@@ -885,37 +1051,50 @@ impl Blob {
                 })
             }
         });
-        let mut st = self.cache.state.write().unwrap();
-        let keys = (start..start + n).map(|index| self.key(index));
         match r {
             Ok(bytes) => {
                 c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 let blocks = Block::cut(self.id, start, bytes, bs as usize);
-                for ((k, f), data) in keys.zip(flights).zip(&blocks) {
-                    let mut prefetch = f.prefetch.clone();
-                    // A reader already waits for it: read on arrival.
-                    if f.joined.load(Ordering::Relaxed) {
-                        if let Some(w) = prefetch.take() {
-                            self.cache.prefetch_read(&w);
-                        }
-                    }
-                    let again = f.read_again.load(Ordering::Relaxed);
-                    self.cache
-                        .put_ready(&mut st, k, data.clone(), prefetch, again);
-                    f.finish(Ok(data.clone()));
+                let mut st = self.cache.state.write().unwrap();
+                for (i, (f, data)) in flights.iter().zip(&blocks).enumerate() {
+                    self.publish(&mut st, start + i as u64, f, data);
                 }
+                drop(st);
+                self.cache.offer_to_disk(self.id, start, &blocks);
                 Ok(blocks)
             }
             Err(e) => {
-                for (k, f) in keys.zip(flights) {
-                    st.map.remove(&k);
-                    if let Some(w) = &f.prefetch {
-                        self.cache.prefetch_failed(w);
-                    }
-                    f.finish(Err(clone_error(&e)));
-                }
+                self.fail(start, flights, &e);
                 Err(e)
             }
+        }
+    }
+
+    /// Puts a fetched block in the cache and hands it to the readers waiting for it.
+    fn publish(&self, st: &mut State, index: u64, f: &Flight, data: &Block) {
+        let mut prefetch = f.prefetch.clone();
+        // A reader already waits for it: read on arrival.
+        if f.joined.load(Ordering::Relaxed) {
+            if let Some(w) = prefetch.take() {
+                self.cache.prefetch_read(&w);
+            }
+        }
+        let again = f.read_again.load(Ordering::Relaxed);
+        let k = self.key(index);
+        self.cache.put_ready(st, k, data.clone(), prefetch, again);
+        f.finish(Ok(data.clone()));
+    }
+
+    /// Fails the flights of blocks `[start, start + n)`: nothing is cached, their waiters get
+    /// the error.
+    fn fail(&self, start: u64, flights: &[Arc<Flight>], e: &Error) {
+        let mut st = self.cache.state.write().unwrap();
+        for (i, f) in flights.iter().enumerate() {
+            st.map.remove(&self.key(start + i as u64));
+            if let Some(w) = &f.prefetch {
+                self.cache.prefetch_failed(w);
+            }
+            f.finish(Err(clone_error(e)));
         }
     }
 
@@ -1762,5 +1941,75 @@ mod tests {
         assert!(s.fetched_bytes <= 2 * s.read_bytes, "{s:?}");
         assert_eq!(s.readahead_blocks, 0, "{s:?}");
         assert!(reads.lock().unwrap().iter().all(|&(_, n)| n <= 8192));
+    }
+
+    /// Waits until the disk tier has written `n` blocks in all.
+    fn wait_for_disk_writes(cache: &BlockCache, n: u64) {
+        for _ in 0..500 {
+            if cache.stats().disk.written_blocks >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("disk tier wrote {:?} blocks, not {n}", cache.stats().disk);
+    }
+
+    /// Blocks evicted from memory come back from the disk tier, not from the source; a
+    /// flipped byte in the cache file is detected by the block's checksum and the block is
+    /// fetched from the source again: never served.
+    #[test]
+    fn the_disk_tier_serves_evicted_blocks_and_never_a_corrupt_one() {
+        let bs = 4 * KIB;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), 64 * bs, bs).unwrap();
+        let cache = Arc::new(no_readahead(8 * bs, bs).with_disk(disk).unwrap());
+        let (b, reads) = blob(&cache, "blobs/d", 32 * bs as usize, 0);
+        // Blocks 0..=3, one GET; written to the disk tier as one run.
+        assert_eq!(read(&b, 0, 4 * bs as usize), expect(0, 4 * bs as usize));
+        wait_for_disk_writes(&cache, 4);
+        // Push them out of memory.
+        for i in 0..16 {
+            cache.insert("blobs/other", i, vec![1; bs as usize]);
+        }
+        assert!(!cache
+            .state
+            .read()
+            .unwrap()
+            .map
+            .contains_key(&b.shared.key(0)));
+        let fetched = reads.lock().unwrap().len();
+        assert_eq!(read(&b, 100, 3 * bs as usize), expect(100, 3 * bs as usize));
+        assert_eq!(
+            reads.lock().unwrap().len(),
+            fetched,
+            "served from the disk tier"
+        );
+        assert_eq!(cache.stats().disk.hit_blocks, 4);
+        // Out of memory again; then one byte of block 2 flips on the disk.
+        for i in 16..32 {
+            cache.insert("blobs/other", i, vec![1; bs as usize]);
+        }
+        let path = dir.path().join(super::super::disk_cache::BLOCKS_FILE);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[2 * bs as usize + 1234] ^= 0x01; // slot 2 holds block 2 (written first)
+        std::fs::write(&path, &raw).unwrap();
+        assert_eq!(read(&b, 2 * bs, bs as usize), expect(2 * bs, bs as usize));
+        let r = reads.lock().unwrap().clone();
+        assert_eq!(r.len(), fetched + 1, "{r:?}");
+        assert_eq!(
+            r[fetched],
+            (2 * bs, bs as usize),
+            "block 2 fetched from the source"
+        );
+        let s = cache.stats();
+        assert_eq!(s.disk.corrupt_blocks, 1, "{s:?}");
+        // Blocks 0, 1 and 3 were intact: still served from the disk.
+        assert_eq!(read(&b, 0, 2 * bs as usize), expect(0, 2 * bs as usize));
+        assert_eq!(read(&b, 3 * bs, 10), expect(3 * bs, 10));
+        assert_eq!(reads.lock().unwrap().len(), fetched + 1);
+        assert!(BlockCache::new(1 << 20, 8 * KIB)
+            .unwrap()
+            .with_disk(DiskCache::open(&dir.path().join("other"), 1 << 20, bs).unwrap())
+            .is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! again with identical content after a retry.
 
 pub mod cache;
+pub mod disk_cache;
 pub mod keys;
 pub mod local;
 
