@@ -223,16 +223,9 @@ impl DiskCache {
         }
         let bs = self.block_bytes as usize;
         let mut intact = vec![false; found.len()];
-        let mut a = 0;
-        while a < found.len() {
-            // Blocks in consecutive slots, all but the last whole: one read.
-            let mut b = a + 1;
-            while b < found.len()
-                && found[b].1 == found[b - 1].1 + 1
-                && wanted[found[b - 1].0].1 == bs
-            {
-                b += 1;
-            }
+        // Blocks in consecutive slots, all but the last whole: one read.
+        let joins = |b: usize| found[b].1 == found[b - 1].1 + 1 && wanted[found[b - 1].0].1 == bs;
+        for std::ops::Range { start: a, end: b } in runs(found.len(), joins) {
             let lens: Vec<usize> = found[a..b].iter().map(|f| wanted[f.0].1).collect();
             let mut buf = vec![0u8; lens.iter().sum()];
             match self.file.read_exact_at(&mut buf, self.offset(found[a].1)) {
@@ -247,7 +240,6 @@ impl DiskCache {
                 }
                 Err(e) => self.io_error("read", &e),
             }
-            a = b;
         }
         let mut st = self.state.lock().unwrap();
         let mut corrupt = Vec::new();
@@ -306,16 +298,9 @@ impl DiskCache {
             slots
         };
         let mut written = vec![true; slots.len()];
-        let mut a = 0;
-        while a < slots.len() {
-            // Consecutive blocks into consecutive slots: one write.
-            let mut b = a + 1;
-            while b < slots.len()
-                && slots[b].0 == slots[b - 1].0 + 1
-                && slots[b].1 == slots[b - 1].1 + 1
-            {
-                b += 1;
-            }
+        // Consecutive blocks into consecutive slots: one write.
+        let joins = |b: usize| slots[b].0 == slots[b - 1].0 + 1 && slots[b].1 == slots[b - 1].1 + 1;
+        for std::ops::Range { start: a, end: b } in runs(slots.len(), joins) {
             let from = slots[a].0 * bs;
             let to = (slots[b - 1].0 * bs + bs).min(data.len());
             if let Err(e) = self
@@ -325,7 +310,6 @@ impl DiskCache {
                 self.io_error("write", &e);
                 written[a..b].fill(false);
             }
-            a = b;
         }
         let crcs: Vec<u32> = slots.iter().map(|s| crc32c(chunks[s.0])).collect();
         let mut st = self.state.lock().unwrap();
@@ -399,6 +383,21 @@ impl DiskCache {
             );
         }
     }
+}
+
+/// `0..n` cut into maximal ranges in which each element `b` `joins` the one before it.
+fn runs(n: usize, joins: impl Fn(usize) -> bool) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut a = 0;
+    while a < n {
+        let mut b = a + 1;
+        while b < n && joins(b) {
+            b += 1;
+        }
+        out.push(a..b);
+        a = b;
+    }
+    out
 }
 
 #[cfg(test)]
