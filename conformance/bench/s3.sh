@@ -237,11 +237,12 @@ done
 # of them, $1 at once.
 plain_download() { # PARALLEL
     local b key size
+    local o c=$((8 << 20))
     for b in "${BLOBS[@]}"; do
         read -r key size <<<"$b"
-        python3 -c "
-s, c = $size, 8 << 20
-for o in range(0, s, c): print(f'$key {o}-{min(o + c, s) - 1}')"
+        for ((o = 0; o < size; o += c)); do
+            echo "$key $o-$((o + c < size ? o + c - 1 : size - 1))"
+        done
     done | xargs -P "$1" -L 1 sh -c 'curl -s -f -o /dev/null -r "$2" --aws-sigv4 \
         "aws:amz:$0:s3" --user "$KEY:$SECRET" "$EP/$BUCKET/$1"' "$REGION"
 }

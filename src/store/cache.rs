@@ -1106,7 +1106,8 @@ impl Blob {
     /// Notes a read of blocks `[first, last]`; returns the readahead to issue, if any. A read
     /// starting at most [`SEQUENTIAL_GAP_READS`] lengths past a stream's frontier (the furthest block
     /// it read), or [`SEQUENTIAL_BEHIND_BYTES`] behind it, belongs to it, and extends its
-    /// streak if it moves the frontier forward; a read near no stream starts a new one,
+    /// streak if it moves the frontier forward (and shortens it if it lies further behind
+    /// than that gap); a read near no stream starts a new one,
     /// replacing the least recently used of [`STREAMS_MAX`]. A stream that has read
     /// [`SEQUENTIAL_READS_MIN`] times forward keeps its window fetched ahead of it: when less
     /// than half of it is, the rest of the window is issued — unless the stream has not read
@@ -1151,6 +1152,11 @@ impl Blob {
         if last > s.frontier {
             s.streak = s.streak.saturating_add(1);
             s.frontier = last;
+        } else if first + gap < s.frontier {
+            // Far behind: out of step. A sequential stream's late reads arrive within a few
+            // reads of its frontier; random reads land behind it far more often than just
+            // ahead, and so never build a streak.
+            s.streak = s.streak.saturating_sub(1);
         }
         if s.streak < SEQUENTIAL_READS_MIN {
             return None;
@@ -1946,6 +1952,20 @@ mod tests {
         assert!(s.fetched_bytes <= 2 * s.read_bytes, "{s:?}");
         assert_eq!(s.readahead_blocks, 0, "{s:?}");
         assert!(reads.lock().unwrap().iter().all(|&(_, n)| n <= 8192));
+        // Larger random reads in a region the stream detector spans (16 MiB behind, 512 KiB
+        // ahead): a few land just ahead of a stream, many more far behind it, so no stream
+        // builds a streak and next to nothing is read ahead.
+        let small = Arc::new(BlockCache::new(4 << 20, bs).unwrap());
+        let (b, _) = blob(&small, "blobs/rnd64", 16 << 20, 0);
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let at = ((x >> 20) % 255) * 65536;
+            assert_eq!(read(&b, at, 65536), expect(at, 65536));
+        }
+        let s = small.stats();
+        assert!(s.readahead_blocks * 100 <= s.read_bytes / bs, "{s:?}");
     }
 
     /// Waits until the disk tier has written `n` blocks in all.
