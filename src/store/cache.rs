@@ -22,9 +22,10 @@
 //!   not counted (they are transient, bounded by the reads in flight);
 //! - **readahead that cannot thrash**: reads that continue a sequential stream (up to
 //!   [`STREAMS_MAX`] per blob) keep a window of blocks fetched ahead of it in the background.
-//!   Each stream's window starts at [`READAHEAD_INITIAL_BYTES`] and grows by one block per
-//!   prefetched block the stream reads (doubling per window consumed), up to
-//!   [`READAHEAD_BYTES`]; a prefetched block evicted unread halves it. All streams of all
+//!   Each stream's window starts at [`READAHEAD_INITIAL_BYTES`] (or [`READAHEAD_INITIAL_READS`]
+//!   of its reads) and grows by [`READAHEAD_GROWTH`] blocks per prefetched block the stream
+//!   reads (tripling per window consumed), up to [`READAHEAD_BYTES`]; a prefetched block
+//!   evicted unread halves it. All streams of all
 //!   blobs share one budget of prefetched-but-unread blocks, a quarter of the cache
 //!   ([`READAHEAD_BUDGET_DIVISOR`]), and prefetched blocks get a second chance from the
 //!   CLOCK hand, so readahead cannot evict what it fetched before it is read however many
@@ -53,8 +54,19 @@ pub const FETCH_PARALLEL_MAX: usize = 8;
 /// Largest readahead window of one stream (and at most the global budget).
 pub const READAHEAD_BYTES: u64 = 32 << 20;
 
-/// A new stream's readahead window: small, so that a false start costs little.
+/// A new stream's readahead window: small, so that a false start costs little...
 pub const READAHEAD_INITIAL_BYTES: u64 = 128 << 10;
+
+/// ...but at least this many of the stream's reads: a reader of 256 KiB (nbdcopy, a guest's
+/// readahead) gets 2 MiB, about what 8 NBD worker threads have in flight. Each layer of an
+/// image read in order is a new stream (begun by the layer's header and index reads), so how
+/// far its window reaches at once decides how much of a layer its readers fetch for
+/// themselves, in GETs the size of their reads.
+pub const READAHEAD_INITIAL_READS: u64 = 8;
+
+/// Blocks a window grows by per prefetched block its stream reads: it triples per window
+/// consumed (a 1 MiB window reaches 32 MiB after about 16 MiB read).
+pub const READAHEAD_GROWTH: u64 = 2;
 
 /// Prefetched blocks not yet read (in flight or cached), over all streams of all blobs, are
 /// at most the cache's capacity divided by this: readahead can never crowd out the blocks it
@@ -319,8 +331,8 @@ pub struct BlockCache {
 /// The disk tier and the queue of fetched blocks its writer thread writes to it.
 struct DiskTier {
     cache: Arc<DiskCache>,
-    /// Runs of fetched blocks: (blob, first block, blocks). The thread ends when this goes.
-    queue: mpsc::Sender<(u64, u64, Blocks)>,
+    /// Fetched blocks to write. The thread ends when this goes.
+    queue: mpsc::Sender<DiskJob>,
     /// Bytes of fetch buffers queued (each counted whole), at most [`DISK_QUEUE_BYTES_MAX`].
     queued_bytes: Arc<AtomicU64>,
     /// Blocks not written because the queue was full.
@@ -383,21 +395,12 @@ impl BlockCache {
             ));
         }
         let cache = Arc::new(disk);
-        let (queue, jobs) = mpsc::channel::<(u64, u64, Blocks)>();
+        let (queue, jobs) = mpsc::channel::<DiskJob>();
         let queued_bytes = Arc::new(AtomicU64::new(0));
         let (writer, queued) = (cache.clone(), queued_bytes.clone());
         std::thread::Builder::new()
             .name("image-cache-disk".into())
-            .spawn(move || {
-                for (blob, first, blocks) in jobs {
-                    // Cut from one buffer, back to back: written as one run.
-                    let (Some(a), Some(z)) = (blocks.first(), blocks.last()) else {
-                        continue;
-                    };
-                    writer.put_run(blob, first, &a.run.bytes[a.start..z.start + z.len]);
-                    queued.fetch_sub(a.run.bytes.capacity() as u64, Ordering::Relaxed);
-                }
-            })
+            .spawn(move || write_to_disk(&writer, &jobs, &queued))
             .map_err(|e| format!("image cache: cannot start the disk writer thread: {e}"))?;
         self.disk = Some(DiskTier {
             cache,
@@ -408,20 +411,33 @@ impl BlockCache {
         Ok(self)
     }
 
-    /// Queues fetched blocks (all cut from one buffer) for the disk tier; drops them if the
-    /// queue is full (the disk is slower than the network just now).
-    fn offer_to_disk(&self, blob: u64, first: u64, blocks: &[Block]) {
-        let (Some(d), Some(b)) = (&self.disk, blocks.first()) else {
+    /// Queues blocks `first..` of `blob` (cut from one buffer, back to back) for the disk
+    /// tier, counting `cost` bytes against the queue's bound; drops them if the queue is full
+    /// (the disk is slower than the network just now).
+    fn offer_to_disk(&self, blob: u64, first: u64, blocks: &[Block], cost: u64) {
+        let Some(d) = &self.disk else {
             return;
         };
-        let cost = b.run.bytes.capacity() as u64;
         let queued = d.queued_bytes.fetch_add(cost, Ordering::Relaxed);
-        if queued + cost > DISK_QUEUE_BYTES_MAX
-            || d.queue.send((blob, first, blocks.to_vec())).is_err()
-        {
+        let job = DiskJob {
+            blob,
+            first,
+            blocks: blocks.to_vec(),
+            cost,
+        };
+        if queued + cost > DISK_QUEUE_BYTES_MAX || d.queue.send(job).is_err() {
             d.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
             d.skipped_blocks
                 .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A prefetched block was read: it is part of what readers read, so it goes to the disk
+    /// tier now (prefetched blocks nobody reads never do).
+    fn admit_to_disk(&self, b: &Block) {
+        if self.disk.is_some() {
+            let index = b.run.first + (b.start as u64) / self.block_bytes;
+            self.offer_to_disk(b.run.blob, index, std::slice::from_ref(b), b.len as u64);
         }
     }
 
@@ -536,17 +552,18 @@ impl BlockCache {
         if r.unread.swap(false, Ordering::Relaxed) {
             if let Some(w) = &r.prefetch {
                 self.prefetch_read(w);
+                self.admit_to_disk(&r.data);
             }
         }
     }
 
     /// A prefetched block was read: the stream consumes its readahead, so its window grows
-    /// by a block (doubling per window consumed).
+    /// by [`READAHEAD_GROWTH`] blocks (tripling per window consumed).
     fn prefetch_read(&self, w: &Window) {
         self.prefetch_done(w, &self.counters.readahead_used_blocks);
         let max = self.readahead_max_blocks;
         let _ = (w.blocks).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-            Some((b + 1).min(max))
+            Some((b + READAHEAD_GROWTH).min(max))
         });
     }
 
@@ -708,6 +725,62 @@ impl BlockCache {
             }
         }
         cold.len() as u64
+    }
+}
+
+/// Blocks `first..` of a blob, cut from one buffer back to back, for the disk tier; `cost`
+/// bytes are counted against its queue's bound while queued.
+struct DiskJob {
+    blob: u64,
+    first: u64,
+    blocks: Blocks,
+    cost: u64,
+}
+
+/// Most queued jobs the disk writer takes at once (to write neighbours together).
+const DISK_JOBS_BATCH_MAX: usize = 1024;
+
+/// The disk tier's writer thread: takes what is queued, joins blocks that are neighbours
+/// both in their blob and in one fetch buffer (prefetched blocks come one job per block, as
+/// they are read), and writes each such run with one call. Ends when the cache goes.
+fn write_to_disk(disk: &DiskCache, jobs: &mpsc::Receiver<DiskJob>, queued: &AtomicU64) {
+    while let Ok(job) = jobs.recv() {
+        let mut batch = vec![job];
+        while batch.len() < DISK_JOBS_BATCH_MAX {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let blocks: Vec<(u64, u64, &Block)> = (batch.iter())
+            .flat_map(|j| {
+                (j.blocks.iter().enumerate()).map(|(i, b)| (j.blob, j.first + i as u64, b))
+            })
+            .collect();
+        let mut a = 0;
+        while a < blocks.len() {
+            let mut z = a;
+            while z + 1 < blocks.len() && {
+                let ((blob, index, prev), (next_blob, next_index, next)) =
+                    (blocks[z], blocks[z + 1]);
+                next_blob == blob
+                    && next_index == index + 1
+                    && Arc::ptr_eq(&prev.run, &next.run)
+                    && prev.start + prev.len == next.start
+            } {
+                z += 1;
+            }
+            let (blob, first, head) = blocks[a];
+            let tail = blocks[z].2;
+            disk.put_run(
+                blob,
+                first,
+                &head.run.bytes[head.start..tail.start + tail.len],
+            );
+            a = z + 1;
+        }
+        let cost: u64 = batch.iter().map(|j| j.cost).sum();
+        queued.fetch_sub(cost, Ordering::Relaxed);
     }
 }
 
@@ -1060,11 +1133,15 @@ impl Blob {
                     self.publish(&mut st, start + i as u64, f, data);
                 }
                 drop(st);
-                // Readahead's blocks stay off the disk tier: a sequential scan is served well
-                // by large GETs, and writing it out would cost the scan its speed (measured:
-                // -30 % on two cores) and push a random reader's working set off the disk.
-                if flights.iter().all(|f| f.prefetch.is_none()) {
-                    self.cache.offer_to_disk(self.id, start, &blocks);
+                // Readahead's blocks go to the disk tier only once read (`admit_to_disk`):
+                // a prefetch that nobody reads must not push a reader's blocks off the disk.
+                // (A reader's run may go on with readahead merged into it: its own blocks
+                // come first.)
+                let own = flights.iter().take_while(|f| f.prefetch.is_none()).count();
+                if own > 0 {
+                    let cost = blocks[0].run.bytes.capacity() as u64;
+                    self.cache
+                        .offer_to_disk(self.id, start, &blocks[..own], cost);
                 }
                 Ok(blocks)
             }
@@ -1082,6 +1159,7 @@ impl Blob {
         if f.joined.load(Ordering::Relaxed) {
             if let Some(w) = prefetch.take() {
                 self.cache.prefetch_read(&w);
+                self.cache.admit_to_disk(data);
             }
         }
         let again = f.read_again.load(Ordering::Relaxed);
@@ -1136,7 +1214,10 @@ impl Blob {
                 streak: 1,
                 used: now,
                 window: Arc::new(Window {
-                    blocks: AtomicU64::new(c.readahead_initial_blocks),
+                    blocks: AtomicU64::new(
+                        (READAHEAD_INITIAL_READS * read_blocks)
+                            .clamp(c.readahead_initial_blocks, c.readahead_max_blocks),
+                    ),
                     unread: AtomicU64::new(0),
                     ahead_until: AtomicU64::new(last + 1),
                 }),
@@ -1152,6 +1233,9 @@ impl Blob {
         if last > s.frontier {
             s.streak = s.streak.saturating_add(1);
             s.frontier = last;
+            // The stream's first reads may have been small (a layer's header and index).
+            let floor = (READAHEAD_INITIAL_READS * read_blocks).min(c.readahead_max_blocks);
+            s.window.blocks.fetch_max(floor, Ordering::Relaxed);
         } else if first + gap < s.frontier {
             // Far behind: out of step. A sequential stream's late reads arrive within a few
             // reads of its frontier; random reads land behind it far more often than just
@@ -1186,14 +1270,18 @@ impl Blob {
 
     /// Issues a stream's readahead: marks the missing blocks of `[from, to)` as loading (as
     /// many as the cache's readahead budget allows) and fetches them in runs of at most
-    /// [`FETCH_BYTES_MAX`] on the readahead threads.
-    fn read_ahead(self: &Arc<Self>, a: Ahead) {
+    /// [`FETCH_BYTES_MAX`] on the readahead threads. If `reader_run` (the reader's own last
+    /// run of missing blocks) ends right where the readahead starts, the first readahead
+    /// run joins it instead: one GET rather than two, and the readers arriving for those
+    /// blocks wait for it rather than fetching their own (at the start of each layer of an
+    /// image read in order, many reads are in flight before any readahead is).
+    fn read_ahead(self: &Arc<Self>, a: Ahead, reader_run: Option<&mut (u64, Vec<Arc<Flight>>)>) {
         let c = &self.cache;
+        let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
         let mut issued_to = a.from;
         {
             let mut st = c.state.write().unwrap();
-            let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
             for index in a.from..a.to {
                 if let Entry::Vacant(slot) = st.map.entry(self.key(index)) {
                     let unread = c.counters.readahead_unread_blocks.load(Ordering::Relaxed);
@@ -1217,6 +1305,28 @@ impl Blob {
             }
         }
         a.window.ahead_until.fetch_max(issued_to, Ordering::Relaxed);
+        let mut runs = runs.into_iter().peekable();
+        if let (Some((start, fs)), Some((next, _))) = (reader_run, runs.peek()) {
+            if *start + fs.len() as u64 == *next {
+                let (_, mut ahead) = runs.next().expect("peeked");
+                let room = per_fetch.saturating_sub(fs.len()).min(ahead.len());
+                let rest = ahead.split_off(room);
+                c.counters
+                    .readahead_blocks
+                    .fetch_add(ahead.len() as u64, Ordering::Relaxed);
+                fs.extend(ahead);
+                if !rest.is_empty() {
+                    let at = *start + fs.len() as u64;
+                    self.dispatch(vec![(at, rest)]);
+                }
+            }
+        }
+        self.dispatch(runs.collect());
+    }
+
+    /// Fetches readahead runs on the readahead threads.
+    fn dispatch(self: &Arc<Self>, runs: Vec<(u64, Vec<Arc<Flight>>)>) {
+        let c = &self.cache;
         let pool = c.pool.lock().unwrap();
         for (start, flights) in runs {
             c.counters
@@ -1256,9 +1366,6 @@ impl BlobReader for CachedBlob {
         if let (Some(Plan::Fetch(f)), true) = (plans.last(), !end.is_multiple_of(bs)) {
             f.read_again.store(true, Ordering::Relaxed);
         }
-        if let Some(ahead) = b.note_read(first, last) {
-            b.read_ahead(ahead);
-        }
         // Runs of blocks to fetch: (first block, flights), each at most FETCH_BYTES_MAX.
         let per_fetch = (FETCH_BYTES_MAX / bs).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
@@ -1272,14 +1379,20 @@ impl BlobReader for CachedBlob {
                 _ => runs.push((index, vec![f.clone()])),
             }
         }
+        if let Some(ahead) = b.note_read(first, last) {
+            b.read_ahead(ahead, runs.last_mut());
+        }
         let fetched: Vec<Result<Blocks>> = if runs.len() <= 1 {
             runs.iter().map(|(s, fs)| b.fetch_run(*s, fs)).collect()
         } else {
             fetch_parallel(b, &runs)
         };
         for ((start, _), r) in runs.iter().zip(fetched) {
+            // A run may go on past `last` with readahead merged into it.
             for (j, data) in r?.into_iter().enumerate() {
-                plans[(start - first) as usize + j] = Plan::Have(data);
+                if let Some(p) = plans.get_mut((start - first) as usize + j) {
+                    *p = Plan::Have(data);
+                }
             }
         }
         for (i, p) in plans.iter().enumerate() {
@@ -2036,5 +2149,34 @@ mod tests {
             .unwrap()
             .with_disk(DiskCache::open(&dir.path().join("other"), 1 << 20, bs).unwrap())
             .is_err());
+    }
+
+    /// Prefetched blocks reach the disk tier once a reader reads them; those nobody read
+    /// stay off it (readahead must not push a reader's working set off the disk).
+    #[test]
+    fn prefetched_blocks_reach_the_disk_tier_only_when_read() {
+        let bs = 16 * KIB;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), 8 << 20, bs).unwrap();
+        let cache = Arc::new(
+            BlockCache::new(8 << 20, bs)
+                .unwrap()
+                .with_disk(disk)
+                .unwrap(),
+        );
+        let (b, _) = blob(&cache, "blobs/ra", 4 << 20, 0);
+        for i in 0..64u64 {
+            assert_eq!(read(&b, i * bs, bs as usize), expect(i * bs, bs as usize));
+        }
+        wait_for_readahead(&cache);
+        let s = cache.stats();
+        assert!(s.readahead_used_blocks > 0, "{s:?}");
+        assert!(
+            s.fetched_bytes / bs > 64,
+            "readahead went past the reads: {s:?}"
+        );
+        wait_for_disk_writes(&cache, 64);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(cache.stats().disk.written_blocks, 64, "{:?}", cache.stats());
     }
 }
