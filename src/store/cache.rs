@@ -114,6 +114,10 @@ pub const OPEN_FETCH_BYTES: u64 = 256 << 10;
 /// past it, fetched blocks are not written (memory the queue may hold beyond the cache's).
 pub const DISK_QUEUE_BYTES_MAX: u64 = 32 << 20;
 
+/// Prefetched blocks read from GETs up to this size go to the disk tier; from larger ones
+/// (a sequential stream at full window) they do not.
+pub const DISK_ADMIT_PREFETCH_BYTES_MAX: u64 = 1 << 20;
+
 /// Prefetched blocks evicted unread that are remembered (to count refetches), at most.
 pub const GHOSTS_MAX: usize = 1 << 16;
 
@@ -433,9 +437,12 @@ impl BlockCache {
     }
 
     /// A prefetched block was read: it is part of what readers read, so it goes to the disk
-    /// tier now (prefetched blocks nobody reads never do).
+    /// tier now (prefetched blocks nobody reads never do) — unless it came in a GET larger
+    /// than [`DISK_ADMIT_PREFETCH_BYTES_MAX`]: a sequential scan at full speed is cheap to
+    /// fetch again, and writing it all out costs the scan CPU and would push the blocks of
+    /// random readers (a round trip per block) off the disk.
     fn admit_to_disk(&self, b: &Block) {
-        if self.disk.is_some() {
+        if self.disk.is_some() && b.run.bytes.len() as u64 <= DISK_ADMIT_PREFETCH_BYTES_MAX {
             let index = b.run.first + (b.start as u64) / self.block_bytes;
             self.offer_to_disk(b.run.blob, index, std::slice::from_ref(b), b.len as u64);
         }
