@@ -1950,14 +1950,18 @@ mod tests {
         assert_eq!(s.refetched_blocks, 0, "{s:?}");
         assert!(s.fetched_bytes <= s.read_bytes + s.read_bytes / 8, "{s:?}");
         for (_, reads) in &blobs {
-            let mut r = reads.lock().unwrap().clone();
-            r.sort();
-            for w in r.windows(2) {
-                assert!(
-                    w[0].0 + w[0].1 as u64 <= w[1].0,
-                    "a range fetched twice: {w:?}"
-                );
-            }
+            assert_no_range_fetched_twice(reads);
+        }
+    }
+
+    fn assert_no_range_fetched_twice(reads: &Reads) {
+        let mut r = reads.lock().unwrap().clone();
+        r.sort();
+        for w in r.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 as u64 <= w[1].0,
+                "a range fetched twice: {w:?}"
+            );
         }
     }
 
@@ -2038,14 +2042,7 @@ mod tests {
             assert!(t.join().unwrap());
         }
         wait_for_readahead(&cache);
-        let mut r = reads.lock().unwrap().clone();
-        r.sort();
-        for w in r.windows(2) {
-            assert!(
-                w[0].0 + w[0].1 as u64 <= w[1].0,
-                "a range fetched twice: {w:?}"
-            );
-        }
+        assert_no_range_fetched_twice(&reads);
         let s = cache.stats();
         assert_eq!(s.fetched_bytes, size as u64, "{s:?}");
         assert_eq!(s.refetched_blocks, 0, "{s:?}");
