@@ -46,8 +46,9 @@ fn open_image_store(c: &Config) -> Result<Stores, String> {
                 .filter(|b| !b.is_empty())
                 .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
             let cfg = S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
-            let cache = open_image_cache(c)?;
             let s = S3Store::open_checked(cfg).map_err(|e| format!("S3 image store: {e}"))?;
+            // After the check: a store that does not work is the one line of a failed start.
+            let cache = open_image_cache(c)?;
             let s = Arc::new(s.with_block_cache(Arc::new(cache)));
             log_read_stats(&s);
             Ok((s.clone(), Some(s)))
