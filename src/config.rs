@@ -60,9 +60,19 @@ pub struct Config {
     #[argh(option, default = "256 << 20")]
     pub image_cache_size_bytes: u64,
 
-    /// block size of the image cache in bytes: the unit fetched from a remote store (default 262144)
-    #[argh(option, default = "256 << 10")]
+    /// block size of the image cache in bytes: the smallest range fetched from a remote
+    /// store, what a random reader fetches (default 4096; sequential readers fetch more)
+    #[argh(option, default = "4 << 10")]
     pub image_cache_block_size_bytes: u64,
+
+    /// directory of the image cache's disk tier, below the memory cache: blocks read from a
+    /// remote store, checksummed, emptied at every start (default <buffer-store-path>/image-cache)
+    #[argh(option)]
+    pub image_cache_dir: Option<PathBuf>,
+
+    /// bytes the image cache's disk tier may use; 0 disables it (default 1073741824)
+    #[argh(option, default = "1 << 30")]
+    pub image_cache_dir_size_bytes: u64,
 
     /// un-checkpointed pages per image past which writes are slowed down until a checkpoint
     /// catches up; a checkpoint starts at half of it (default 524288)
@@ -112,6 +122,8 @@ pub const FLAGS: &[(&str, bool)] = &[
     ("checkpoint-interval-jitter-ms", true),
     ("image-cache-size-bytes", true),
     ("image-cache-block-size-bytes", true),
+    ("image-cache-dir", true),
+    ("image-cache-dir-size-bytes", true),
     ("write-throttle-threshold-pages", true),
     ("txn-bytes-max", true),
     ("txn-lock-timeout-ms", true),
@@ -253,6 +265,12 @@ impl Config {
         self.buffer_store_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("buffer-store"))
+    }
+    /// The image cache's disk tier: on the buffer store's disk unless told otherwise.
+    pub fn image_cache_dir(&self) -> PathBuf {
+        self.image_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.buffer_store_path().join("image-cache"))
     }
 }
 

@@ -21,6 +21,16 @@
 #                      (which fit the default 256 MiB block cache) after one warm-up pass,
 #                      alternating with the same job against mvps-te with the local image store
 #                      (data checkpointed into layers, OS page cache warm).
+#   many layers        an image of BENCH_S3_LAYER_CHUNKS sequential chunks, each its own
+#                      checkpoint (base layers), plus BENCH_S3_DELTAS rounds of random writes
+#                      (delta layers): at least 32 layers that compaction keeps. A cold
+#                      sequential read of it (nbdcopy) against a plain download of all its
+#                      blobs; the bytes mvps-te fetched per byte its layers read, and new
+#                      connections per 1000 requests (both from its read-counter log line).
+#   random + disk tier fio randread 4 KiB over 4 x BENCH_S3_RAND_CACHE bytes of that image,
+#                      with a memory cache of BENCH_S3_RAND_CACHE: first cold (bytes fetched
+#                      per byte read), then after one sequential pass filled the disk tier,
+#                      alternating with the local image store.
 # Transfers and warm runs are repeated BENCH_S3_REPEAT times, interleaved (mvps, plain, mvps, plain, …); the
 # table shows medians, and as the ratio the median of the per-run ratios mvps / plain (higher
 # is better; 1.0 = as fast as plain).
@@ -32,6 +42,8 @@
 #                           run tries each value and counts the fastest
 #   BENCH_S3_WARM=192M      region of the warm random-read job
 #   BENCH_S3_RUNTIME=10     seconds of each warm random-read run
+#   BENCH_S3_LAYER_CHUNKS=32, BENCH_S3_DELTAS=3, BENCH_S3_DELTA=4M   the many-layer image
+#   BENCH_S3_RAND_CACHE=64M memory cache of the random-read runs (working set 4x that)
 #   BENCH_TMPDIR=/tmp       parent of the temp dir
 #   BENCH_OUT=DIR           keep logs and results there (default: a kept temp dir)
 #   MVPS_BIN_DIR=DIR        use mvps-te/mvpsctl from DIR instead of building
@@ -48,6 +60,11 @@ REPEAT=${BENCH_S3_REPEAT:-3}
 PARS=${BENCH_S3_PARALLEL:-"4 8"}
 WARM=${BENCH_S3_WARM:-192M}
 RUNTIME=${BENCH_S3_RUNTIME:-10}
+LAYER_CHUNKS=${BENCH_S3_LAYER_CHUNKS:-32}
+DELTAS=${BENCH_S3_DELTAS:-3}
+DELTA=${BENCH_S3_DELTA:-4M}
+RAND_MEM=$(numfmt --from=iec "${BENCH_S3_RAND_CACHE:-64M}")
+RAND_WS_FACTOR=4
 KEY=mvps-bench-key
 SECRET=mvps-bench-secret-0123456789
 REGION=us-east-1
@@ -134,6 +151,7 @@ done
 s3curl -o /dev/null -T /dev/null "$EP/$BUCKET/ready" || die "SeaweedFS not ready"
 
 export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_REGION=$REGION S3_ENDPOINT=$EP
+export KEY SECRET EP BUCKET # for the plain transfers' shells
 export MVPS_TE_JWT_SECRET=$JWT
 
 # ------------------------------------------------------------------ helpers
@@ -215,17 +233,27 @@ for i in $(seq 1 "$REPEAT"); do
 done
 
 # ------------------------------------------------------------------ cold reads
-# Plain download of the first image's layer blob(s): 8 MiB ranged GETs, $1 at once.
+# Plain download of the layer blobs in BLOBS ("key size" lines): 8 MiB ranged GETs of all
+# of them, $1 at once.
 plain_download() { # PARALLEL
     local b key size
+    local o c=$((8 << 20))
     for b in "${BLOBS[@]}"; do
         read -r key size <<<"$b"
-        python3 -c "
-s, c = $size, 8 << 20
-for o in range(0, s, c): print(f'{o}-{min(o + c, s) - 1}')" |
-            xargs -P "$1" -I{} curl -s -f -o /dev/null -r {} \
-                --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" "$EP/$BUCKET/$key"
+        for ((o = 0; o < size; o += c)); do
+            echo "$key $o-$((o + c < size ? o + c - 1 : size - 1))"
+        done
+    done | xargs -P "$1" -L 1 sh -c 'curl -s -f -o /dev/null -r "$2" --aws-sigv4 \
+        "aws:amz:$0:s3" --user "$KEY:$SECRET" "$EP/$BUCKET/$1"' "$REGION"
+}
+best_download() { # BYTES: plain_download at each parallelism; prints the best MiB/s
+    local par t0 best=0
+    for par in $PARS; do
+        t0=$(now)
+        plain_download "$par"
+        best=$(max "$best" "$(mibps "$1" "$(secs "$t0" "$(now)")")")
     done
+    echo "$best"
 }
 BLOB_BYTES=0
 for b in "${BLOBS[@]}"; do BLOB_BYTES=$((BLOB_BYTES + ${b#* })); done
@@ -243,13 +271,7 @@ for i in $(seq 1 "$REPEAT"); do
     nbdcopy "$(uri "$PORT" "$(token up1.mvps-image)")" null:
     rd_mvps+=("$(mibps "$BYTES" "$(secs "$t0" "$(now)")")")
     stop_mvps "$MPID"
-    best=0
-    for par in $PARS; do
-        t0=$(now)
-        plain_download "$par"
-        best=$(max "$best" "$(mibps "$BLOB_BYTES" "$(secs "$t0" "$(now)")")")
-    done
-    rd_plain+=("$best")
+    rd_plain+=("$(best_download "$BLOB_BYTES")")
     log "cold read $i: mvps $(fmt "${rd_mvps[-1]}") MiB/s, plain $(fmt "${rd_plain[-1]}") MiB/s"
 done
 
@@ -282,9 +304,125 @@ for i in $(seq 1 "$REPEAT"); do
         "local $(fmt "${warm_local[-1]}") IOPS"
 done
 stop_mvps "$S3_PID"
-stop_mvps "$LOCAL_PID"
 iops_s3=$(echo "${warm_s3[*]}" | median)
 iops_local=$(echo "${warm_local[*]}" | median)
+
+# ------------------------------------------------------------------ many layers
+# An image of at least 32 layers, built so that compaction keeps them: LAYER_CHUNKS
+# sequential chunks, each checkpointed on its own (disjoint spans: base layers, which are
+# coalesced only past 32), then DELTAS rounds of DELTA bytes of random 4 KiB writes (delta
+# layers overlapping every chunk; fewer than 4 of one size tier are not merged).
+ML=layers.mvps-image
+count_lines() { grep -c -- "$2" "$1" || true; }
+wait_count() { # FILE PATTERN N: waits (up to 10 min) until PATTERN has matched N lines
+    for _ in $(seq 1 6000); do
+        [ "$(count_lines "$1" "$2")" -ge "$3" ] && return 0
+        sleep 0.1
+    done
+    die "fewer than $3 \"$2\" in $1"
+}
+# stats_field LOG WORD: the number before WORD in the last read-counter line of LOG.
+stats_line() { grep "image cache: read" "$1" | tail -1; }
+fetch_ratio() { echo "$(stats_num "$1" "B in") / $(stats_num "$1" "B, fetched")" | bc -l; }
+conn_rate() { sed -E 's/.*\(([0-9.]+) per 1000 requests\).*/\1/' <<<"$1"; }
+stats_num() { sed -E "s/.*[^0-9]([0-9]+) $2.*/\1/" <<<"$1"; }
+# The newest manifest's layers as "key size" lines.
+manifest_layers() { # IMAGE
+    local key
+    key=$(s3curl "$EP/$BUCKET?list-type=2&max-keys=1&prefix=$(sed 's|/|%2F|g' <<<"${PREFIX}images/$1/")" |
+        grep -o '<Key>[^<]*</Key>' | head -1 | sed -E 's/<\/?Key>//g')
+    s3curl "$EP/$BUCKET/$key" | jq -r ".layers[] | \"${PREFIX}blobs/\(.blob_id) \(.size_bytes)\""
+}
+CHUNK=$((BYTES / LAYER_CHUNKS))
+[ $((CHUNK % (1 << 20))) -eq 0 ] || die "BENCH_S3_SIZE / BENCH_S3_LAYER_CHUNKS must be whole MiB"
+log "many layers: $LAYER_CHUNKS chunks of $((CHUNK >> 20)) MiB, then $DELTAS deltas of $DELTA"
+# shellcheck disable=SC2046
+start_mvps layers-build $(s3_args)
+ML_URI=$(uri "$PORT" "$(token "$ML")")
+closed=0
+for i in $(seq 0 $((LAYER_CHUNKS - 1))); do
+    fio --name=chunk --ioengine=nbd --uri="$ML_URI" --rw=write --bs=1M --iodepth=8 \
+        --offset=$((i * CHUNK)) --size="$CHUNK" --refill_buffers >/dev/null
+    closed=$((closed + 1))
+    wait_count "$OUT/mvps-layers-build.log" "image $ML: idle, closed" "$closed"
+done
+for i in $(seq 1 "$DELTAS"); do
+    fio --name=delta --ioengine=nbd --uri="$ML_URI" --rw=randwrite --bs=4k --iodepth=16 \
+        --size="$BYTES" --io_size="$DELTA" --randrepeat=0 --refill_buffers >/dev/null
+    closed=$((closed + 1))
+    wait_count "$OUT/mvps-layers-build.log" "image $ML: idle, closed" "$closed"
+done
+stop_mvps "$MPID"
+mapfile -t ML_BLOBS < <(manifest_layers "$ML")
+ML_COUNT=${#ML_BLOBS[@]}
+ML_BYTES=0
+for b in "${ML_BLOBS[@]}"; do ML_BYTES=$((ML_BYTES + ${b#* })); done
+log "many layers: the manifest lists $ML_COUNT layers, $ML_BYTES bytes"
+
+# Cold sequential read of the many-layer image (fresh buffer store, empty caches), and a
+# plain download of all its layer blobs. Then the read counters mvps-te logs at shutdown.
+BLOBS=("${ML_BLOBS[@]}")
+ml_mvps=() ml_plain=() ml_ratio=() ml_conn=()
+for i in $(seq 1 "$REPEAT"); do
+    # shellcheck disable=SC2046
+    start_mvps "layers-cold$i" $(s3_args)
+    t0=$(now)
+    nbdcopy "$(uri "$PORT" "$(token "$ML")")" null:
+    ml_mvps+=("$(mibps "$BYTES" "$(secs "$t0" "$(now)")")")
+    stop_mvps "$MPID"
+    st=$(stats_line "$OUT/mvps-layers-cold$i.log")
+    ml_ratio+=("$(fetch_ratio "$st")")
+    ml_conn+=("$(conn_rate "$st")")
+    ml_plain+=("$(best_download "$ML_BYTES")")
+    log "many-layer cold read $i: mvps $(fmt "${ml_mvps[-1]}") MiB/s, plain" \
+        "$(fmt "${ml_plain[-1]}") MiB/s; fetched/read $(printf '%.2f' "${ml_ratio[-1]}")," \
+        "${ml_conn[-1]} new connections per 1000 requests"
+done
+
+# Random 4 KiB reads of a working set RAND_WS_FACTOR x the memory cache, disk tier on.
+# First a cold run on a fresh server (what a random reader fetches per byte read), then a
+# server whose disk tier was filled by one sequential pass, against the local store.
+RAND_WS=$((RAND_MEM * RAND_WS_FACTOR))
+rand_job() { # URI OUTPUT-JSON: random 4 KiB reads over the first RAND_WS bytes; prints IOPS
+    fio --name=rand --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=16 \
+        --size="$RAND_WS" --time_based --runtime="$RUNTIME" --ramp_time=2 \
+        --randrepeat=0 --output-format=json --output="$2" >/dev/null
+    jq '.jobs[0].read.iops' "$2"
+}
+MEM_ARGS=(--image-cache-size-bytes "$RAND_MEM")
+# shellcheck disable=SC2046
+start_mvps rand-cold $(s3_args) "${MEM_ARGS[@]}"
+rand_cold=$(rand_job "$(uri "$PORT" "$(token "$ML")")" "$OUT/rand-cold.json")
+stop_mvps "$MPID"
+st=$(stats_line "$OUT/mvps-rand-cold.log")
+rand_ratio=$(fetch_ratio "$st")
+rand_conn=$(conn_rate "$st")
+log "cold random 4k reads: $(fmt "$rand_cold") IOPS, fetched/read $(printf '%.2f' "$rand_ratio")"
+# shellcheck disable=SC2046
+start_mvps rand-disk $(s3_args) "${MEM_ARGS[@]}"
+RD_PID=$MPID RD_URI=$(uri "$PORT" "$(token "$ML")")
+# One random pass of 64 KiB reads touches the whole working set (fio reads each block once);
+# readers' misses go to the disk tier (readahead's do not: a sequential pass would not).
+fio --name=fill --ioengine=nbd --uri="$RD_URI" --rw=randread --bs=64k --iodepth=16 \
+    --size="$RAND_WS" --randrepeat=0 >/dev/null
+# The read counters from here on: steady state, the pool of connections warm. mvps-te logs
+# them every 10 s when they changed, so after 11 s the last line is the state now (and the
+# disk tier's writer has drained its queue).
+sleep 11
+rd_st0=$(stats_line "$OUT/mvps-rand-disk.log")
+rand_disk=() rand_local=()
+for i in $(seq 1 "$REPEAT"); do
+    rand_disk+=("$(rand_job "$RD_URI" "$OUT/rand-disk-$i.json")")
+    rand_local+=("$(rand_job "$LOCAL_URI" "$OUT/rand-local-$i.json")")
+    log "random 4k reads over $((RAND_WS >> 20)) MiB $i: S3 + disk tier" \
+        "$(fmt "${rand_disk[-1]}") IOPS, local $(fmt "${rand_local[-1]}") IOPS"
+done
+stop_mvps "$RD_PID"
+stop_mvps "$LOCAL_PID"
+rd_st=$(stats_line "$OUT/mvps-rand-disk.log")
+rd_req=$(($(stats_num "$rd_st" "requests,") - $(stats_num "$rd_st0" "requests,")))
+rd_conn=$(($(stats_num "$rd_st" "connections opened") - $(stats_num "$rd_st0" "connections opened")))
+rd_conn_rate=$(echo "$rd_conn * 1000 / ($rd_req + ($rd_req == 0))" | bc -l)
 
 # ------------------------------------------------------------------ table
 m_up=$(echo "${up_mvps[*]}" | median)
@@ -319,10 +457,29 @@ paired() {
         "$(fmt "$m_rdp") | $(paired rd_mvps rd_plain) | ≥ 0.7 |"
     echo "| warm random 4 KiB reads (fio, iodepth 16), IOPS | $(fmt "$iops_s3") |" \
         "$(fmt "$iops_local") | $(paired warm_s3 warm_local) | ≥ 0.8 |"
+    echo "| $ML_COUNT layers: cold sequential read / plain download of the blobs, MiB/s |" \
+        "$(fmt "$(echo "${ml_mvps[*]}" | median)") | $(fmt "$(echo "${ml_plain[*]}" | median)") |" \
+        "$(paired ml_mvps ml_plain) | ≥ 0.8 |"
+    echo "| $ML_COUNT layers: sequential bytes fetched ÷ bytes read |" \
+        "$(printf '%.2f' "$(echo "${ml_ratio[*]}" | median)") | | | ≤ 2 |"
+    echo "| $ML_COUNT layers: random 4 KiB reads (cold, $((RAND_MEM >> 20)) MiB cache)," \
+        "bytes fetched ÷ bytes read | $(printf '%.2f' "$rand_ratio") | | | ≤ 4 |"
+    echo "| random 4 KiB reads, working set $((RAND_WS >> 20)) MiB = ${RAND_WS_FACTOR}× the" \
+        "memory cache, disk tier on / local store, IOPS | $(fmt "$(echo "${rand_disk[*]}" | median)") |" \
+        "$(fmt "$(echo "${rand_local[*]}" | median)") | $(paired rand_disk rand_local) | ≥ 0.5 |"
+    echo "| new connections per 1000 requests: fresh server, sequential (all requests, the" \
+        "$ML_COUNT layer opens 16 at a time included); cold random | $(echo "${ml_conn[*]}" | median);" \
+        "$rand_conn | | | — |"
+    echo "| new connections per 1000 requests, steady state (random reads after the warm-up:" \
+        "$rd_conn in $rd_req requests) | $(printf '%.1f' "$rd_conn_rate") | | | ≤ 5 |"
     echo
     echo "runs (MiB/s): upload $(fmts "${up_mvps[@]}")/ checkpoint $(fmts "${up_ckpt[@]}")/" \
         "plain $(fmts "${up_plain[@]}"); cold read $(fmts "${rd_mvps[@]}")/ plain" \
         "$(fmts "${rd_plain[@]}"); warm IOPS S3 $(fmts "${warm_s3[@]}")/ local" \
-        "$(fmts "${warm_local[@]}")"
+        "$(fmts "${warm_local[@]}"); $ML_COUNT layers: cold read $(fmts "${ml_mvps[@]}")/" \
+        "plain $(fmts "${ml_plain[@]}"); random IOPS S3 + disk $(fmts "${rand_disk[@]}")/" \
+        "local $(fmts "${rand_local[@]}"); cold random $(fmt "$rand_cold")"
+    echo
+    echo "read counters, random reads with the disk tier: ${rd_st#*image cache: }"
 } | tee "$OUT/results.md"
 log "results and logs in $OUT"

@@ -9,7 +9,9 @@ use super::retry;
 use rusty_s3::{Bucket, Credentials, Method};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use ureq::unversioned::transport::{ConnectionDetails, Connector, DefaultConnector, Transport};
 
 /// Longest wait for a TCP (and TLS) connection, DNS included. A healthy endpoint answers in
 /// milliseconds; past this the attempt counts as a connection error and is retried.
@@ -71,6 +73,30 @@ pub struct Client {
     endpoint: String,
     /// HTTP requests sent (every attempt counts), for tests and diagnostics.
     requests_sent: AtomicU64,
+    /// New connections opened (a request on a pooled connection opens none).
+    connections_opened: Arc<AtomicU64>,
+}
+
+/// Counts the connections the default connector chain opens: ureq calls the chain only when
+/// its pool has no idle connection to the host, so this is the number of TCP (and TLS)
+/// handshakes. A request whose response body was not read to its end gives its connection
+/// up, and the next request opens a new one; the benchmark reports this per 1000 requests.
+#[derive(Debug)]
+struct CountingConnector(Arc<AtomicU64>);
+
+impl Connector<Box<dyn Transport>> for CountingConnector {
+    type Out = Box<dyn Transport>;
+
+    fn connect(
+        &self,
+        _: &ConnectionDetails,
+        chained: Option<Box<dyn Transport>>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        if chained.is_some() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(chained)
+    }
 }
 
 impl Client {
@@ -90,18 +116,28 @@ impl Client {
             // Ranged reads must come back byte-exact, never re-encoded.
             .accept_encoding("identity")
             .build();
+        let connections_opened = Arc::new(AtomicU64::new(0));
+        let connector =
+            DefaultConnector::new().chain(CountingConnector(connections_opened.clone()));
+        let resolver = ureq::unversioned::resolver::DefaultResolver::default();
         Client {
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq::Agent::with_parts(config, connector, resolver),
             bucket,
             credentials,
             endpoint,
             requests_sent: AtomicU64::new(0),
+            connections_opened,
         }
     }
 
     /// HTTP requests sent so far (each attempt of each call).
     pub fn requests_sent(&self) -> u64 {
         self.requests_sent.load(Ordering::Relaxed)
+    }
+
+    /// Connections opened so far; near zero per request once the pool is warm.
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened.load(Ordering::Relaxed)
     }
 
     pub fn bucket(&self) -> &Bucket {
@@ -250,11 +286,18 @@ impl Client {
         if out.is_success() && exact.is_some() && out.content_length == exact {
             // ureq stops at Content-Length and fails on a short body.
             let mut buf = into.take().expect("checked above");
-            response
-                .into_body()
-                .into_reader()
-                .read_exact(&mut buf)
-                .map_err(reading)?;
+            let mut body = response.into_body().into_reader();
+            body.read_exact(&mut buf).map_err(reading)?;
+            // ureq hands the connection back to its pool only on the read that finds the
+            // body's end; `read_exact` stops one read short of it, and dropping the reader
+            // then closes the connection (a new TCP handshake per ranged GET).
+            let mut past_end = [0u8; 1];
+            if body.read(&mut past_end).map_err(reading)? != 0 {
+                return Err(Error::Parse {
+                    what: "oversized",
+                    message: "response body longer than its Content-Length".into(),
+                });
+            }
             out.body = buf;
             return Ok(out);
         }

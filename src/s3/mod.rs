@@ -172,6 +172,23 @@ impl S3Store {
         self.client.requests_sent()
     }
 
+    /// Connections this store has opened (new TCP/TLS handshakes; requests on a pooled
+    /// connection open none).
+    pub fn connections_opened(&self) -> u64 {
+        self.client.connections_opened()
+    }
+
+    /// One log line of counters: the block cache's, requests sent and connections opened.
+    pub fn stats_line(&self) -> String {
+        let (requests, opened) = (self.requests_sent(), self.connections_opened());
+        let per_1000 = opened as f64 * 1000.0 / requests.max(1) as f64;
+        let cache = match self.cache_stats() {
+            Some(c) => format!("image cache: {c}; "),
+            None => String::new(),
+        };
+        format!("{cache}s3: {requests} requests, {opened} connections opened ({per_1000:.1} per 1000 requests)")
+    }
+
     /// The block cache's counters, if there is a cache.
     pub fn cache_stats(&self) -> Option<CacheStats> {
         self.cache.as_ref().map(|c| c.stats())
@@ -425,8 +442,8 @@ impl ImageStore for S3Store {
         let size = match cache.known_size(&full) {
             Some(size) => size,
             None => {
-                let bs = cache.block_bytes();
-                match blob::S3Blob::open_first_block(&self.client, key, &full, bs)? {
+                let bytes = cache.open_bytes();
+                match blob::S3Blob::open_first_block(&self.client, key, &full, bytes)? {
                     Some((size, data)) => {
                         cache.insert(&full, 0, data);
                         size

@@ -152,14 +152,14 @@ fn cached_blob_reads_count_requests() {
         assert_eq!(buf, &data[off..off + len], "{off}+{len}");
     };
     let n0 = s.requests_sent();
-    // Opening is one GET: it learns the size and caches block 0.
+    // Opening is one GET: it learns the size and caches the first 256 KiB (blocks 0..=3).
     let b = s.open_blob("blobs/c.mvps-blob").unwrap();
     assert_eq!(b.size_bytes(), data.len() as u64);
     assert_eq!(s.requests_sent() - n0, 1);
     read(b.as_ref(), 0, 64);
     read(b.as_ref(), 1000, 60_000);
-    assert_eq!(s.requests_sent() - n0, 1, "block 0 came with the open");
-    // Blocks 1..=4 in one ranged GET; then they are hits.
+    assert_eq!(s.requests_sent() - n0, 1, "blocks 0..=3 came with the open");
+    // Blocks 1..=4: only block 4 is missing, one ranged GET; then they are hits.
     read(b.as_ref(), 70_000, 250_000);
     assert_eq!(s.requests_sent() - n0, 2);
     read(b.as_ref(), 65_536, 262_144);
@@ -186,6 +186,40 @@ fn cached_blob_reads_count_requests() {
         s.open_blob("blobs/missing.mvps-blob"),
         Err(E::NotFound { .. })
     ));
+}
+
+/// Guards against ranged GETs giving up their connection: ureq returns a connection to its
+/// pool only when a read finds the body's end, and reading exactly `Content-Length` bytes
+/// stopped one read short of it, so every cache miss opened a new TCP connection (~150 a
+/// second under load, each left in TIME-WAIT).
+#[test]
+fn ranged_gets_reuse_pooled_connections() {
+    let (_server, s) = cached_store();
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 249) as u8).collect();
+    s.put("blobs/conn.mvps-blob", &data).unwrap();
+    let b = s.open_blob("blobs/conn.mvps-blob").unwrap();
+    let (n0, c0) = (s.requests_sent(), s.connections_opened());
+    // Reads far apart: each misses and is one ranged GET of its own (no readahead).
+    for i in 0..200u64 {
+        let off = (i * 1_987_321) % (data.len() as u64 - 100);
+        read_exact(b.as_ref(), off, &data[off as usize..off as usize + 100]);
+    }
+    let requests = s.requests_sent() - n0;
+    let opened = s.connections_opened() - c0;
+    assert!(requests >= 30, "{requests} requests");
+    assert!(
+        opened <= 2,
+        "{opened} connections opened for {requests} requests"
+    );
+    // Error answers are read to their end too: a 404 leaves its connection pooled.
+    let c1 = s.connections_opened();
+    for _ in 0..20 {
+        assert!(matches!(
+            s.get("blobs/none.mvps-blob"),
+            Err(E::NotFound { .. })
+        ));
+    }
+    assert!(s.connections_opened() - c1 <= 1);
 }
 
 fn read_exact(b: &dyn BlobReader, off: u64, want: &[u8]) {

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub use crate::catalog::keys;
+pub mod disk_cache;
 pub mod local;
 
 use std::fmt;
