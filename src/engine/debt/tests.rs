@@ -306,6 +306,8 @@ proptest! {
             let span = shapes.iter().map(|s| s.end).max().unwrap_or(0)
                 - shapes.iter().map(|s| s.first).min().unwrap_or(0);
             prop_assert!(debt.layers <= p.layers_limit(span << BITS), "{debt:?}");
+            // Liveness of pacing: with nothing left for compaction to do, no writer waits.
+            prop_assert_eq!(p.pace(&debt), Pace::Free, "{:?}", debt);
             for page in 0..PAGES {
                 prop_assert_eq!(newest(&layers, page), image.get(&page).copied(), "page {}", page);
             }
