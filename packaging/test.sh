@@ -301,7 +301,7 @@ env_file=$(unit_value EnvironmentFile)
 status=0
 (as_unit -- $(unit_value ExecStart) --dry-run --json) >"$work/gc.log" 2>"$work/gc.err" || status=$?
 [ "$status" -eq 0 ] || fail "mvps-s3-gc --dry-run: status $status, $(cat "$work/gc.err")"
-grep -q '"manifests_kept":1' "$work/gc.log" || fail "the dry run did not see the image: $(cat "$work/gc.log")"
+grep -Eq '"manifests_kept":[1-9]' "$work/gc.log" && grep -Eq '"blobs_referenced":[1-9]' "$work/gc.log" || fail "the dry run did not see the image: $(cat "$work/gc.log")"
 grep -q '"dry_run":true' "$work/gc.log" || fail "not a dry run: $(cat "$work/gc.log")"
 unit=$te_unit env_file=$te_env_file
 
