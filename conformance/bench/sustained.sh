@@ -229,8 +229,9 @@ for JOB in $JOBS; do
         fi
         [ -z "$GC_BIN" ] || echo "  collector passes: $(grep -c "^{" "$OUT/gc-$JOB.jsonl" 2>/dev/null || echo 0)"
         # Layer bytes: checkpoint pages (4 KiB) plus what merges wrote.
-        ck=$(grep -oE "checkpoint: [0-9]+ pages" "$OUT/mvps-te-$JOB.log" | awk '{s+=$2} END{printf "%.0f", s*4096}')
-        mg=$(grep -oE "\([0-9]+ MiB written" "$OUT/mvps-te-$JOB.log" | tr -d '(' | awk '{s+=$1} END{printf "%.0f", s*1048576}')
+        # (grep finds nothing when nothing was merged: not an error.)
+        ck=$( (grep -oE "checkpoint: [0-9]+ pages" "$OUT/mvps-te-$JOB.log" || true) | awk '{s+=$2} END{printf "%.0f", s*4096}')
+        mg=$( (grep -oE "\([0-9]+ MiB written" "$OUT/mvps-te-$JOB.log" || true) | tr -d '(' | awk '{s+=$1} END{printf "%.0f", s*1048576}')
         echo "  layer bytes / client bytes: $(echo "scale=2; ($ck + $mg) / $CLIENT_BYTES" | bc) (checkpoints $(echo "scale=2; $ck / $CLIENT_BYTES" | bc), merges $(echo "scale=2; $mg / $CLIENT_BYTES" | bc))"
         echo "  compaction steps: $(count "compaction:")"
         echo "  checkpoints: $(count ": checkpoint: ")"
