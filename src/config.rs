@@ -274,6 +274,38 @@ impl Config {
     }
 }
 
+/// An image store that already exists, for the tools that read or clean one (`mvpsctl
+/// inspect`, `mvps-s3-gc`): no block cache and no start-up probe, as the server has.
+pub enum ExistingStore<'a> {
+    /// A local image store's root directory (holding `images/` and `blobs/`).
+    Local(&'a std::path::Path),
+    /// An S3 bucket and key prefix; credentials and `S3_ENDPOINT` come from the environment.
+    S3 { bucket: &'a str, prefix: &'a str },
+}
+
+/// Opens `at`; a local path that is not a directory is refused rather than created.
+pub fn open_existing_store(at: ExistingStore) -> Result<Box<dyn crate::store::ImageStore>, String> {
+    match at {
+        ExistingStore::Local(p) => {
+            if !p.is_dir() {
+                return Err(format!(
+                    "--image-store-local-path {}: not a directory (the image store's root, \
+                     holding images/ and blobs/)",
+                    p.display()
+                ));
+            }
+            let s = crate::store::local::LocalStore::open(p)
+                .map_err(|e| format!("local image store {}: {e}", p.display()))?;
+            Ok(Box::new(s))
+        }
+        ExistingStore::S3 { bucket, prefix } => {
+            let cfg = crate::s3::S3Config::from_env(bucket, prefix)?;
+            let s = crate::s3::S3Store::open(cfg).map_err(|e| format!("S3 image store: {e}"))?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

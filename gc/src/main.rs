@@ -2,8 +2,8 @@
 //! mvps-s3-gc`). Exit status: 0 done, 1 configuration error or failed deletes, 2 sanity
 //! stop (nothing deleted) or a refused command line.
 
-use mvps::s3::{S3Config, S3Store};
-use mvps::store::{local::LocalStore, ImageStore};
+use mvps::config::{open_existing_store, ExistingStore};
+use mvps::store::ImageStore;
 use mvps_s3_gc::{pass, Options, ENV_PREFIX, EXIT_ERROR, EXIT_OK, EXIT_STOP, FLAGS};
 
 fn open_store(o: &Options) -> Result<Box<dyn ImageStore>, String> {
@@ -14,22 +14,11 @@ fn open_store(o: &Options) -> Result<Box<dyn ImageStore>, String> {
              --image-store-local-path DIR"
                 .into(),
         ),
-        (None, Some(path)) => {
-            let p = std::path::Path::new(path);
-            if !p.is_dir() {
-                return Err(format!(
-                    "--image-store-local-path {path}: not a directory (the image store's root, \
-                     holding images/ and blobs/)"
-                ));
-            }
-            let s = LocalStore::open(p).map_err(|e| format!("local image store {path}: {e}"))?;
-            Ok(Box::new(s))
-        }
-        (Some(bucket), None) => {
-            let cfg = S3Config::from_env(bucket, &o.prefix)?;
-            let s = S3Store::open(cfg).map_err(|e| format!("S3 image store: {e}"))?;
-            Ok(Box::new(s))
-        }
+        (None, Some(path)) => open_existing_store(ExistingStore::Local(std::path::Path::new(path))),
+        (Some(bucket), None) => open_existing_store(ExistingStore::S3 {
+            bucket,
+            prefix: &o.prefix,
+        }),
     }
 }
 

@@ -101,22 +101,19 @@ fn token(t: TokenCmd) -> Result<(), String> {
 }
 
 fn inspect(c: InspectCmd) -> Result<(), String> {
-    use mvps::store::ImageStore;
-    let store: Box<dyn ImageStore> = match c.image_store.as_str() {
-        "local" => Box::new(
-            mvps::store::local::LocalStore::open(&c.image_store_local_path)
-                .map_err(|e| format!("{}: {e}", c.image_store_local_path.display()))?,
-        ),
-        "s3" => {
-            let bucket = c
+    use mvps::config::{open_existing_store, ExistingStore};
+    let at = match c.image_store.as_str() {
+        "local" => ExistingStore::Local(&c.image_store_local_path),
+        "s3" => ExistingStore::S3 {
+            bucket: c
                 .image_store_s3_bucket
                 .as_deref()
-                .ok_or("--image-store s3 needs --image-store-s3-bucket")?;
-            let cfg = mvps::s3::S3Config::from_env(bucket, &c.image_store_s3_prefix)?;
-            Box::new(mvps::s3::S3Store::open(cfg).map_err(|e| format!("S3 image store: {e}"))?)
-        }
+                .ok_or("--image-store s3 needs --image-store-s3-bucket")?,
+            prefix: &c.image_store_s3_prefix,
+        },
         other => return Err(format!("--image-store {other:?}: use local or s3")),
     };
+    let store = open_existing_store(at)?;
     let m = mvps::catalog::manifest::load_latest(store.as_ref(), &c.image_id)
         .map_err(|e| format!("image {}: {e}", c.image_id))?
         .ok_or_else(|| format!("image {}: no manifest (never checkpointed)", c.image_id))?;
