@@ -104,13 +104,20 @@ impl Session {
     pub fn compact(&self) -> Result<()> {
         let _one_at_a_time = self.compacting.lock().unwrap();
         self.drop_shadowed()?;
+        // Each step measures the debt it starts from; one that ended the pass by the bound or
+        // a stop leaves its result unmeasured.
+        let mut unmeasured = false;
         for _ in 0..STEPS_PER_PASS_MAX {
             if self.is_stopped() {
                 break;
             }
-            if !self.compact_step()? {
+            unmeasured = self.compact_step()?;
+            if !unmeasured {
                 break;
             }
+        }
+        if unmeasured {
+            self.picture();
         }
         self.compaction_failing.store(false, Ordering::Release);
         Ok(())
@@ -185,6 +192,7 @@ impl Session {
         let shapes = shapes(&layers);
         let live_bytes = live_pages(&layers) << self.page_size_bits;
         *self.debt.lock().unwrap() = Debt::measure(&shapes, live_bytes);
+        self.notify_drained(); // writers paced by the debt look again
         Some(Picture {
             ids,
             layers,
@@ -270,8 +278,7 @@ impl Session {
             next.layers.len()
         );
         drop(_publishing);
-        self.picture(); // the new debt, for writers
-        self.notify_drained();
+        // (The next step's `picture` measures the new debt and wakes paced writers.)
         crate::memory::release_freed();
         Ok(true)
     }
