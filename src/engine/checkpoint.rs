@@ -10,17 +10,17 @@
 use super::buffer::open_layer;
 use super::extent::{Extent, ExtentValue};
 use super::layer::{write_layer, SourceExtent};
-use super::manifest::{LayerRef, Manifest};
-use super::session::{BufVal, Session, WriterState};
-use super::wal::{self, Kind, PageCrcs, WalFile, WalHeader};
+use super::log::BufVal;
+use super::manifest::LayerRef;
+use super::session::Session;
+use super::wal::{self, PageCrcs, WalFile};
 use super::{Error, Result};
-use crate::catalog::{self, Conflict, Edit, Outcome};
+use crate::catalog::Edit;
 use crate::limits::CHECKPOINT_LAYER_PAGES_MAX;
 use crate::store::keys;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -32,11 +32,7 @@ pub fn start_thread(s: &Arc<Session>) -> std::io::Result<()> {
     let weak = Arc::downgrade(s);
     let name = format!("ckpt-{}", s.image_id);
     let what = format!("image {}: checkpoint thread", s.image_id);
-    let h = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || super::exit_on_panic(&what, || run(weak)))?;
-    *s.checkpoint_thread.lock().unwrap() = Some(h);
-    Ok(())
+    s.checkpointer.start(name, what, move || run(weak))
 }
 
 fn next_delay_ms(s: &Session, failures: u32) -> u64 {
@@ -56,16 +52,9 @@ fn run(weak: Weak<Session>) {
     let mut failures = 0u32;
     loop {
         let Some(s) = weak.upgrade() else { return };
-        let delay = Duration::from_millis(next_delay_ms(&s, failures));
-        {
-            let (m, c) = &s.wake;
-            let mut woken = m.lock().unwrap();
-            if !*woken {
-                woken = c.wait_timeout(woken, delay).unwrap().0;
-            }
-            *woken = false;
-        }
-        if s.closed.load(Ordering::Acquire) || s.fenced.load(Ordering::Acquire) {
+        s.checkpointer
+            .sleep(Duration::from_millis(next_delay_ms(&s, failures)));
+        if s.is_stopped() {
             return;
         }
         match s.checkpoint() {
@@ -79,7 +68,7 @@ fn run(weak: Weak<Session>) {
         if s.connection_count() == 0 {
             // Merges deferred during a write burst run now; the compaction thread wakes us
             // when it is done, and only then does the session close.
-            let merging = s.compaction_pending() && !s.compaction_failing();
+            let merging = s.compaction_pending() && !s.compactor.is_failing();
             if merging {
                 s.wake_compaction();
             } else if s.buffer.try_close_idle(&s) {
@@ -104,25 +93,26 @@ impl Session {
     /// One checkpoint. Returns the number of pages moved out of the buffer.
     pub fn checkpoint(&self) -> Result<u64> {
         self.check_usable()?;
-        let _one_at_a_time = self.checkpointing.lock().unwrap();
+        let _one_at_a_time = self.checkpointer.one_at_a_time();
         if self.buffer.cfg.disable_image_store_write {
             // Nothing is uploaded and no segment deleted, but the log still moves on to new
             // segments, so that none outgrows SEGMENT_BYTES_MAX.
+            let log = &self.log;
             let full =
-                self.writer.lock().unwrap().wal.end > self.buffer.cfg.wal_segment_checkpoint_bytes;
+                log.writer.lock().unwrap().wal.end > self.buffer.cfg.wal_segment_checkpoint_bytes;
             if full {
-                let next = self.prepare_segment()?;
-                let mut w = self.writer.lock().unwrap();
-                self.rotate(&mut w, next)?; // (no layer to write: the checksums go)
+                let next = log.prepare_segment(&self.buffer)?;
+                let mut w = log.writer.lock().unwrap();
+                log.rotate(&mut w, next)?; // (no layer to write: the checksums go)
             }
             return Ok(0);
         }
-        if self.buffer_is_empty() || self.writer.lock().unwrap().manifest.is_none() {
-            self.retire_segments()?;
+        if self.buffer_is_empty() || self.version.manifest().is_none() {
+            self.log.retire(&self.buffer)?;
             return Ok(0);
         }
         // Creating a segment costs two fsyncs: do it before taking the writer lock.
-        let next = self.prepare_segment()?;
+        let next = self.log.prepare_segment(&self.buffer)?;
         let next_path = next.path.clone();
         let snap = match self.snapshot_and_rotate(next) {
             Ok((snap, rotated)) => {
@@ -153,23 +143,17 @@ impl Session {
         }
         // Checkpoints and compactions publish one at a time, each on top of the newest
         // manifest; the slow part (writing and uploading blobs) happened above, unlocked.
-        let _publishing = self.manifest_lock.lock().unwrap();
-        let base = self.writer.lock().unwrap().manifest.clone();
-        let Some(base) = base else { return Ok(0) };
+        let publishing = self.version.lock_publishing();
+        let Some(base) = self.version.manifest() else {
+            return Ok(0);
+        };
         let edit = Edit::Append {
             change_count: snap.change_count,
             layers: refs.clone(),
         };
-        let next = self.publish(&base, &edit)?;
-        {
-            let mut w = self.writer.lock().unwrap();
-            let mut v = self.view.write().unwrap();
-            for l in opened {
-                v.layers.insert(0, l);
-            }
-            v.index.retain(|val| val.change > snap.change_count);
-            w.manifest = Some(next.clone());
-        }
+        // The layers join the version before their pages leave the buffer (see `read.rs`).
+        let next = self.publish(&publishing, &base, &edit, opened)?;
+        self.log.forget_through(snap.change_count);
         log::info!(
             "image {}: checkpoint: {pages} pages in {} layer(s), manifest generation {}, \
              change {} ({} ms writing layers, {} ms in all)",
@@ -182,32 +166,11 @@ impl Session {
         );
         self.remeasure_debt();
         self.notify_drained();
-        drop(_publishing);
-        self.retire_segments()?;
+        drop(publishing);
+        self.log.retire(&self.buffer)?;
         self.wake_compaction();
         crate::memory::release_freed();
         Ok(pages)
-    }
-
-    /// Creates the WAL segment that follows the newest one (only the checkpoint thread moves
-    /// the WAL on, so the number stays right until `snapshot_and_rotate`).
-    fn prepare_segment(&self) -> Result<WalFile> {
-        let header = {
-            let w = self.writer.lock().unwrap();
-            WalHeader {
-                segment: w.wal.segment() + 1,
-                ..w.wal.header.clone()
-            }
-        };
-        if header.segment > wal::SEGMENT_NUMBER_MAX {
-            return Err(Error::Io {
-                image: self.image_id.clone(),
-                op: "create WAL segment",
-                source: std::io::Error::other("WAL segment numbers exhausted"),
-            });
-        }
-        let path = self.buffer.wal_segment_path(&self.image_id, header.segment);
-        WalFile::create(&path, &header).map_err(self.io_err("create WAL segment"))
     }
 
     /// Under the writer lock: the committed buffered pages and their change count, and — if
@@ -215,13 +178,13 @@ impl Session {
     /// that every record in the snapshot's segments is at or below that change count, or
     /// belongs to a transaction still open. Returns whether `next` was taken.
     fn snapshot_and_rotate(&self, next: WalFile) -> Result<(Option<Snapshot>, bool)> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.log.writer.lock().unwrap();
         let (extents, segments) = {
-            let v = self.view.read().unwrap();
-            if v.index.is_empty() || w.manifest.is_none() {
+            let b = self.log.buffered.read().unwrap();
+            if b.index.is_empty() || self.version.manifest().is_none() {
                 return Ok((None, false));
             }
-            (v.index.iter().collect(), v.segments.clone())
+            (b.index.iter().collect(), b.segments.clone())
         };
         let mut snap = Snapshot {
             extents,
@@ -233,98 +196,11 @@ impl Session {
             return Ok((Some(snap), false));
         }
         let sealed = w.wal.segment();
-        snap.page_crcs = Some((sealed, self.rotate(&mut w, next)?));
+        snap.page_crcs = Some((sealed, self.log.rotate(&mut w, next)?));
         // Appends since the thread woke asked for this very checkpoint: forget them, or the
         // next one would start at once with only the pages written meanwhile.
-        *self.wake.0.lock().unwrap() = false;
+        self.checkpointer.forget_wakes();
         Ok((Some(snap), true))
-    }
-
-    /// Seals the newest segment and makes `next` (from `prepare_segment`) the newest.
-    /// Returns the sealed segment's page checksums.
-    fn rotate(&self, w: &mut WriterState, next: WalFile) -> Result<PageCrcs> {
-        assert_eq!(next.segment(), w.wal.segment() + 1, "one rotator");
-        self.append_end(w, Kind::Seal, 0, 0)?;
-        // The new segment joins the view before it takes an append (see `Session::flush`).
-        self.view
-            .write()
-            .unwrap()
-            .segments
-            .insert(next.segment(), next.file.clone());
-        Ok(std::mem::replace(&mut w.wal, next).page_crcs)
-    }
-
-    /// Deletes the WAL segments older than anything still needed: the newest segment, the
-    /// oldest one a buffered page points into, and the oldest one an open transaction may
-    /// have written to. Their contents are all in the image store.
-    pub(super) fn retire_segments(&self) -> Result<()> {
-        let retired: Vec<u64> = {
-            let w = self.writer.lock().unwrap();
-            let pinned = w.txns.pinned_segments.keys().next().copied();
-            let indexed = {
-                let v = self.view.read().unwrap();
-                v.index.iter().filter_map(|e| e.value.segment()).min()
-            };
-            let keep_from = [Some(w.wal.segment()), pinned, indexed]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("the newest segment is always kept");
-            let mut v = self.view.write().unwrap();
-            let kept = v.segments.split_off(&keep_from);
-            std::mem::replace(&mut v.segments, kept)
-                .into_keys()
-                .collect()
-        };
-        if retired.is_empty() {
-            return Ok(());
-        }
-        for seg in &retired {
-            let path = self.buffer.wal_segment_path(&self.image_id, *seg);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.io_err("delete WAL segment")(e)),
-            }
-        }
-        crate::store::local::fsync_dir(&self.buffer.dir)
-            .map_err(self.io_err("fsync buffer store"))?;
-        log::debug!(
-            "image {}: deleted WAL segment(s) {:?}",
-            self.image_id,
-            retired
-        );
-        Ok(())
-    }
-
-    /// Publishes the manifest `edit` makes of `base` as generation g+1 (`catalog::
-    /// publish_next`). If another buffer store wrote that generation or a newer one, this
-    /// session is fenced from then on.
-    pub(super) fn publish(&self, base: &Manifest, edit: &Edit) -> Result<Manifest> {
-        let store = self.buffer.store.as_ref();
-        let newest = catalog::manifest::Newest::of(base.clone());
-        let outcome =
-            catalog::publish_next(store, &newest, edit, Conflict::Fence).map_err(|source| {
-                Error::Manifest {
-                    image: self.image_id.clone(),
-                    source,
-                }
-            })?;
-        let generation = match outcome {
-            Outcome::Published(next) => return Ok(next),
-            Outcome::Fenced { generation, .. } => generation,
-            Outcome::GaveUp { .. } => unreachable!("Conflict::Fence never retries"),
-        };
-        self.fenced.store(true, Ordering::Release);
-        log::error!(
-            "image {}: fenced: generation {generation} was written by another buffer store. \
-             This server stops writing the image; its WAL stays in the buffer store for \
-             inspection. Serve the image from the new owner only.",
-            self.image_id,
-        );
-        Err(Error::Fenced {
-            image: self.image_id.clone(),
-        })
     }
 
     /// Writes the snapshot as layer blobs of at most CHECKPOINT_LAYER_PAGES_MAX pages each.

@@ -14,7 +14,6 @@ use super::manifest::{LayerRef, Manifest};
 use super::session::Session;
 use super::Result;
 use crate::catalog::Edit;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,12 +42,9 @@ const IDLE_WAIT_MS: u64 = 60_000;
 /// Starts the session's compaction thread: it runs a pass whenever a checkpoint wakes it.
 pub fn start_thread(s: &Arc<Session>) -> std::io::Result<()> {
     let weak = Arc::downgrade(s);
+    let name = format!("compact-{}", s.image_id);
     let what = format!("image {}: compaction thread", s.image_id);
-    let h = std::thread::Builder::new()
-        .name(format!("compact-{}", s.image_id))
-        .spawn(move || super::exit_on_panic(&what, || run(weak)))?;
-    *s.compaction_thread.lock().unwrap() = Some(h);
-    Ok(())
+    s.compactor.start(name, what, move || run(weak))
 }
 
 fn run(weak: std::sync::Weak<Session>) {
@@ -57,24 +53,14 @@ fn run(weak: std::sync::Weak<Session>) {
     let mut delay = IDLE_WAIT_MS;
     loop {
         let Some(s) = weak.upgrade() else { return };
-        {
-            let (m, c) = &s.compact_wake;
-            let mut woken = m.lock().unwrap();
-            if !*woken {
-                woken = c
-                    .wait_timeout(woken, Duration::from_millis(delay))
-                    .unwrap()
-                    .0;
-            }
-            *woken = false;
-        }
+        s.compactor.sleep(Duration::from_millis(delay));
         if s.is_stopped() {
             return;
         }
         delay = match s.compact() {
             Ok(()) => IDLE_WAIT_MS,
             Err(e) => {
-                s.compaction_failing.store(true, Ordering::Release);
+                s.compactor.set_failing(true);
                 s.notify_drained(); // writers waiting on compaction stop waiting
                 log::error!("{e} (compaction failed; will retry)");
                 RETRY_DELAY_MS
@@ -102,7 +88,7 @@ impl Session {
     /// Runs compaction steps until the policy has none left (or the session stops). One pass
     /// at a time: the compaction thread and a caller (tests, an idle close) may both ask.
     pub fn compact(&self) -> Result<()> {
-        let _one_at_a_time = self.compacting.lock().unwrap();
+        let _one_at_a_time = self.compactor.one_at_a_time();
         self.drop_shadowed()?;
         // Each step measures the debt it starts from; one that ended the pass by the bound or
         // a stop leaves its result unmeasured.
@@ -119,7 +105,7 @@ impl Session {
         if unmeasured {
             self.picture();
         }
-        self.compaction_failing.store(false, Ordering::Release);
+        self.compactor.set_failing(false);
         Ok(())
     }
 
@@ -139,12 +125,12 @@ impl Session {
     /// The last compaction failed (the image store is failing): an idle session may close
     /// without waiting for it.
     pub fn compaction_failing(&self) -> bool {
-        self.compaction_failing.load(Ordering::Acquire)
+        self.compactor.is_failing()
     }
 
     /// The debt of the newest manifest, as last measured.
     pub fn debt(&self) -> Debt {
-        *self.debt.lock().unwrap()
+        self.version.debt()
     }
 
     /// Measures the debt again after a checkpoint added layers, for write pacing. Layers,
@@ -152,17 +138,9 @@ impl Session {
     /// compaction thread's, in its next `picture`) the last count plus every byte added since
     /// stands in — an upper bound, so that pacing never stalls writers on a stale count.
     pub(super) fn remeasure_debt(&self) {
-        let layers: Vec<Arc<Layer>> = self
-            .view
-            .read()
-            .unwrap()
-            .layers
-            .iter()
-            .rev()
-            .cloned()
-            .collect();
+        let layers: Vec<Arc<Layer>> = self.version.layers().into_iter().rev().collect();
         let shapes = shapes(&layers);
-        let mut d = self.debt.lock().unwrap();
+        let mut d = self.version.lock_debt();
         // Never measured (the image's first layers): count once.
         let live_bytes = if d.layers == 0 {
             live_pages(&layers) << self.page_size_bits
@@ -177,21 +155,16 @@ impl Session {
     /// paces writes.
     fn picture(&self) -> Option<Picture> {
         let (ids, layers) = {
-            let w = self.writer.lock().unwrap();
-            let m = w.manifest.as_ref()?;
-            let view = self.view.read().unwrap();
+            let version = self.version.read();
+            let m = version.manifest.as_ref()?;
             let ids: Vec<String> = m.layers.iter().map(|l| l.blob_id.clone()).collect();
-            // The view holds the same layers newest first.
-            let layers: Vec<Arc<Layer>> = view.layers.iter().rev().cloned().collect();
+            // The version holds the manifest's layers newest first.
+            let layers: Vec<Arc<Layer>> = version.layers.iter().rev().cloned().collect();
             (ids, layers)
         };
-        assert!(
-            ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id) && ids.len() == layers.len(),
-            "view and manifest list the same layers"
-        );
         let shapes = shapes(&layers);
         let live_bytes = live_pages(&layers) << self.page_size_bits;
-        *self.debt.lock().unwrap() = Debt::measure(&shapes, live_bytes);
+        *self.version.lock_debt() = Debt::measure(&shapes, live_bytes);
         self.notify_drained(); // writers paced by the debt look again
         Some(Picture {
             ids,
@@ -235,8 +208,8 @@ impl Session {
                 &r.blob_id,
             )?));
         }
-        let _publishing = self.manifest_lock.lock().unwrap();
-        let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
+        let publishing = self.version.lock_publishing();
+        let Some(base) = self.version.manifest() else {
             return Ok(false);
         };
         // Only checkpoints changed the manifest since the picture (compaction runs one pass
@@ -253,8 +226,7 @@ impl Session {
             self.image_id
         );
         let edit = Edit::SetLayers(step.apply(&base.layers, refs.clone()));
-        let next = self.publish(&base, &edit)?;
-        self.install_compacted(&base, &next, opened);
+        let next = self.publish(&publishing, &base, &edit, opened)?;
         let what = match &step {
             Step::Sink { .. } => "moved layers disjoint from all older ones into the base".into(),
             Step::IntoBase { inputs, .. } => {
@@ -277,7 +249,7 @@ impl Session {
             next.generation,
             next.layers.len()
         );
-        drop(_publishing);
+        drop(publishing);
         // (The next step's `picture` measures the new debt and wakes paced writers.)
         crate::memory::release_freed();
         Ok(true)
@@ -289,13 +261,12 @@ impl Session {
     pub fn drop_shadowed(&self) -> Result<usize> {
         self.check_usable()?;
         let (ids, layers) = {
-            let w = self.writer.lock().unwrap();
-            let Some(m) = w.manifest.as_ref() else {
+            let version = self.version.read();
+            let Some(m) = version.manifest.as_ref() else {
                 return Ok(0);
             };
-            let view = self.view.read().unwrap();
             let ids: Vec<String> = m.layers.iter().rev().map(|l| l.blob_id.clone()).collect();
-            (ids, view.layers.clone())
+            (ids, version.layers.clone())
         };
         // Both newest first.
         debug_assert!(ids.iter().zip(&layers).all(|(id, l)| id == &l.blob_id));
@@ -303,8 +274,8 @@ impl Session {
         if shadowed.is_empty() {
             return Ok(0);
         }
-        let _publishing = self.manifest_lock.lock().unwrap();
-        let Some(base) = self.writer.lock().unwrap().manifest.clone() else {
+        let publishing = self.version.lock_publishing();
+        let Some(base) = self.version.manifest() else {
             return Ok(0);
         };
         // Still shadowed if still listed: checkpoints only add newer layers (more cover), and
@@ -322,8 +293,7 @@ impl Session {
             return Ok(0);
         }
         let edit = Edit::Drop(gone.iter().map(|id| id.to_string()).collect());
-        let next = self.publish(&base, &edit)?;
-        self.install_compacted(&base, &next, Vec::new());
+        let next = self.publish(&publishing, &base, &edit, Vec::new())?;
         log::info!(
             "image {}: compaction: dropped {} layer(s) that newer layers cover, manifest \
              generation {}",
@@ -397,31 +367,6 @@ impl Session {
                 .read_data_with_crcs(page, buf, crcs)
                 .map_err(std::io::Error::other)
         })
-    }
-
-    /// Swaps the merged run for the new layer in the read view and records the manifest.
-    fn install_compacted(&self, base: &Manifest, next: &Manifest, merged: Vec<Arc<Layer>>) {
-        let mut w = self.writer.lock().unwrap();
-        let mut view = self.view.write().unwrap();
-        let mut by_id: std::collections::HashMap<String, Arc<Layer>> = view
-            .layers
-            .iter()
-            .map(|l| (l.blob_id.clone(), l.clone()))
-            .collect();
-        for m in merged {
-            by_id.insert(m.blob_id.clone(), m);
-        }
-        debug_assert_eq!(
-            w.manifest.as_ref().map(|m| m.generation),
-            Some(base.generation)
-        );
-        view.layers = next
-            .layers
-            .iter()
-            .rev()
-            .map(|r| by_id[&r.blob_id].clone())
-            .collect();
-        w.manifest = Some(next.clone());
     }
 }
 

@@ -1,5 +1,30 @@
 //! The engine: sessions (one per open image), the buffer store (WALs), layers, manifests and
 //! checkpoints. Storage-agnostic: it reaches the object store only through `store::ImageStore`.
+//!
+//! A session (`session.rs`) is made of three parts and two jobs over them:
+//! - the log (`log.rs`): WAL segments, the index of buffered pages, append / flush / rotate;
+//! - the version (`version.rs`): the newest manifest and its opened layers, and publishing
+//!   the next manifest through the catalog;
+//! - the transaction table (`txn.rs`), kept under the log's writer lock;
+//! - the jobs (`jobs.rs`): checkpoint (`checkpoint.rs`, log → layers in a new version) and
+//!   compaction (`compaction.rs`, version → a cheaper version, as `debt.rs` plans it).
+//!
+//! Reads (`read.rs`) resolve pages through the log, then the version; writes are paced by
+//! the debt (`pace.rs`).
+//!
+//! # Lock order
+//! Always taken in this order (a lock may be skipped, never taken out of order):
+//! 1. a job's pass lock (`Job::one_at_a_time`): one checkpoint, one compaction pass at a
+//!    time; held for the whole pass, never both by one thread;
+//! 2. `Version::lock_publishing`: one manifest publication at a time;
+//! 3. `Log::writer`: every change to the WAL, the change count and the transaction table;
+//! 4. `Log::buffered`: what reads see of the log (segments, buffered pages);
+//! 5. `Version`'s current manifest and layers;
+//! 6. leaves, never held while taking another lock (but the debt under `drained`, when a
+//!    paced writer looks again): `Session::drained`, the debt, the jobs' wake-up flags.
+//!
+//! Reads take 4 and then 5, briefly, one after the other, and copy with no lock held. The
+//! slow parts of jobs (writing and uploading layers) hold only 1.
 
 pub mod blob_file;
 pub mod buffer;
@@ -8,13 +33,18 @@ pub mod checksum;
 pub mod compaction;
 pub mod debt;
 pub mod extent;
+pub mod jobs;
 pub mod layer;
+pub mod log;
 pub mod manifest;
 pub mod open;
+pub mod pace;
+pub mod read;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod txn;
+pub mod version;
 pub mod wal;
 
 #[cfg(test)]

@@ -9,8 +9,10 @@ use super::buffer::BufferStore;
 use super::checkpoint;
 use super::extent::ExtentMap;
 use super::layer::Layer;
+use super::log::{BufVal, Buffered, Log, LogWriter};
 use super::manifest::{self, writer_id_hex, Manifest, Newest};
-use super::session::{BufVal, Session, View, WriterState};
+use super::session::Session;
+use super::version::Version;
 use super::wal::{self, WalFile, WalHeader};
 use super::{Error, Result};
 use crate::catalog::keys;
@@ -79,18 +81,19 @@ impl Session {
         wal::remove_stale_temps(&buffer.dir, image_id).map_err(io("remove WAL temp files"))?;
         let segments =
             wal::list_segments(&buffer.dir, image_id).map_err(io("list WAL segments"))?;
-        let (writer, index, files) = if segments.is_empty() {
+        let opened = if segments.is_empty() {
             take_over(&buffer, image_id, page_size_bits, newest)?
         } else {
             resume(&buffer, image_id, page_size_bits, newest, &segments)?
         };
-        let layers = open_layers(&buffer, image_id, writer.manifest.as_ref())?;
-        let view = View {
-            segments: files,
-            index,
-            layers,
+        let layers = open_layers(&buffer, image_id, opened.manifest.as_ref())?;
+        let buffered = Buffered {
+            segments: opened.files,
+            index: opened.index,
         };
-        let s = Arc::new(Session::new(buffer, image_id, page_size_bits, writer, view));
+        let log = Log::new(image_id, page_size_bits, opened.writer, buffered);
+        let version = Version::new(image_id, opened.manifest, layers);
+        let s = Arc::new(Session::new(buffer, image_id, page_size_bits, log, version));
         s.attach(); // the opener's connection (see BufferStore::attach)
                     // No thread, no session: this connection gets the error, the server goes on.
         let started =
@@ -107,9 +110,16 @@ impl Session {
     }
 }
 
-/// What opening a session's WAL gives: the writer's state, the buffered pages, and every
-/// segment file by number.
-type Opened = (WriterState, ExtentMap<BufVal>, BTreeMap<u64, Arc<File>>);
+/// What opening a session's WAL gives.
+struct Opened {
+    writer: LogWriter,
+    /// The newest manifest (None: never published, uploads disabled).
+    manifest: Option<Manifest>,
+    /// The buffered pages.
+    index: ExtentMap<BufVal>,
+    /// Every segment file, by number.
+    files: BTreeMap<u64, Arc<File>>,
+}
 
 /// `newest`: the newest complete manifest and the highest generation whose key exists
 /// (above the manifest's when cut-short objects were skipped; see `manifest::Newest`).
@@ -202,31 +212,35 @@ fn resume(
         index.pages(),
         manifest.as_ref().map(|m| m.generation).unwrap_or(0)
     );
-    let mut w = WriterState {
-        wal,
-        next_seq: rec.next_seq,
-        next_txn_id: rec.next_txn_id,
-        change_count: rec.max_change_count.max(base),
+    let mut o = Opened {
+        writer: LogWriter {
+            wal,
+            next_seq: rec.next_seq,
+            next_txn_id: rec.next_txn_id,
+            change_count: rec.max_change_count.max(base),
+            txns: Default::default(),
+        },
         manifest,
-        txns: Default::default(),
+        index,
+        files,
     };
     if !buffer.cfg.disable_image_store_write {
-        match &w.manifest {
+        match &o.manifest {
             None => {
                 // The store has no manifest (new or wiped store): publish the first one as
                 // ours (generation 1, or above cut-short objects).
                 let edit = Edit::TakeOver {
                     image_id: image.clone(),
                     page_size_bits: bits,
-                    writer_id: w.wal.header.writer_id,
+                    writer_id: o.writer.wal.header.writer_id,
                 };
-                publish_takeover(buffer, &mut w, &newest, &edit)?;
+                publish_takeover(buffer, &mut o, &newest, &edit)?;
             }
-            Some(m) if taken > m.generation => publish_bridge(buffer, &mut w, &newest)?,
+            Some(m) if taken > m.generation => publish_bridge(buffer, &mut o, &newest)?,
             Some(_) => {}
         }
     }
-    Ok((w, index, files))
+    Ok(o)
 }
 
 /// Resuming on top of cut-short manifest objects (generations up to `taken`, above ours):
@@ -234,8 +248,8 @@ fn resume(
 /// our manifest above them (same layers and change count, conditional create) so that the
 /// session's next manifest has a free generation. If another buffer store publishes a
 /// manifest meanwhile, it has taken the image over: refuse, as for any foreign owner.
-fn publish_bridge(buffer: &BufferStore, w: &mut WriterState, newest: &Newest) -> Result<()> {
-    let base = w.manifest.clone().expect("resumed from a manifest");
+fn publish_bridge(buffer: &BufferStore, o: &mut Opened, newest: &Newest) -> Result<()> {
+    let base = o.manifest.clone().expect("resumed from a manifest");
     let image = base.image_id.clone();
     let store = buffer.store.as_ref();
     let outcome = catalog::publish_next(store, newest, &Edit::Copy, Conflict::RetryWhileUnchanged)
@@ -252,7 +266,7 @@ fn publish_bridge(buffer: &BufferStore, w: &mut WriterState, newest: &Newest) ->
                 base.generation,
                 bridge.generation - 1 - base.generation
             );
-            w.manifest = Some(bridge);
+            o.manifest = Some(bridge);
             Ok(())
         }
         Outcome::Fenced { newest, .. } => Err(Error::Refused {
@@ -291,28 +305,33 @@ fn take_over(buffer: &BufferStore, image_id: &str, bits: u32, newest: Newest) ->
         source,
     })?;
     let base_cc = manifest.as_ref().map(|m| m.change_count).unwrap_or(0);
-    let mut w = WriterState {
-        wal,
-        next_seq: 1,
-        next_txn_id: 1,
-        change_count: base_cc,
+    let mut o = Opened {
+        writer: LogWriter {
+            wal,
+            next_seq: 1,
+            next_txn_id: 1,
+            change_count: base_cc,
+            txns: Default::default(),
+        },
         manifest,
-        txns: Default::default(),
+        index: ExtentMap::new(),
+        files: BTreeMap::new(),
     };
+    o.files
+        .insert(o.writer.wal.segment(), o.writer.wal.file.clone());
     if buffer.cfg.disable_image_store_write {
         log::info!(
             "image {image_id}: new writer {} (image store writes disabled)",
             writer_id_hex(writer_id)
         );
-        let files = BTreeMap::from([(w.wal.segment(), w.wal.file.clone())]);
-        return Ok((w, ExtentMap::new(), files));
+        return Ok(o);
     }
     let edit = Edit::TakeOver {
         image_id: image.clone(),
         page_size_bits: bits,
         writer_id,
     };
-    let r = publish_takeover(buffer, &mut w, &newest, &edit);
+    let r = publish_takeover(buffer, &mut o, &newest, &edit);
     if r.is_err() {
         // Nothing was written to the WAL yet: remove it so a retry starts clean.
         let _ = std::fs::remove_file(&path);
@@ -321,21 +340,20 @@ fn take_over(buffer: &BufferStore, image_id: &str, bits: u32, newest: Newest) ->
     log::info!(
         "image {image_id}: took over as writer {} at manifest generation {}",
         writer_id_hex(writer_id),
-        w.manifest.as_ref().map(|m| m.generation).unwrap_or(0)
+        o.manifest.as_ref().map(|m| m.generation).unwrap_or(0)
     );
-    let files = BTreeMap::from([(w.wal.segment(), w.wal.file.clone())]);
-    Ok((w, ExtentMap::new(), files))
+    Ok(o)
 }
 
 /// Publishes a takeover manifest (`edit`, on top of `newest`); if another writer races us
 /// to that generation, re-reads the newest manifest and tries on top of it.
 fn publish_takeover(
     buffer: &BufferStore,
-    w: &mut WriterState,
+    o: &mut Opened,
     newest: &Newest,
     edit: &Edit,
 ) -> Result<()> {
-    let image = w.wal.header.image_id.clone();
+    let image = o.writer.wal.header.image_id.clone();
     let store = buffer.store.as_ref();
     let outcome =
         catalog::publish_next(store, newest, edit, Conflict::Rebase).map_err(|source| {
@@ -346,8 +364,8 @@ fn publish_takeover(
         })?;
     match outcome {
         Outcome::Published(next) => {
-            w.change_count = w.change_count.max(next.change_count);
-            w.manifest = Some(next);
+            o.writer.change_count = o.writer.change_count.max(next.change_count);
+            o.manifest = Some(next);
             Ok(())
         }
         Outcome::Fenced { .. } | Outcome::GaveUp { .. } => Err(Error::Refused {
@@ -429,7 +447,7 @@ mod tests {
     }
 
     fn manifest_of(s: &Session) -> Manifest {
-        s.writer.lock().unwrap().manifest.clone().unwrap()
+        s.version.manifest().unwrap()
     }
 
     fn page(s: &Session, n: u64) -> Vec<u8> {

@@ -448,7 +448,7 @@ fn compaction_bounds_layers(dir, store) {
         s.checkpoint().unwrap();
     }
     s.compact().unwrap(); // the compaction thread may still be behind the last checkpoint
-    let layers = s.view.read().unwrap().layers.len();
+    let layers = s.version.layers().len();
     assert!(layers < 8, "{layers} layers after 40 checkpoints");
     check_then_restart_and_check(dir, store, 9, (b, s), &model);
 }
@@ -477,8 +477,8 @@ fn layers_that_newer_ones_cover_are_dropped(dir, store) {
         s.compact().unwrap();
     };
     let blob_ids = |s: &Session| -> Vec<String> {
-        let w = s.writer.lock().unwrap();
-        w.manifest.as_ref().unwrap().layers.iter().map(|l| l.blob_id.clone()).collect()
+        let m = s.version.manifest().unwrap();
+        m.layers.iter().map(|l| l.blob_id.clone()).collect()
     };
     put(&s, 0, 64, 1); // L1: all of it
     let l1 = blob_ids(&s)[0].clone();
@@ -489,7 +489,7 @@ fn layers_that_newer_ones_cover_are_dropped(dir, store) {
     let ids = blob_ids(&s);
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(!ids.contains(&l1), "the covered layer is gone");
-    assert_eq!(s.view.read().unwrap().layers.len(), 3);
+    assert_eq!(s.version.layers().len(), 3);
     check_then_restart_and_check(dir, store, 9, (b, s), &model);
 }
 }
@@ -593,7 +593,7 @@ fn compaction_keeps_debt_within_limits(dir, store) {
         s.checkpoint().unwrap();
         s.compact().unwrap();
         let layers: Vec<Arc<crate::engine::layer::Layer>> =
-            s.view.read().unwrap().layers.iter().rev().cloned().collect();
+            s.version.layers().into_iter().rev().collect();
         let shapes: Vec<Shape> = crate::engine::compaction::shapes(&layers);
         let live = crate::engine::compaction::live_pages(&layers) << 9;
         let debt = crate::engine::debt::Debt::measure(&shapes, live);

@@ -12,7 +12,8 @@
 //! lock to the next waiter: its transaction is marked expired and its COMMIT fails.
 
 use super::extent::ExtentMap;
-use super::session::{BufVal, Session, WriterState};
+use super::log::{BufVal, LogWriter, Placed};
+use super::session::Session;
 use super::wal::Kind;
 use super::{Error, Result};
 use std::collections::{BTreeMap, HashSet};
@@ -46,7 +47,27 @@ pub struct LockHolder {
     pub deadline: Instant,
 }
 
-/// Per-session transaction bookkeeping, kept in `WriterState` (guarded by the writer mutex).
+impl Txn {
+    /// Takes pages appended for this transaction into its overlay.
+    pub(super) fn add(&mut self, placed: Vec<Placed>, page_size_bits: u32) {
+        for (first, count, at) in placed {
+            let value = BufVal {
+                change: 0,
+                pos: at.unwrap_or(BufVal::ZERO),
+                page_size_bits: page_size_bits as u8,
+            };
+            self.overlay.insert(first, count, value);
+            self.bytes += if at.is_some() {
+                count << page_size_bits
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Per-session transaction bookkeeping, kept in `LogWriter` (guarded by the log's writer mutex, because LOCK compares change
+/// counts and COMMIT appends under it).
 #[derive(Debug, Default)]
 pub struct TxnTable {
     pub open: usize,
@@ -60,10 +81,10 @@ pub struct TxnTable {
 impl Session {
     /// The writer mutex for a write. Writes inside a transaction are private until COMMIT,
     /// so they do not wait for the image lock; plain writes do.
-    pub(super) fn lock_writer(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, WriterState>> {
+    pub(super) fn lock_writer(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, LogWriter>> {
         match txn {
             Some(t) => {
-                let w = self.writer.lock().unwrap();
+                let w = self.log.writer.lock().unwrap();
                 self.check_usable()?;
                 if w.txns.expired.contains(&t.id) {
                     return Err(self.expired(t.id));
@@ -76,7 +97,7 @@ impl Session {
 
     pub fn begin(&self) -> Result<Txn> {
         self.check_usable()?;
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.log.writer.lock().unwrap();
         let id = w.next_txn_id;
         w.next_txn_id += 1;
         w.txns.open += 1;
@@ -121,9 +142,9 @@ impl Session {
 
     /// The writer mutex once no other transaction holds the image lock. A holder past its
     /// deadline loses the lock here: its transaction is marked expired.
-    fn wait_for_lock(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, WriterState>> {
+    fn wait_for_lock(&self, txn: Option<&Txn>) -> Result<MutexGuard<'_, LogWriter>> {
         let mine = txn.map(|t| t.id);
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.log.writer.lock().unwrap();
         loop {
             self.check_usable()?;
             if let Some(id) = mine.filter(|id| w.txns.expired.contains(id)) {
@@ -145,10 +166,11 @@ impl Session {
                 );
                 w.txns.expired.insert(holder.txn_id);
                 w.txns.lock = None;
-                self.lock_cv.notify_all();
+                self.log.lock_cv.notify_all();
                 continue;
             }
             w = self
+                .log
                 .lock_cv
                 .wait_timeout(w, holder.deadline - now)
                 .unwrap()
@@ -202,18 +224,16 @@ impl Session {
             return Ok(());
         }
         let change = w.change_count + 1;
-        if let Err(e) = self.append_end(&mut w, Kind::Commit, txn.id, change) {
+        if let Err(e) = self.log.append_end(&mut w, Kind::Commit, txn.id, change) {
             self.release(&mut w, &txn);
             return Err(e);
         }
         w.change_count = change;
-        {
-            let mut view = self.view.write().unwrap();
-            for e in txn.overlay.iter() {
-                view.index
-                    .insert(e.start, e.len, BufVal { change, ..e.value });
-            }
-        }
+        let placed = txn
+            .overlay
+            .iter()
+            .map(|e| (e.start, e.len, (!e.value.is_zero()).then_some(e.value.pos)));
+        self.log.publish(change, placed);
         self.release(&mut w, &txn);
         Ok(())
     }
@@ -224,17 +244,17 @@ impl Session {
     }
 
     fn end(&self, txn: Txn, kind: Kind) {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.log.writer.lock().unwrap();
         if !txn.overlay.is_empty() {
             // Best effort: without it, recovery discards the records anyway (no commit).
-            if let Err(e) = self.append_end(&mut w, kind, txn.id, 0) {
+            if let Err(e) = self.log.append_end(&mut w, kind, txn.id, 0) {
                 log::warn!("image {}: {e}", self.image_id);
             }
         }
         self.release(&mut w, &txn);
     }
 
-    fn release(&self, w: &mut WriterState, txn: &Txn) {
+    fn release(&self, w: &mut LogWriter, txn: &Txn) {
         w.txns.open -= 1;
         if let Some(n) = w.txns.pinned_segments.get_mut(&txn.first_segment) {
             *n -= 1;
@@ -245,7 +265,7 @@ impl Session {
         w.txns.expired.remove(&txn.id);
         if w.txns.lock.is_some_and(|h| h.txn_id == txn.id) {
             w.txns.lock = None;
-            self.lock_cv.notify_all();
+            self.log.lock_cv.notify_all();
         }
     }
 }
