@@ -42,8 +42,22 @@ unsafe impl Send for AlignedBuf {}
 /// Chunk buffers kept for the next layer: one layer write's worth (its buffer and those in
 /// flight). Allocating them afresh cost the checkpoint thread an 8 MiB `memset` each, 12 %
 /// of its CPU in a sustained sequential write (docs/PERFORMANCE.md); at most this many, about
-/// 45 MiB, stay allocated between layers.
+/// 45 MiB, stay allocated between layers, and none once no layer is being written (the
+/// server's RSS at rest is budgeted: docs/PERFORMANCE.md).
+///
+/// It is also what all layer writes together may hold (`CHUNKS_HELD`): a checkpoint and a
+/// merge writing at once share it rather than holding a window each, except that a writer
+/// with nothing in flight always gets one buffer, so that it cannot wait for itself.
 pub const POOLED_BUFFERS_MAX: usize = 1 + WRITES_IN_FLIGHT_MAX;
+
+/// Chunk buffers held by layer writes now (in use or in flight, not pooled).
+static CHUNKS_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a writer with `in_flight` of its buffers at the disk (or on their way back) may
+/// allocate another one while `held` chunk buffers are held in all.
+fn may_allocate(in_flight: usize, held: usize) -> bool {
+    in_flight == 0 || (in_flight < WRITES_IN_FLIGHT_MAX && held < POOLED_BUFFERS_MAX)
+}
 
 /// Chunk buffers are allocated in multiples of this (a layer's head, which shares the first
 /// buffer, is 4 bytes per page: up to 1 MiB for CHECKPOINT_LAYER_PAGES_MAX pages).
@@ -157,8 +171,8 @@ pub struct BlobFile {
     /// Buffers in flight go to the writer thread and come back empty (or with its error).
     jobs: Option<std::sync::mpsc::SyncSender<Job>>,
     done: std::sync::mpsc::Receiver<io::Result<AlignedBuf>>,
-    /// Buffers that may still be allocated (at most 1 + WRITES_IN_FLIGHT_MAX in all).
-    unallocated: usize,
+    /// Buffers allocated for this file besides `buf`: in flight or on their way back.
+    in_flight: usize,
     writer: Option<std::thread::JoinHandle<bool>>,
 }
 
@@ -194,6 +208,7 @@ impl BlobFile {
                 }
                 direct
             })?;
+        CHUNKS_HELD.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(BlobFile {
             file,
             direct,
@@ -205,7 +220,7 @@ impl BlobFile {
             buf_len: reserved,
             jobs: Some(jobs),
             done,
-            unallocated: WRITES_IN_FLIGHT_MAX,
+            in_flight: 0,
             writer: Some(writer),
         })
     }
@@ -310,8 +325,10 @@ impl BlobFile {
             self.head = Some(blocks);
         }
         let kept = self.buf_len.saturating_sub(end);
-        let mut next = if self.unallocated > 0 {
-            self.unallocated -= 1;
+        let held = CHUNKS_HELD.load(std::sync::atomic::Ordering::Acquire);
+        let mut next = if may_allocate(self.in_flight, held) {
+            CHUNKS_HELD.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.in_flight += 1;
             AlignedBuf::chunk(self.buf.len())
         } else {
             match self.done.recv() {
@@ -332,8 +349,9 @@ impl BlobFile {
                 return Err(io::Error::other("blob writer thread stopped"));
             }
         } else {
-            // Nothing to write (all of it is head): the buffer is free again.
-            self.unallocated += 1;
+            // Nothing to write (all of it is head): the buffer goes back to the pool.
+            self.in_flight -= 1;
+            CHUNKS_HELD.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         self.buf_at += end as u64;
         self.buf_len = kept;
@@ -349,7 +367,22 @@ impl Drop for BlobFile {
             while self.done.recv().is_ok() {}
             let _ = w.join();
         }
+        // Every chunk buffer of this file is back in the pool once `buf` is.
+        drop(std::mem::replace(
+            &mut self.buf,
+            AlignedBuf::zeroed(DIRECT_IO_ALIGN),
+        ));
+        let mine = 1 + self.in_flight;
+        if CHUNKS_HELD.fetch_sub(mine, std::sync::atomic::Ordering::AcqRel) == mine {
+            release_pool();
+        }
     }
+}
+
+/// Frees the pooled chunk buffers: no layer is being written.
+fn release_pool() {
+    let freed = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(freed);
 }
 
 /// One positioned write; a direct write the file system refuses (EINVAL: alignment) turns
@@ -546,6 +579,28 @@ mod tests {
             assert!(std::fs::read(&path).unwrap() == want, "case {i}");
         }
         assert!(POOL.lock().unwrap().len() <= POOLED_BUFFERS_MAX);
+    }
+
+    /// All layer writes together hold at most POOLED_BUFFERS_MAX chunk buffers, but a writer
+    /// with none in flight always gets one (it would otherwise wait on itself), and one writer
+    /// alone gets its whole window.
+    #[test]
+    fn layer_writes_share_one_buffer_budget() {
+        assert!(may_allocate(0, POOLED_BUFFERS_MAX + 3), "progress first");
+        assert!(!may_allocate(1, POOLED_BUFFERS_MAX), "the budget is shared");
+        assert!(
+            !may_allocate(WRITES_IN_FLIGHT_MAX, 1),
+            "one window per writer"
+        );
+        // Alone: its current buffer and WRITES_IN_FLIGHT_MAX in flight.
+        let mut in_flight = 0;
+        while may_allocate(in_flight, 1 + in_flight) {
+            in_flight += 1;
+        }
+        assert_eq!(1 + in_flight, POOLED_BUFFERS_MAX);
+        // A second writer starting meanwhile takes one buffer and waits for its own after.
+        assert!(may_allocate(0, POOLED_BUFFERS_MAX));
+        assert!(!may_allocate(1, POOLED_BUFFERS_MAX + 1));
     }
 
     /// Filled in place a page at a time, as a layer is (pages of 512 bytes to 64 KiB, a head
