@@ -316,21 +316,24 @@ impl Session {
         if step.at_bottom() {
             map.retain(|v| v.1 != LayerVal::Zero);
         }
-        let extents: Vec<Extent<Src>> = map.iter().collect();
-        drop(map);
         let max_data_pages = match step {
             Step::Deltas { .. } => u64::MAX,
             _ => (self.buffer.cfg.policy.base_partition_bytes >> self.page_size_bits).max(1),
         };
-        let outline: Vec<(u64, u64, bool)> = extents
-            .iter()
-            .map(|e| (e.start, e.len, e.value.1 != LayerVal::Zero))
-            .collect();
-        let cuts = cut_points(&outline, step.fences(), max_data_pages);
+        let cuts = {
+            let outline: Vec<(u64, u64, bool)> = map
+                .iter()
+                .map(|e| (e.start, e.len, e.value.1 != LayerVal::Zero))
+                .collect();
+            cut_points(&outline, step.fences(), max_data_pages)
+        };
+        // One output layer's extents at a time, taken out of the map as they go: a merge
+        // holds its extent map once, not also a copy of it (RSS, docs/PERFORMANCE.md).
         let mut refs = Vec::with_capacity(cuts.len() + 1);
-        for group in split_at(extents, &cuts) {
+        for_each_group(map.into_extents(), &cuts, |group| {
             refs.push(self.write_merged(run, &group)?);
-        }
+            Ok(())
+        })?;
         Ok(refs)
     }
 
@@ -455,10 +458,14 @@ pub fn live_pages(layers: &[Arc<Layer>]) -> u64 {
     live
 }
 
-/// `extents` (in page order) in groups that begin at each of `cuts` (sorted), splitting an
-/// extent that a cut falls inside. Empty groups are left out.
-fn split_at<V: ExtentValue>(extents: Vec<Extent<V>>, cuts: &[u64]) -> Vec<Vec<Extent<V>>> {
-    let mut groups: Vec<Vec<Extent<V>>> = vec![Vec::new()];
+/// Calls `f` with the extents (in page order) of each group that `cuts` (sorted) begin,
+/// splitting an extent a cut falls in; empty groups are skipped.
+fn for_each_group<V: ExtentValue, E>(
+    extents: impl IntoIterator<Item = Extent<V>>,
+    cuts: &[u64],
+    mut f: impl FnMut(Vec<Extent<V>>) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let mut group: Vec<Extent<V>> = Vec::new();
     let mut cut = cuts.iter().peekable();
     for mut e in extents {
         while let Some(&&c) = cut.peek() {
@@ -467,7 +474,7 @@ fn split_at<V: ExtentValue>(extents: Vec<Extent<V>>, cuts: &[u64]) -> Vec<Vec<Ex
             }
             if c > e.start {
                 let head = c - e.start;
-                groups.last_mut().unwrap().push(Extent {
+                group.push(Extent {
                     start: e.start,
                     len: head,
                     value: e.value.clone(),
@@ -478,13 +485,17 @@ fn split_at<V: ExtentValue>(extents: Vec<Extent<V>>, cuts: &[u64]) -> Vec<Vec<Ex
                     value: e.value.advance(head),
                 };
             }
-            groups.push(Vec::new());
+            if !group.is_empty() {
+                f(std::mem::take(&mut group))?;
+            }
             cut.next();
         }
-        groups.last_mut().unwrap().push(e);
+        group.push(e);
     }
-    groups.retain(|g| !g.is_empty());
-    groups
+    if !group.is_empty() {
+        f(group)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -505,6 +516,16 @@ mod tests {
             len,
             value: At(at),
         }
+    }
+
+    fn split_at(extents: Vec<Extent<At>>, cuts: &[u64]) -> Vec<Vec<Extent<At>>> {
+        let mut groups = Vec::new();
+        for_each_group(extents, cuts, |g| {
+            groups.push(g);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        groups
     }
 
     #[test]

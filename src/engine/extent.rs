@@ -133,6 +133,13 @@ impl<V: ExtentValue> ExtentMap<V> {
         })
     }
 
+    /// The extents in page order, the map's memory freed as they are taken.
+    pub fn into_extents(self) -> impl Iterator<Item = Extent<V>> {
+        self.map
+            .into_iter()
+            .map(|(start, (len, value))| Extent { start, len, value })
+    }
+
     /// Removes every extent for which `drop` is true (whole extents: values are per extent).
     pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
         let mut removed = 0;
