@@ -81,6 +81,13 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// Frees the memory (dropping a chunk buffer would pool it).
+    fn free(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: allocated in `zeroed` with this very layout; `this` is never used again.
+        unsafe { std::alloc::dealloc(this.ptr.as_ptr(), Self::layout(this.len)) }
+    }
+
     /// A chunk buffer of at least `len` bytes: a pooled one if one is big enough, else a new
     /// one, rounded up to `POOLED_BUFFER_GRANULE` so that it fits the next layers too (their
     /// head sizes vary). Its contents are unspecified.
@@ -381,8 +388,10 @@ impl Drop for BlobFile {
 
 /// Frees the pooled chunk buffers: no layer is being written.
 fn release_pool() {
-    let freed = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
-    drop(freed);
+    let pooled = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
+    for buf in pooled {
+        buf.free();
+    }
 }
 
 /// One positioned write; a direct write the file system refuses (EINVAL: alignment) turns

@@ -48,6 +48,8 @@ pub struct Session {
     pub(super) fenced: AtomicBool,
     pub(super) closed: AtomicBool,
     connections: AtomicUsize,
+    /// Last field, so dropped last: hands the session's memory back to the system.
+    _release: crate::memory::ReleaseOnDrop,
 }
 
 impl Session {
@@ -71,6 +73,7 @@ impl Session {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            _release: crate::memory::ReleaseOnDrop,
         }
     }
 
