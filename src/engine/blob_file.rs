@@ -42,8 +42,8 @@ unsafe impl Send for AlignedBuf {}
 /// Chunk buffers kept for the next layer: one layer write's worth (its buffer and those in
 /// flight). Allocating them afresh cost the checkpoint thread an 8 MiB `memset` each, 12 %
 /// of its CPU in a sustained sequential write (docs/PERFORMANCE.md); at most this many, about
-/// 45 MiB, stay allocated between layers, and none once no layer is being written (the
-/// server's RSS at rest is budgeted: docs/PERFORMANCE.md).
+/// 45 MiB, stay allocated between layers, and none once a job ends with no layer being
+/// written (`release_idle_buffers`; the server's RSS is budgeted: docs/PERFORMANCE.md).
 ///
 /// It is also what all layer writes together may hold (`CHUNKS_HELD`): a checkpoint and a
 /// merge writing at once share it rather than holding a window each, except that a writer
@@ -379,17 +379,19 @@ impl Drop for BlobFile {
             &mut self.buf,
             AlignedBuf::zeroed(DIRECT_IO_ALIGN),
         ));
-        let mine = 1 + self.in_flight;
-        if CHUNKS_HELD.fetch_sub(mine, std::sync::atomic::Ordering::AcqRel) == mine {
-            release_pool();
-        }
+        CHUNKS_HELD.fetch_sub(1 + self.in_flight, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
-/// Frees the pooled chunk buffers: no layer is being written.
-fn release_pool() {
-    let pooled = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
-    for buf in pooled {
+/// Frees the pooled chunk buffers if no layer is being written. Called at the end of a job
+/// (a checkpoint, a compaction step), not after each layer: a merge writes its output layers
+/// one after another from the same buffers.
+pub fn release_idle_buffers() {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if CHUNKS_HELD.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        return;
+    }
+    for buf in std::mem::take(&mut *pool) {
         buf.free();
     }
 }

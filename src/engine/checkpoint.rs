@@ -169,6 +169,7 @@ impl Session {
         drop(publishing);
         self.log.retire(&self.buffer)?;
         self.wake_compaction();
+        super::blob_file::release_idle_buffers();
         crate::memory::release_freed();
         Ok(pages)
     }

@@ -251,6 +251,7 @@ impl Session {
         );
         drop(publishing);
         // (The next step's `picture` measures the new debt and wakes paced writers.)
+        super::blob_file::release_idle_buffers();
         crate::memory::release_freed();
         Ok(true)
     }
