@@ -19,6 +19,7 @@
 use super::blob_file::BlobFile;
 use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
+use crate::store::cache::ScanWindow;
 use crate::store::{self, BlobReader};
 use std::io;
 use std::path::Path;
@@ -276,6 +277,13 @@ impl Layer {
         let first = data_page as usize;
         crcs.extend_from_slice(&self.crcs[first..first + n]);
         Ok(())
+    }
+
+    /// Asks the blob's reader to fetch data pages `[data_page, +pages)` ahead for `scan`
+    /// (see `engine::scan`); false if its readahead budget stopped it short.
+    pub fn prefetch_data(&self, data_page: u64, pages: u64, scan: &ScanWindow) -> bool {
+        let bits = self.page_size_bits;
+        (self.reader).prefetch(self.data_offset + (data_page << bits), pages << bits, scan)
     }
 
     /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums.

@@ -40,6 +40,7 @@ pub mod manifest;
 pub mod open;
 pub mod pace;
 pub mod read;
+pub mod scan;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

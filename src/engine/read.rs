@@ -41,6 +41,7 @@ impl Session {
         let last = (offset + buf.len() as u64 - 1) / ps;
         let n = last - first + 1;
         let overlay = txn.map(|t| &t.overlay);
+        self.scan_hint(first, n);
         if offset.is_multiple_of(ps) && (buf.len() as u64).is_multiple_of(ps) {
             return self.read_pages(overlay, first, n, buf);
         }
@@ -49,6 +50,22 @@ impl Session {
         let skip = (offset - first * ps) as usize;
         buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    /// Scan hint (src/engine/scan.rs): a read that continues an image reader going in order
+    /// has the layer pages of the reader's next window prefetched, across layers.
+    fn scan_hint(&self, first: u64, n: u64) {
+        let Some(ahead) = self.scans.note(first, n) else {
+            return;
+        };
+        let Ok(pieces) = self.resolve(None, ahead.first, ahead.pages) else {
+            return;
+        };
+        let layers = pieces.iter().filter_map(|(start, len, src)| match src {
+            Src::Layer(layer, data_page) => Some((*start, layer, *data_page, *len)),
+            _ => None,
+        });
+        self.scans.prefetch(ahead, layers);
     }
 
     /// Reads whole pages `[first, first+n)` into `buf` (exactly `n` pages long).

@@ -48,6 +48,8 @@ pub struct Session {
     pub(super) fenced: AtomicBool,
     pub(super) closed: AtomicBool,
     connections: AtomicUsize,
+    /// Scan hint: image readers reading in order (src/engine/scan.rs).
+    pub(super) scans: super::scan::Scans,
     /// Last field, so dropped last: hands the session's memory back to the system.
     _release: crate::memory::ReleaseOnDrop,
 }
@@ -73,6 +75,7 @@ impl Session {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            scans: super::scan::Scans::new(page_size_bits),
             _release: crate::memory::ReleaseOnDrop,
         }
     }

@@ -213,6 +213,47 @@ struct Window {
     unread: AtomicU64,
     /// Readahead was issued (or found present) for every block below this index.
     ahead_until: AtomicU64,
+    /// Its prefetched blocks evicted unread, ever (a scan's window halves when this moves).
+    wasted: AtomicU64,
+}
+
+impl Window {
+    fn new(blocks: u64, ahead_until: u64) -> Arc<Window> {
+        Arc::new(Window {
+            blocks: AtomicU64::new(blocks),
+            unread: AtomicU64::new(0),
+            ahead_until: AtomicU64::new(ahead_until),
+            wasted: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The readahead of a scan that crosses blobs (an image read in order: its pages come from
+/// many layers, see `engine::scan`). Its prefetches ([`CachedBlob::prefetch`]) share the
+/// cache's readahead budget with the blobs' own streams, and are accounted like theirs: a
+/// prefetched block read, or evicted unread.
+pub struct ScanWindow {
+    window: Arc<Window>,
+}
+
+impl Default for ScanWindow {
+    fn default() -> ScanWindow {
+        ScanWindow {
+            window: Window::new(0, 0),
+        }
+    }
+}
+
+impl ScanWindow {
+    /// Blocks this scan prefetched that were evicted unread, so far.
+    pub fn wasted_blocks(&self) -> u64 {
+        self.window.wasted.load(Ordering::Relaxed)
+    }
+
+    /// Blocks this scan prefetched that nobody has read yet (in flight or cached).
+    pub fn unread_blocks(&self) -> u64 {
+        self.window.unread.load(Ordering::Relaxed)
+    }
 }
 
 /// A fetch in progress, shared by every reader waiting for its block.
@@ -577,6 +618,7 @@ impl BlockCache {
     /// A prefetched block is gone unread: wasted, so its stream's window halves.
     fn prefetch_wasted(&self, w: &Window) {
         self.prefetch_done(w, &self.counters.readahead_wasted_blocks);
+        w.wasted.fetch_add(1, Ordering::Relaxed);
         let initial = self.readahead_initial_blocks;
         let _ = (w.blocks).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
             Some((b / 2).max(initial))
@@ -1220,14 +1262,11 @@ impl Blob {
                 frontier: last,
                 streak: 1,
                 used: now,
-                window: Arc::new(Window {
-                    blocks: AtomicU64::new(
-                        (READAHEAD_INITIAL_READS * read_blocks)
-                            .clamp(c.readahead_initial_blocks, c.readahead_max_blocks),
-                    ),
-                    unread: AtomicU64::new(0),
-                    ahead_until: AtomicU64::new(last + 1),
-                }),
+                window: Window::new(
+                    (READAHEAD_INITIAL_READS * read_blocks)
+                        .clamp(c.readahead_initial_blocks, c.readahead_max_blocks),
+                    last + 1,
+                ),
             };
             if q.streams.len() < STREAMS_MAX {
                 q.streams.push(fresh);
@@ -1282,7 +1321,13 @@ impl Blob {
     /// run joins it instead: one GET rather than two, and the readers arriving for those
     /// blocks wait for it rather than fetching their own (at the start of each layer of an
     /// image read in order, many reads are in flight before any readahead is).
-    fn read_ahead(self: &Arc<Self>, a: Ahead, reader_run: Option<&mut (u64, Vec<Arc<Flight>>)>) {
+    /// Returns the block up to which readahead was issued or found present (`to` unless the
+    /// budget ran out).
+    fn read_ahead(
+        self: &Arc<Self>,
+        a: Ahead,
+        reader_run: Option<&mut (u64, Vec<Arc<Flight>>)>,
+    ) -> u64 {
         let c = &self.cache;
         let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
@@ -1329,6 +1374,7 @@ impl Blob {
             }
         }
         self.dispatch(runs.collect());
+        issued_to
     }
 
     /// Fetches readahead runs on the readahead threads.
@@ -1429,6 +1475,25 @@ impl BlobReader for CachedBlob {
 
     fn size_bytes(&self) -> u64 {
         self.shared.inner.size_bytes()
+    }
+
+    /// Issues readahead for `scan` of the blocks of `[offset, offset + len)` not cached or
+    /// being fetched, as far as the readahead budget allows, on the readahead threads.
+    fn prefetch(&self, offset: u64, len: u64, scan: &ScanWindow) -> bool {
+        let b = &self.shared;
+        let c = &b.cache;
+        let end = offset.saturating_add(len).min(b.inner.size_bytes());
+        if c.capacity_bytes == 0 || c.readahead_max_blocks == 0 || offset >= end {
+            return true;
+        }
+        let bs = c.block_bytes;
+        let to = end.div_ceil(bs);
+        let a = Ahead {
+            window: scan.window.clone(),
+            from: offset / bs,
+            to,
+        };
+        b.read_ahead(a, None) >= to
     }
 }
 
@@ -1560,11 +1625,7 @@ mod tests {
     }
 
     fn window(blocks: u64) -> Arc<Window> {
-        Arc::new(Window {
-            blocks: AtomicU64::new(blocks),
-            unread: AtomicU64::new(0),
-            ahead_until: AtomicU64::new(0),
-        })
+        Window::new(blocks, 0)
     }
 
     #[test]

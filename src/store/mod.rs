@@ -84,6 +84,14 @@ pub trait BlobReader: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn size_bytes(&self) -> u64;
+    /// A hint that `[offset, offset + len)` will be read soon, on behalf of `scan`: a caching
+    /// reader fetches it ahead in the background, within its readahead budget. Returns false
+    /// if the budget stopped it short (worth asking again once the scan has read some of
+    /// it). Readers without a cache have nothing to do.
+    fn prefetch(&self, offset: u64, len: u64, scan: &cache::ScanWindow) -> bool {
+        let _ = (offset, len, scan);
+        true
+    }
 }
 
 /// The object store. Implementations: [`local::LocalStore`] and `s3::S3Store`.
