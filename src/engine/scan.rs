@@ -22,6 +22,7 @@ use crate::store::cache::{
     ScanWindow, SEQUENTIAL_BEHIND_BYTES, SEQUENTIAL_GAP_BYTES_MAX, SEQUENTIAL_GAP_BYTES_MIN,
     SEQUENTIAL_GAP_READS, STREAMS_MAX,
 };
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +48,12 @@ pub const SCAN_GROWTH: u64 = 2;
 /// blob lie between them: pages that newer layers shadow leave holes of a page or a few in
 /// an older layer's data, and a GET per piece would be a GET per few pages.
 pub const SCAN_HOLE_BYTES_MAX: u64 = 256 << 10;
+
+/// A layer's run of a window shorter than this is lengthened to it: a layer's data is in
+/// image order, so the pages after a run are the ones the scan will want next from that
+/// layer (unless newer layers shadow them). A delta layer holds a few pages of every window:
+/// without it, each window would cost a small GET per delta layer.
+pub const SCAN_LAYER_RUN_BYTES_MIN: u64 = 512 << 10;
 
 /// After the budget stopped a prefetch short, the scan asks again only once it has read
 /// this fraction of its window: re-resolving the window on every read would cost CPU.
@@ -83,6 +90,8 @@ struct Scan {
     hint: Arc<ScanWindow>,
     /// `hint.wasted_blocks()` when last looked at.
     wasted_seen: u64,
+    /// Per layer (blob id), the data page below which this scan asked for its data.
+    layers: HashMap<String, u64>,
 }
 
 /// Pages `[first, first + pages)` to prefetch for a scan.
@@ -144,6 +153,7 @@ impl Scans {
                 retry_at: 0,
                 hint: Arc::default(),
                 wasted_seen: 0,
+                layers: HashMap::new(),
             };
             if q.scans.len() < SCANS_MAX {
                 q.scans.push(fresh);
@@ -188,8 +198,9 @@ impl Scans {
 
     /// Prefetches what `a` resolved to: `pieces` are (image page, layer, data page, pages),
     /// in any order. A layer's pieces at most [`SCAN_HOLE_BYTES_MAX`] apart in its data go
-    /// as one prefetch (holes included).
-    /// If the cache's budget stops one short, the scan asks again from there later.
+    /// as one prefetch (holes included), less what the scan asked for of that layer before,
+    /// and at least [`SCAN_LAYER_RUN_BYTES_MIN`] of it. If the cache's budget stops one
+    /// short, the scan asks again from there later.
     pub fn prefetch<'a>(
         &self,
         a: Ahead,
@@ -209,21 +220,45 @@ impl Scans {
                 _ => runs.push((layer, data, pages, page)),
             }
         }
-        let mut stopped_at = None::<u64>;
+        let min = SCAN_LAYER_RUN_BYTES_MIN >> self.page_size_bits;
+        {
+            let mut q = self.state.lock().unwrap();
+            let Some(s) = q.scans.iter_mut().find(|s| Arc::ptr_eq(&s.hint, &a.hint)) else {
+                return; // replaced by another scan meanwhile
+            };
+            runs.retain_mut(|r| {
+                let until = s.layers.get(&r.0.blob_id).copied().unwrap_or(0);
+                if r.1 + r.2 <= until {
+                    return false;
+                }
+                let start = r.1.max(until);
+                let end = (r.1 + r.2).max(start + min).min(r.0.data_pages());
+                (r.1, r.2) = (start, end - start);
+                s.layers.insert(r.0.blob_id.clone(), end);
+                true
+            });
+        }
+        let mut stopped = Vec::new();
         for (layer, data, pages, page) in runs {
             if !layer.prefetch_data(data, pages, &a.hint) {
-                stopped_at = Some(stopped_at.map_or(page, |p| p.min(page)));
+                stopped.push((layer, data, page));
             }
         }
-        let issued = stopped_at.map_or(a.pages, |p| p.saturating_sub(a.first));
+        let at = stopped.iter().map(|&(_, _, page)| page).min();
+        let issued = at.map_or(a.pages, |p| p.saturating_sub(a.first));
         self.issued_pages.fetch_add(issued, Ordering::Relaxed);
-        let Some(at) = stopped_at else {
+        let Some(at) = at else {
             return;
         };
         let mut q = self.state.lock().unwrap();
         if let Some(s) = q.scans.iter_mut().find(|s| Arc::ptr_eq(&s.hint, &a.hint)) {
             s.ahead_until = s.ahead_until.min(at);
             s.retry_at = s.frontier + s.window / SCAN_RETRY_DIVISOR;
+            for (layer, data, _) in stopped {
+                if let Some(until) = s.layers.get_mut(&layer.blob_id) {
+                    *until = (*until).min(data);
+                }
+            }
         }
     }
 }
