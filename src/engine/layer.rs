@@ -286,11 +286,24 @@ impl Layer {
         (self.reader).prefetch(self.data_offset + (data_page << bits), pages << bits, scan)
     }
 
-    /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums.
+    /// Reads data pages `[data_page, +buf.len()/page_size)` and verifies their checksums. A
+    /// page that fails its checksum is read once more from the store itself, past the
+    /// caches, which drop their copies (a flipped bit in memory or on a cache disk, or a bad
+    /// answer): only a blob that is corrupt in the store is an error.
     pub fn read_data(&self, data_page: u64, buf: &mut [u8]) -> store::Result<()> {
+        let offset = self.data_offset + (data_page << self.page_size_bits);
+        self.reader.read_at(offset, buf)?;
+        if let Err(e) = self.verify(data_page, buf) {
+            log::warn!("{e}; reading the range from the image store again");
+            self.reader.refetch(offset, buf)?;
+            self.verify(data_page, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Checks pages read from data page `data_page` on against the index's checksums.
+    fn verify(&self, data_page: u64, buf: &[u8]) -> store::Result<()> {
         let ps = 1usize << self.page_size_bits;
-        self.reader
-            .read_at(self.data_offset + (data_page << self.page_size_bits), buf)?;
         for (i, page) in buf.chunks(ps).enumerate() {
             let want = self.crcs[data_page as usize + i];
             if crc32c(page) != want {
@@ -359,6 +372,73 @@ mod tests {
         raw[70] ^= 0xff;
         store.put("blobs/bad2", &raw).unwrap();
         assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());
+    }
+
+    /// Passes reads through, flipping the byte at `at` in the next `flips` reads that cover
+    /// it (a bad answer from the store, or a cached copy gone bad).
+    struct FlipReads {
+        inner: Box<dyn BlobReader>,
+        at: u64,
+        flips: std::sync::atomic::AtomicU32,
+    }
+
+    impl BlobReader for FlipReads {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> store::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.inner.read_at(offset, buf)?;
+            let covers = offset <= self.at && self.at < offset + buf.len() as u64;
+            if covers
+                && self
+                    .flips
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                buf[(self.at - offset) as usize] ^= 0x40;
+            }
+            Ok(())
+        }
+        fn size_bytes(&self) -> u64 {
+            self.inner.size_bytes()
+        }
+    }
+
+    /// A page that fails its checksum when read through the block cache is read again from
+    /// the store, past the cache, and the cache's bad copy is never served; a page bad in
+    /// the store itself stays an error.
+    #[test]
+    fn a_bad_page_through_the_cache_is_read_again_from_the_store() {
+        use crate::store::cache::BlockCache;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s")).unwrap();
+        let path = dir.path().join("layer");
+        let exts = [SourceExtent::Data { start: 0, len: 8 }];
+        let (size, _) = write_layer(&path, 12, &exts, |_, _, buf, _| {
+            buf.fill(9);
+            Ok(())
+        })
+        .unwrap();
+        store.put_file("blobs/l", &path).unwrap();
+        for (flips, ok) in [(1, true), (2, false)] {
+            let cache = std::sync::Arc::new(BlockCache::new(1 << 20, 4096).unwrap());
+            let reader = FlipReads {
+                inner: store.open_blob("blobs/l").unwrap(),
+                at: size - 1,
+                flips: flips.into(),
+            };
+            let layer = Layer::open("l", Box::new(cache.wrap("l", Box::new(reader)))).unwrap();
+            let mut page = vec![0u8; 4096];
+            let r = layer.read_data(7, &mut page);
+            assert_eq!(r.is_ok(), ok, "{flips} bad reads: {r:?}");
+            if ok {
+                assert!(page.iter().all(|&b| b == 9));
+                // Read again: from the cache, which holds the good bytes now.
+                page.fill(0);
+                layer.read_data(7, &mut page).unwrap();
+                assert!(page.iter().all(|&b| b == 9));
+            } else {
+                assert!(r.unwrap_err().to_string().contains("checksum mismatch"));
+            }
+        }
     }
 
     /// Header fields that would overflow the size arithmetic are refused, not a panic.

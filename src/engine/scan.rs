@@ -411,6 +411,7 @@ mod tests {
             "readers fetched {own} blocks themselves"
         );
         assert!(s.scans.issued_pages() >= LAYERS * LAYER_PAGES - 2 * first_reads);
+        assert!(after.scan_blocks > after.readahead_blocks / 2, "{after:?}");
         assert_eq!(after.refetched_blocks, 0);
         let mut got = fetches.lock().unwrap().clone();
         let data_gets = got.len() - opened;
@@ -432,7 +433,7 @@ mod tests {
     #[test]
     fn a_random_reader_builds_no_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let (_b, s, _cache, _fetches) = many_layers(dir.path());
+        let (_b, s, cache, _fetches) = many_layers(dir.path());
         let mut buf = vec![0u8; 1 << BITS];
         for i in 0..2000u64 {
             // A multiplicative hash of i: pages all over the image, in no order.
@@ -442,6 +443,7 @@ mod tests {
         }
         assert_eq!(s.scans.active(), 0);
         assert_eq!(s.scans.issued_pages(), 0);
+        assert_eq!(cache.stats().scan_blocks, 0);
     }
 
     /// The window: asked for once per half window consumed, each page once, growing while

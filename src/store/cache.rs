@@ -142,6 +142,8 @@ pub struct CacheStats {
     pub bypass_reads: u64,
     /// Blocks fetched ahead of sequential readers.
     pub readahead_blocks: u64,
+    /// Of those, blocks fetched for scans that cross blobs ([`CachedBlob::prefetch`]).
+    pub scan_blocks: u64,
     /// Prefetched blocks that a reader then read.
     pub readahead_used_blocks: u64,
     /// Prefetched blocks evicted before anyone read them (each halves its stream's window).
@@ -166,7 +168,8 @@ impl std::fmt::Display for CacheStats {
         write!(
             f,
             "read {} B, fetched {} B in {} GETs, hits {} / misses {} / joined {} blocks, \
-             readahead {} used {} wasted {} blocks, refetched {} blocks, evicted {}, held {} B",
+             readahead {} (scans {}) used {} wasted {} blocks, refetched {} blocks, evicted {}, \
+             held {} B",
             self.read_bytes,
             self.fetched_bytes,
             self.fetches,
@@ -174,6 +177,7 @@ impl std::fmt::Display for CacheStats {
             self.miss_blocks,
             self.joined_blocks,
             self.readahead_blocks,
+            self.scan_blocks,
             self.readahead_used_blocks,
             self.readahead_wasted_blocks,
             self.refetched_blocks,
@@ -342,6 +346,7 @@ struct Counters {
     evicted_blocks: AtomicU64,
     bypass_reads: AtomicU64,
     readahead_blocks: AtomicU64,
+    scan_blocks: AtomicU64,
     readahead_used_blocks: AtomicU64,
     readahead_wasted_blocks: AtomicU64,
     refetched_blocks: AtomicU64,
@@ -516,6 +521,7 @@ impl BlockCache {
             evicted_blocks: get(&c.evicted_blocks),
             bypass_reads: get(&c.bypass_reads),
             readahead_blocks: get(&c.readahead_blocks),
+            scan_blocks: get(&c.scan_blocks),
             readahead_used_blocks: get(&c.readahead_used_blocks),
             readahead_wasted_blocks: get(&c.readahead_wasted_blocks),
             refetched_blocks: get(&c.refetched_blocks),
@@ -1322,12 +1328,12 @@ impl Blob {
     /// blocks wait for it rather than fetching their own (at the start of each layer of an
     /// image read in order, many reads are in flight before any readahead is).
     /// Returns the block up to which readahead was issued or found present (`to` unless the
-    /// budget ran out).
+    /// budget ran out), and how many blocks it issued.
     fn read_ahead(
         self: &Arc<Self>,
         a: Ahead,
         reader_run: Option<&mut (u64, Vec<Arc<Flight>>)>,
-    ) -> u64 {
+    ) -> (u64, u64) {
         let c = &self.cache;
         let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
@@ -1357,6 +1363,7 @@ impl Blob {
             }
         }
         a.window.ahead_until.fetch_max(issued_to, Ordering::Relaxed);
+        let issued: usize = runs.iter().map(|(_, fs)| fs.len()).sum();
         let mut runs = runs.into_iter().peekable();
         if let (Some((start, fs)), Some((next, _))) = (reader_run, runs.peek()) {
             if *start + fs.len() as u64 == *next {
@@ -1374,7 +1381,7 @@ impl Blob {
             }
         }
         self.dispatch(runs.collect());
-        issued_to
+        (issued_to, issued as u64)
     }
 
     /// Fetches readahead runs on the readahead threads.
@@ -1477,6 +1484,35 @@ impl BlobReader for CachedBlob {
         self.shared.inner.size_bytes()
     }
 
+    /// Drops the ready blocks of the range from memory and from the disk tier (blocks being
+    /// fetched are left to their fetch), then reads the range from the source.
+    fn refetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let b = &self.shared;
+        let c = &b.cache;
+        let end = offset.saturating_add(buf.len() as u64);
+        if !buf.is_empty() && end <= b.inner.size_bytes() {
+            let bs = c.block_bytes;
+            let keys: Vec<BlockKey> = (offset / bs..=(end - 1) / bs).map(|i| b.key(i)).collect();
+            let mut st = c.state.write().unwrap();
+            for k in &keys {
+                if !matches!(st.map.get(k), Some(Slot::Ready(_))) {
+                    continue;
+                }
+                if let Some(Slot::Ready(r)) = st.map.remove(k) {
+                    c.forget(&mut st, *k, &r);
+                    let n = 1 + c.release(&mut st, &r.data);
+                    c.counters.evicted_blocks.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            drop(st);
+            if let Some(d) = &c.disk {
+                let on_disk: Vec<_> = keys.iter().map(|k| (k.blob, k.index)).collect();
+                d.cache.remove(&on_disk);
+            }
+        }
+        b.inner.read_into(offset, buf)
+    }
+
     /// Issues readahead for `scan` of the blocks of `[offset, offset + len)` not cached or
     /// being fetched, as far as the readahead budget allows, on the readahead threads.
     fn prefetch(&self, offset: u64, len: u64, scan: &ScanWindow) -> bool {
@@ -1493,7 +1529,9 @@ impl BlobReader for CachedBlob {
             from: offset / bs,
             to,
         };
-        b.read_ahead(a, None) >= to
+        let (issued_to, issued) = b.read_ahead(a, None);
+        (c.counters.scan_blocks).fetch_add(issued, Ordering::Relaxed);
+        issued_to >= to
     }
 }
 

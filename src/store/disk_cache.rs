@@ -271,6 +271,22 @@ impl DiskCache {
         out
     }
 
+    /// Drops blocks `keys` that are on disk and not being written (bytes that failed a check
+    /// above the cache: they are not to be served again).
+    pub fn remove(&self, keys: &[DiskKey]) {
+        let mut st = self.state.lock().unwrap();
+        for key in keys {
+            let Some(&slot) = st.map.get(key) else {
+                continue;
+            };
+            if st.slots[slot as usize].state == Use::Ready {
+                st.map.remove(key);
+                st.slots[slot as usize].state = Use::Free;
+                st.free.push(slot);
+            }
+        }
+    }
+
     /// Writes block `key` (at most one block of bytes) unless it is on disk already.
     pub fn put(&self, key: DiskKey, data: &[u8]) {
         self.put_run(key.0, key.1, data);

@@ -92,6 +92,12 @@ pub trait BlobReader: Send + Sync {
         let _ = (offset, len, scan);
         true
     }
+    /// Reads `buf` again from the object store itself, past any cache, whose copies of the
+    /// range are dropped: bytes read before failed a check above the reader (a layer's page
+    /// CRCs). Readers without a cache read again.
+    fn refetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(offset, buf)
+    }
 }
 
 /// The object store. Implementations: [`local::LocalStore`] and `s3::S3Store`.
