@@ -29,6 +29,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// plus concurrent readers without reconnecting, few enough not to hoard sockets.
 pub const IDLE_CONNECTIONS_MAX: usize = 32;
 
+/// How long an idle connection stays in the pool. ureq's default (15 s) closed the whole
+/// pool whenever a reader served from the caches paused longer than that, and the next
+/// burst of misses reconnected every connection. A connection the server closed meanwhile
+/// is noticed when taken from the pool (ureq probes it) and replaced, so longer is safe.
+pub const IDLE_CONNECTION_AGE_MAX: Duration = Duration::from_secs(300);
+
 /// Bytes of an error response we read; S3 error documents are well under 1 KiB, and a
 /// proxy's HTML page is not worth more.
 pub const ERROR_BODY_BYTES_MAX: u64 = 64 << 10;
@@ -112,6 +118,7 @@ impl Client {
             .timeout_per_write(Some(WRITE_TIMEOUT))
             .max_idle_connections(IDLE_CONNECTIONS_MAX)
             .max_idle_connections_per_host(IDLE_CONNECTIONS_MAX)
+            .max_idle_age(IDLE_CONNECTION_AGE_MAX)
             .user_agent(USER_AGENT)
             // Ranged reads must come back byte-exact, never re-encoded.
             .accept_encoding("identity")
