@@ -304,6 +304,9 @@ mod tests {
         fn get(&self, key: &str) -> store::Result<Vec<u8>> {
             self.local.get(key)
         }
+        fn reads_ahead(&self) -> bool {
+            true
+        }
         fn open_blob(&self, key: &str) -> store::Result<Box<dyn BlobReader>> {
             let inner = self.local.open_blob(key)?;
             let counted = CountedBlob {

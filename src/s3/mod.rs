@@ -430,6 +430,10 @@ impl ImageStore for S3Store {
             .map_err(|f| self.error(key, &full, f))
     }
 
+    fn reads_ahead(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.capacity_bytes() > 0)
+    }
+
     fn open_blob(&self, key: &str) -> store::Result<Box<dyn BlobReader>> {
         let full = self.full_key(key)?;
         let Some(cache) = self.cache.as_ref().filter(|c| c.capacity_bytes() > 0) else {

@@ -106,6 +106,11 @@ pub trait ImageStore: Send + Sync {
     fn get(&self, key: &str) -> Result<Vec<u8>>;
     /// Opens an immutable object for ranged reads.
     fn open_blob(&self, key: &str) -> Result<Box<dyn BlobReader>>;
+    /// Its blob readers fetch ahead (`BlobReader::prefetch`): worth telling them what an
+    /// image scan will read next. A local directory reads at disk speed and does not.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
     /// Writes an object (unconditionally); durable when this returns.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Writes an object from a local file; durable when this returns. The file is left alone.
