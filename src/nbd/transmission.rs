@@ -14,7 +14,7 @@ use super::{errno_for, Export, TxnCommand};
 use crate::limits::{
     CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_WORKER_THREADS, REQUEST_PAYLOAD_BYTES_MAX,
 };
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -128,24 +128,34 @@ impl InFlight {
     }
 }
 
-struct Conn {
+/// The socket's read side, held by one worker at a time while it reads one request.
+struct ReadSide<'a> {
+    /// Buffered: one receive takes in every request the client has sent so far (up to
+    /// READ_BUFFER_BYTES), so at queue depth the next worker finds its request in memory
+    /// instead of paying two receive calls (header, payload) for it.
+    input: BufReader<&'a Stream>,
+    /// The stream ended (EOF, DISC, bad magic or an error): workers then stop.
+    ended: bool,
+}
+
+struct Conn<'a> {
     export: Box<dyn Export>,
     /// The export's size, for validating requests.
     size: u64,
     out: Mutex<Stream>,
     in_flight: InFlight,
-    /// The socket's read side: held while one worker reads one request. `true` once the
-    /// stream ended (EOF, DISC, bad magic or an error): workers then stop.
-    reading: Mutex<bool>,
+    reading: Mutex<ReadSide<'a>>,
     /// Workers waiting for `reading`; when none is, the next request would wait for a busy
     /// one, so another worker is started (up to CONNECTION_WORKER_THREADS).
     waiting: AtomicUsize,
     workers: AtomicUsize,
+    /// The connection thread's name; workers are named after it.
+    thread_name: String,
     /// The first I/O error that ended the connection.
     failure: Mutex<Option<io::Error>>,
 }
 
-impl Conn {
+impl Conn<'_> {
     /// Sends a reply without payload.
     fn reply(&self, header: &[u8]) {
         self.reply_with_payload(header, header.len());
@@ -185,6 +195,11 @@ const REPLY_HEADER_CORKED_MIN_BYTES: usize = 64 << 10;
 /// holds a WRITE's payload or a READ's reply; reusing it saves a page fault per 4 KiB.
 const WORKER_BUFFER_KEEP_BYTES: usize = 4 << 20;
 
+/// Capacity of a connection's read buffer: a queue depth of 32 requests of 4 KiB with their
+/// headers fits about twice. A WRITE payload at least this large bypasses it (read straight
+/// into the worker's buffer, one copy).
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// Serves requests until the client disconnects, sends NBD_CMD_DISC, or breaks framing.
 /// Returns after every request read has been replied to.
 pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Result<()> {
@@ -193,13 +208,17 @@ pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Res
         export,
         out: Mutex::new(output),
         in_flight: InFlight::new(),
-        reading: Mutex::new(false),
+        reading: Mutex::new(ReadSide {
+            input: BufReader::with_capacity(READ_BUFFER_BYTES, input),
+            ended: false,
+        }),
         waiting: AtomicUsize::new(0),
         workers: AtomicUsize::new(1),
+        thread_name: std::thread::current().name().unwrap_or("conn").to_string(),
         failure: Mutex::new(None),
     };
     // The scope joins every worker: all replies are sent when it ends.
-    std::thread::scope(|scope| worker(scope, input, &conn));
+    std::thread::scope(|scope| worker(scope, &conn));
     match conn.failure.into_inner().unwrap() {
         Some(e) => Err(e),
         None => Ok(()),
@@ -216,20 +235,20 @@ enum Next {
     End(Option<io::Error>),
 }
 
-fn worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'s Conn) {
+fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         conn.waiting.fetch_add(1, Ordering::AcqRel);
-        let mut ended = conn.reading.lock().unwrap();
+        let mut side = conn.reading.lock().unwrap();
         conn.waiting.fetch_sub(1, Ordering::AcqRel);
-        if *ended {
+        if side.ended {
             return;
         }
-        let r = match read_request(input, conn, &mut buf) {
+        let r = match read_request(&mut side.input, conn, &mut buf) {
             Next::Serve(r) => r,
             Next::Handled => continue,
             Next::End(e) => {
-                *ended = true;
+                side.ended = true;
                 if let Some(e) = e {
                     *conn.failure.lock().unwrap() = Some(e);
                 }
@@ -237,9 +256,9 @@ fn worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'
             }
         };
         if conn.waiting.load(Ordering::Acquire) == 0 {
-            start_worker(scope, input, conn);
+            start_worker(scope, conn);
         }
-        drop(ended);
+        drop(side);
         let bytes = in_flight_bytes(&r);
         execute(conn, &r, &mut buf);
         conn.in_flight.release(bytes);
@@ -250,16 +269,16 @@ fn worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'
 }
 
 /// Starts one more worker for this connection, if it has fewer than the limit.
-fn start_worker<'s>(scope: &'s std::thread::Scope<'s, '_>, input: &'s Stream, conn: &'s Conn) {
+fn start_worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>) {
     let n = conn.workers.fetch_add(1, Ordering::AcqRel);
     if n >= CONNECTION_WORKER_THREADS {
         conn.workers.fetch_sub(1, Ordering::AcqRel);
         return;
     }
-    let name = format!("{}-w{n}", std::thread::current().name().unwrap_or("conn"));
+    let name = format!("{}-w{n}", conn.thread_name);
     let spawned = std::thread::Builder::new()
         .name(name)
-        .spawn_scoped(scope, move || worker(scope, input, conn));
+        .spawn_scoped(scope, move || worker(scope, conn));
     if let Err(e) = spawned {
         conn.workers.fetch_sub(1, Ordering::AcqRel);
         log::warn!("{}: cannot start a worker thread: {e}", conn.export.label());
@@ -275,9 +294,9 @@ fn in_flight_bytes(r: &Request) -> u64 {
 }
 
 /// Reads one request (and a WRITE's payload into `buf`). Called with the read side held.
-fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
+fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) -> Next {
     let mut h = [0u8; REQUEST_SIZE];
-    match { input }.read_exact(&mut h) {
+    match input.read_exact(&mut h) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Next::End(None),
         Err(e) => return Next::End(Some(e)),
@@ -291,7 +310,7 @@ fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
     };
     if let Err(err) = validate(&r, conn.size) {
         if r.kind == NBD_CMD_WRITE {
-            if let Err(e) = io::copy(&mut { input }.take(r.length as u64), &mut io::sink()) {
+            if let Err(e) = io::copy(&mut input.take(r.length as u64), &mut io::sink()) {
                 return Next::End(Some(e));
             }
         }
@@ -316,7 +335,7 @@ fn read_request(input: &Stream, conn: &Conn, buf: &mut Vec<u8>) -> Next {
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        if let Err(e) = { input }.read_exact(&mut buf[..len]) {
+        if let Err(e) = input.read_exact(&mut buf[..len]) {
             conn.in_flight.release(in_flight_bytes(&r));
             return Next::End(Some(e));
         }
