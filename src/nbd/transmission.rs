@@ -16,7 +16,7 @@ use crate::limits::{
 };
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 pub const REQUEST_SIZE: usize = 28;
 pub const SIMPLE_REPLY_SIZE: usize = 16;
@@ -142,7 +142,7 @@ struct Conn<'a> {
     export: Box<dyn Export>,
     /// The export's size, for validating requests.
     size: u64,
-    out: Mutex<Stream>,
+    out: WriteSide,
     in_flight: InFlight,
     reading: Mutex<ReadSide<'a>>,
     /// Workers waiting for `reading`; when none is, the next request would wait for a busy
@@ -162,14 +162,19 @@ impl Conn<'_> {
     }
     /// Sends a reply whose first `header_len` bytes are its header and the rest its payload.
     fn reply_with_payload(&self, reply: &[u8], header_len: usize) {
-        let s = self.out.lock().unwrap();
-        let sent = if reply.len() - header_len >= REPLY_HEADER_CORKED_MIN_BYTES {
-            s.write_all_header_corked(reply, header_len)
-        } else {
-            { &*s }.write_all(reply)
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.out.send(reply, header_len) {
             log::debug!("{}: reply not sent: {e}", self.export.label());
+        }
+    }
+    /// Sets whether replies may be held back for a batch (WriteSide::hold).
+    fn hold_replies(&self, deferrable: bool) {
+        if let Err(e) = self.out.hold(deferrable) {
+            log::debug!("{}: replies not sent: {e}", self.export.label());
+        }
+    }
+    fn flush_replies(&self) {
+        if let Err(e) = self.out.flush() {
+            log::debug!("{}: replies not sent: {e}", self.export.label());
         }
     }
     fn reply_error(&self, r: &Request, err: u32) {
@@ -185,11 +190,142 @@ impl Conn<'_> {
     }
 }
 
-/// Payloads of at least this size are sent after their header is queued with MSG_MORE (on
-/// TCP), as two writes, rather than in one write with it. Measured on loopback with fio's
-/// NBD engine (docs/PERFORMANCE.md): 1 MiB reads ran ~1.5x faster so, the reader waking up
-/// half as often per MiB; at 256 KiB +10 %; at 32 KiB and 4 KiB the extra call cost 5-10 %.
-const REPLY_HEADER_CORKED_MIN_BYTES: usize = 64 << 10;
+/// The socket's write side. A reply is queued, and sent by whichever worker finds no send in
+/// progress: that worker also sends what others queued meanwhile, and no worker sleeps
+/// waiting for another's send. While the worker holding the read side has more requests
+/// in its buffer, replies wait in the queue (up to REPLY_BATCH_MAX of them): that worker,
+/// or the next one, sends them before the read side waits for the client (see `hold`), so
+/// replies leave in batches and the client wakes once per batch, not per request. Large
+/// replies are sent from their own buffer, not copied: their worker waits for the send in
+/// progress, if any.
+struct WriteSide {
+    stream: Stream,
+    state: Mutex<Outbox>,
+    /// Signalled when a send ends, for a large reply waiting to send.
+    idle: Condvar,
+}
+
+struct Outbox {
+    queued: Vec<u8>,
+    /// Replies in `queued`.
+    count: usize,
+    /// A worker is sending; it sends `queued` before it stops.
+    sending: bool,
+    /// Replies may wait in `queued`: the read side has requests buffered, so a worker
+    /// will be back at it soon and send them (`WriteSide::hold`).
+    deferrable: bool,
+    /// Large replies waiting for `sending` to end: only then does a send end with a wake-up.
+    waiting: usize,
+    /// The buffer of the last batch sent, kept for reuse (if small).
+    spare: Vec<u8>,
+}
+
+impl WriteSide {
+    fn new(stream: Stream) -> WriteSide {
+        WriteSide {
+            stream,
+            state: Mutex::new(Outbox {
+                queued: Vec::new(),
+                count: 0,
+                sending: false,
+                deferrable: false,
+                waiting: 0,
+                spare: Vec::new(),
+            }),
+            idle: Condvar::new(),
+        }
+    }
+
+    /// Sends `reply` (its first `header_len` bytes are its header) now, or queues it for a
+    /// worker sending already or soon. An error is the first one seen while this call sent.
+    fn send(&self, reply: &[u8], header_len: usize) -> io::Result<()> {
+        let mut g = self.state.lock().unwrap();
+        if reply.len() < REPLY_QUEUED_MAX_BYTES {
+            g.queued.extend_from_slice(reply);
+            g.count += 1;
+            if g.sending || (g.deferrable && g.count < REPLY_BATCH_MAX) {
+                return Ok(());
+            }
+            g.sending = true;
+            return self.send_queued(g);
+        }
+        while g.sending {
+            g.waiting += 1;
+            g = self.idle.wait(g).unwrap();
+            g.waiting -= 1;
+        }
+        g.sending = true;
+        // Replies queued before this one go first (any order is allowed; this keeps it fair).
+        let before = std::mem::take(&mut g.queued);
+        g.count = 0;
+        drop(g);
+        let first = { &self.stream }.write_all(&before);
+        let sent = self.stream.write_all_header_corked(reply, header_len);
+        let rest = self.send_queued(self.state.lock().unwrap());
+        first.and(sent).and(rest)
+    }
+
+    /// Says whether replies may wait in the queue from now on (`deferrable`: a worker will be
+    /// back at the read side without waiting for the client); if not, sends what is queued.
+    fn hold(&self, deferrable: bool) -> io::Result<()> {
+        let mut g = self.state.lock().unwrap();
+        g.deferrable = deferrable;
+        if deferrable {
+            return Ok(());
+        }
+        self.send_if_queued(g)
+    }
+
+    /// Sends what is queued, unless a send is in progress (which will).
+    fn flush(&self) -> io::Result<()> {
+        self.send_if_queued(self.state.lock().unwrap())
+    }
+
+    fn send_if_queued<'a>(&'a self, mut g: MutexGuard<'a, Outbox>) -> io::Result<()> {
+        if g.sending || g.queued.is_empty() {
+            return Ok(());
+        }
+        g.sending = true;
+        self.send_queued(g)
+    }
+
+    /// Sends everything queued until nothing is, then ends the send in progress (which the
+    /// caller started).
+    fn send_queued<'a>(&'a self, mut g: MutexGuard<'a, Outbox>) -> io::Result<()> {
+        let mut result = Ok(());
+        while !g.queued.is_empty() {
+            let spare = std::mem::take(&mut g.spare);
+            let batch = std::mem::replace(&mut g.queued, spare);
+            g.count = 0;
+            drop(g);
+            let sent = { &self.stream }.write_all(&batch);
+            if result.is_ok() {
+                result = sent;
+            }
+            g = self.state.lock().unwrap();
+            if batch.capacity() <= REPLY_QUEUED_MAX_BYTES * 4 {
+                g.spare = batch;
+                g.spare.clear();
+            }
+        }
+        g.sending = false;
+        if g.waiting > 0 {
+            self.idle.notify_all();
+        }
+        result
+    }
+}
+
+/// Replies shorter than this are copied into the connection's reply queue (see WriteSide);
+/// larger ones are sent from the worker's buffer, after their header is queued with MSG_MORE
+/// (on TCP), as two writes. Measured on loopback with fio's NBD engine
+/// (docs/PERFORMANCE.md): 1 MiB reads ran ~1.5x faster so, the reader waking up half as
+/// often per MiB; at 256 KiB +10 %; at 32 KiB and 4 KiB the extra call cost 5-10 %.
+const REPLY_QUEUED_MAX_BYTES: usize = 64 << 10;
+
+/// Most replies that wait in the queue for more (see WriteSide): bounds the delay a batch
+/// adds to the first reply in it.
+const REPLY_BATCH_MAX: usize = 16;
 
 /// Largest buffer a worker keeps between requests (bigger ones are freed after use). It
 /// holds a WRITE's payload or a READ's reply; reusing it saves a page fault per 4 KiB.
@@ -206,7 +342,7 @@ pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Res
     let conn = Conn {
         size: export.info().size,
         export,
-        out: Mutex::new(output),
+        out: WriteSide::new(output),
         in_flight: InFlight::new(),
         reading: Mutex::new(ReadSide {
             input: BufReader::with_capacity(READ_BUFFER_BYTES, input),
@@ -249,6 +385,8 @@ fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>)
             Next::Handled => continue,
             Next::End(e) => {
                 side.ended = true;
+                // No worker will read again: replies from now on go out at once.
+                conn.hold_replies(false);
                 if let Some(e) = e {
                     *conn.failure.lock().unwrap() = Some(e);
                 }
@@ -259,6 +397,11 @@ fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>)
             start_worker(scope, conn);
         }
         drop(side);
+        if conn.waiting.load(Ordering::Acquire) == 0 {
+            // No worker is on its way to the read side to send the replies held back, and
+            // this request may take long: send them now.
+            conn.flush_replies();
+        }
         let bytes = in_flight_bytes(&r);
         execute(conn, &r, &mut buf);
         conn.in_flight.release(bytes);
@@ -295,6 +438,10 @@ fn in_flight_bytes(r: &Request) -> u64 {
 
 /// Reads one request (and a WRITE's payload into `buf`). Called with the read side held.
 fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) -> Next {
+    if input.buffer().len() < REQUEST_SIZE {
+        // About to wait for the client, who may be waiting for the replies held back.
+        conn.hold_replies(false);
+    }
     let mut h = [0u8; REQUEST_SIZE];
     match input.read_exact(&mut h) {
         Ok(()) => {}
@@ -308,6 +455,9 @@ fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) 
         );
         return Next::End(None);
     };
+    if r.kind == NBD_CMD_WRITE && input.buffer().len() < r.length as usize {
+        conn.hold_replies(false);
+    }
     if let Err(err) = validate(&r, conn.size) {
         if r.kind == NBD_CMD_WRITE {
             if let Err(e) = io::copy(&mut input.take(r.length as u64), &mut io::sink()) {
@@ -324,7 +474,8 @@ fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) 
         // A barrier: everything read before it has been executed, and nothing after it is
         // read until it is done (this worker keeps the read side meanwhile), so a
         // transaction contains exactly the writes between its BEGIN and COMMIT in stream
-        // order.
+        // order. Its replies go out at once (the barrier may wait, the command take long).
+        conn.hold_replies(false);
         conn.in_flight.wait_idle();
         execute_txn(conn, &r, cmd);
         return Next::Handled;
@@ -340,6 +491,8 @@ fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) 
             return Next::End(Some(e));
         }
     }
+    // Read without waiting for the client again: replies may wait for a batch.
+    conn.hold_replies(true);
     Next::Serve(r)
 }
 
