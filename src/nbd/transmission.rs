@@ -1,17 +1,20 @@
 //! The transmission phase. A connection is served by up to CONNECTION_WORKER_THREADS
-//! threads that take turns at the socket: a worker holds the read side while it reads one
-//! request (and a WRITE's payload), lets go, serves the request and queues its reply (see
-//! `WriteSide`). Requests therefore run concurrently and replies may come out of order, as
-//! the spec allows. Workers are started as the client's queue depth needs them.
+//! threads. One of them at a time is the reader: it reads requests (a WRITE's payload
+//! with its header). A request that may take long (READ, FLUSH, a large or FUA write) it
+//! serves itself after handing the read side to a parked worker (or a new one, started as
+//! the client's queue depth needs them), so requests run concurrently and replies may come
+//! out of order, as the spec allows. Workers that finish a request park until they are
+//! handed the read side.
 //!
-//! Quick writes are the exception: small WRITEs, WRITE_ZEROES and TRIMs without FUA are
-//! served by the worker holding the read side, which keeps it and reads on. Writes to one
-//! image take turns at its log anyway, so running them on several threads only adds a
-//! hand-off (a futex wake and a context switch) per request; served in place, a stream of
-//! them costs no thread switch at all, and the socket is read and replied to in batches.
-//! Writes the engine makes wait (throttled or paced, see `Session::write`) would hold up
-//! the requests behind them: while several of the last quick writes took longer than
-//! QUICK_WRITE_MAX, the connection hands writes off too (see `Conn::serve_in_place`).
+//! Quick writes (small WRITEs, WRITE_ZEROES and TRIMs without FUA) the reader serves in
+//! place and reads on. Writes to one image take turns at its log anyway, so running them on
+//! several threads only adds a hand-off (a futex wake and a context switch) per request;
+//! served in place, a stream of them costs no thread switch, and the socket is read and
+//! replied to in batches (see `ReadSide`, `WriteSide`). A quick write the engine makes wait
+//! (a transaction's write lock, throttling or pacing, see `Session::write`) must not hold up
+//! the requests behind it: a parked worker watches, and takes the read side over from a
+//! reader stuck in place for READER_STUCK (see `park`); while several of the last quick
+//! writes were slow, they are handed off like the rest (`Conn::serve_in_place`).
 //!
 //! Invalid requests get an error reply (a WRITE's payload is drained first); only a bad
 //! request magic or an I/O failure ends the connection.
@@ -22,8 +25,8 @@ use super::{errno_for, Export, TxnCommand};
 use crate::limits::{
     CONNECTION_IN_FLIGHT_BYTES_MAX, CONNECTION_WORKER_THREADS, REQUEST_PAYLOAD_BYTES_MAX,
 };
-use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -147,16 +150,43 @@ struct ReadSide<'a> {
     ended: bool,
 }
 
+/// Who reads next, for workers that are not reading (see `park`).
+#[derive(Default)]
+struct Readers {
+    /// Workers parked.
+    parked: usize,
+    /// Parked workers asked to take the read side, not yet answered.
+    called: usize,
+    /// Nobody reads: the next worker to finish a request takes the read side.
+    free: bool,
+    /// A parked worker watches the reader (with timed waits).
+    watched: bool,
+    /// The stream ended: workers stop.
+    ended: bool,
+}
+
 struct Conn<'a> {
     export: Box<dyn Export>,
     /// The export's size, for validating requests.
     size: u64,
     out: WriteSide,
     in_flight: InFlight,
+    /// Locked by the reader while it reads (never while it serves a request).
     reading: Mutex<ReadSide<'a>>,
-    /// Workers waiting for `reading`; when none is, the next request would wait for a busy
-    /// one, so another worker is started (up to CONNECTION_WORKER_THREADS).
-    waiting: AtomicUsize,
+    /// Counts the requests the reader served in place: odd while it serves one. A worker
+    /// taking over from a stuck reader moves it on (`park`), so the reader knows.
+    in_place: AtomicU64,
+    /// The parked workers, and who reads next.
+    readers: Mutex<Readers>,
+    /// Parked workers other than the watcher wait on this,
+    parked_cv: Condvar,
+    /// the watcher on this.
+    watcher_cv: Condvar,
+    /// The watching worker sleeps without a timeout (no request served in place for a
+    /// while); the reader wakes it when it serves in place again.
+    watcher_idle: AtomicBool,
+    /// A worker was started to watch the reader (the first time one served in place).
+    watcher_started: AtomicBool,
     workers: AtomicUsize,
     /// The connection thread's name; workers are named after it.
     thread_name: String,
@@ -197,6 +227,48 @@ impl Conn<'_> {
             });
     }
 
+    /// Hands the read side to a parked worker, or a new one; if there is none, it is free
+    /// for the first worker to finish a request. True if a worker reads now.
+    fn hand_over_read_side<'s>(&'s self, scope: &'s std::thread::Scope<'s, '_>) -> bool {
+        if self.call_parked(false) || start_worker(scope, self, true) {
+            return true;
+        }
+        // (A worker may have parked meanwhile.)
+        self.call_parked(true)
+    }
+    /// Asks a parked worker to read: one other than the watcher if there is one (see
+    /// `park`). False if none is parked (and not asked already); then, if `or_free`, the
+    /// read side is left free.
+    fn call_parked(&self, or_free: bool) -> bool {
+        let mut g = self.readers.lock().unwrap();
+        if g.parked <= g.called {
+            g.free |= or_free;
+            return false;
+        }
+        g.called += 1;
+        let cv = if g.parked - usize::from(g.watched) >= g.called {
+            &self.parked_cv
+        } else {
+            &self.watcher_cv
+        };
+        // (Woken after the lock is let go, the worker does not block on it at once.)
+        drop(g);
+        cv.notify_one();
+        true
+    }
+    /// The stream ended: parked workers stop, and replies go out at once from now on.
+    fn end_readers(&self) {
+        self.readers.lock().unwrap().ended = true;
+        self.parked_cv.notify_all();
+        self.watcher_cv.notify_all();
+        self.hold_replies(false);
+    }
+    fn wake_watcher(&self) {
+        self.watcher_idle.store(false, Ordering::Release);
+        let _g = self.readers.lock().unwrap();
+        self.watcher_cv.notify_one();
+    }
+
     /// Sends a reply without payload.
     fn reply(&self, header: &[u8]) {
         self.reply_with_payload(header, header.len());
@@ -210,11 +282,6 @@ impl Conn<'_> {
     /// Sets whether replies may be held back for a batch (WriteSide::hold).
     fn hold_replies(&self, deferrable: bool) {
         if let Err(e) = self.out.hold(deferrable) {
-            log::debug!("{}: replies not sent: {e}", self.export.label());
-        }
-    }
-    fn flush_replies(&self) {
-        if let Err(e) = self.out.flush() {
             log::debug!("{}: replies not sent: {e}", self.export.label());
         }
     }
@@ -317,11 +384,6 @@ impl WriteSide {
         self.send_if_queued(g)
     }
 
-    /// Sends what is queued, unless a send is in progress (which will).
-    fn flush(&self) -> io::Result<()> {
-        self.send_if_queued(self.state.lock().unwrap())
-    }
-
     fn send_if_queued<'a>(&'a self, mut g: MutexGuard<'a, Outbox>) -> io::Result<()> {
         if g.sending || g.queued.is_empty() {
             return Ok(());
@@ -385,6 +447,15 @@ const QUICK_WRITE_MAX: Duration = Duration::from_micros(80);
 const QUICK_WRITE_HISTORY: u32 = 8;
 const QUICK_WRITE_SLOW_MAX: u32 = 3;
 
+/// How often the watching worker looks at a reader serving a request in place; one stuck
+/// on a request from one look to the next (READER_STUCK..2 x READER_STUCK) loses the read
+/// side to it. Quick writes take microseconds; pacing sleeps up to 1 ms.
+const READER_STUCK: Duration = Duration::from_millis(2);
+
+/// The watching worker stops its timed waits (500 a second) after no request was served in
+/// place for this long.
+const READER_WATCH_IDLE: Duration = Duration::from_millis(100);
+
 /// Largest buffer a worker keeps between requests (bigger ones are freed after use). It
 /// holds a WRITE's payload or a READ's reply; reusing it saves a page fault per 4 KiB.
 const WORKER_BUFFER_KEEP_BYTES: usize = 4 << 20;
@@ -393,6 +464,10 @@ const WORKER_BUFFER_KEEP_BYTES: usize = 4 << 20;
 /// headers fits about twice. A WRITE payload at least this large bypasses it (read straight
 /// into the worker's buffer, one copy).
 const READ_BUFFER_BYTES: usize = 256 << 10;
+
+/// The part of a WRITE's payload not in the read buffer yet is read straight from the
+/// socket from this size up (see `read_payload`).
+const PAYLOAD_DIRECT_MIN_BYTES: usize = 64 << 10;
 
 /// Serves requests until the client disconnects, sends NBD_CMD_DISC, or breaks framing.
 /// Returns after every request read has been replied to.
@@ -406,14 +481,19 @@ pub fn serve(input: &Stream, output: Stream, export: Box<dyn Export>) -> io::Res
             input: BufReader::with_capacity(READ_BUFFER_BYTES, input),
             ended: false,
         }),
-        waiting: AtomicUsize::new(0),
+        in_place: AtomicU64::new(0),
+        readers: Mutex::new(Readers::default()),
+        parked_cv: Condvar::new(),
+        watcher_cv: Condvar::new(),
+        watcher_idle: AtomicBool::new(false),
+        watcher_started: AtomicBool::new(false),
         workers: AtomicUsize::new(1),
         thread_name: std::thread::current().name().unwrap_or("conn").to_string(),
         slow_writes: AtomicU32::new(0),
         failure: Mutex::new(None),
     };
     // The scope joins every worker: all replies are sent when it ends.
-    std::thread::scope(|scope| worker(scope, &conn));
+    std::thread::scope(|scope| worker(scope, &conn, true));
     match conn.failure.into_inner().unwrap() {
         Some(e) => Err(e),
         None => Ok(()),
@@ -430,14 +510,18 @@ enum Next {
     End(Option<io::Error>),
 }
 
-fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>) {
+/// A worker: the reader if `reading`, else it parks first.
+fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>, reading: bool) {
     let mut buf: Vec<u8> = Vec::new();
+    let mut reading = reading;
     loop {
-        conn.waiting.fetch_add(1, Ordering::AcqRel);
+        if !reading && !park(conn) {
+            return;
+        }
+        reading = false;
         let mut side = conn.reading.lock().unwrap();
-        conn.waiting.fetch_sub(1, Ordering::AcqRel);
-        // Reads on while the requests are quick writes, served here (module comment).
-        let r = loop {
+        // Reads on while the requests are quick writes, served in place (module comment).
+        let next = loop {
             if side.ended {
                 return;
             }
@@ -446,28 +530,41 @@ fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>)
                 Next::Handled => continue,
                 Next::End(e) => {
                     side.ended = true;
-                    // No worker will read again: replies from now on go out at once.
-                    conn.hold_replies(false);
                     if let Some(e) = e {
                         *conn.failure.lock().unwrap() = Some(e);
                     }
+                    conn.end_readers();
                     return;
                 }
             };
             if !conn.serve_in_place(&r) {
-                break r;
+                break Some((r, side));
+            }
+            if !conn.watcher_started.swap(true, Ordering::AcqRel) {
+                // A worker to watch the reader (module comment).
+                start_worker(scope, conn, false);
+            }
+            drop(side);
+            let n = conn.in_place.fetch_add(1, Ordering::AcqRel) + 1;
+            if conn.watcher_idle.load(Ordering::Acquire) {
+                conn.wake_watcher();
             }
             conn.execute_timed(&r, &mut buf);
             conn.in_flight.release(in_flight_bytes(&r));
+            let taken_over = conn
+                .in_place
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err();
+            if taken_over {
+                break None;
+            }
+            side = conn.reading.lock().unwrap();
         };
-        if conn.waiting.load(Ordering::Acquire) == 0 {
-            start_worker(scope, conn);
-        }
+        let Some((r, side)) = next else { continue };
         drop(side);
-        if conn.waiting.load(Ordering::Acquire) == 0 {
-            // No worker is on its way to the read side to send the replies held back, and
-            // this request may take long: send them now.
-            conn.flush_replies();
+        if !conn.hand_over_read_side(scope) {
+            // Nobody reads until a worker is free: the replies held back cannot wait.
+            conn.hold_replies(false);
         }
         if conn.quick_write(&r) {
             conn.execute_timed(&r, &mut buf);
@@ -481,21 +578,96 @@ fn worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>)
     }
 }
 
-/// Starts one more worker for this connection, if it has fewer than the limit.
-fn start_worker<'s, 'a: 's>(scope: &'s std::thread::Scope<'s, '_>, conn: &'s Conn<'a>) {
+/// Parks a worker that is not reading until it is to read (true) or the stream ended
+/// (false). A worker finds the read side free, is handed it (`hand_over_read_side`), or
+/// takes it over: one parked worker, the watcher, looks at the reader every READER_STUCK
+/// and takes over from a reader that has served the same request in place since its last
+/// look. Once no request was served in place for READER_WATCH_IDLE, the watcher sleeps
+/// until one is. The watcher answers a call only when no other parked worker can, so the
+/// watch goes on while workers come and go.
+fn park(conn: &Conn) -> bool {
+    let mut g = conn.readers.lock().unwrap();
+    g.parked += 1;
+    let mut watching = false;
+    let mut idle_since = Instant::now();
+    let mut seen = 0;
+    let to_read = loop {
+        if g.ended {
+            break false;
+        }
+        if g.called > 0 && (!watching || g.called >= g.parked) {
+            g.called -= 1;
+            break true;
+        }
+        if g.free {
+            g.free = false;
+            break true;
+        }
+        if !watching && !g.watched {
+            watching = true;
+            g.watched = true;
+            seen = conn.in_place.load(Ordering::Acquire);
+            idle_since = Instant::now();
+        }
+        if !watching {
+            g = conn.parked_cv.wait(g).unwrap();
+            continue;
+        }
+        if conn.watcher_idle.load(Ordering::Acquire) {
+            g = conn.watcher_cv.wait(g).unwrap();
+            continue;
+        }
+        g = conn.watcher_cv.wait_timeout(g, READER_STUCK).unwrap().0;
+        let now = conn.in_place.load(Ordering::Acquire);
+        if now != seen {
+            seen = now;
+            idle_since = Instant::now();
+        } else if now % 2 == 1 {
+            // The same request, served in place since the last look: take over.
+            let took = conn
+                .in_place
+                .compare_exchange(now, now + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if took {
+                log::debug!(
+                    "{}: a request served in place takes long; another worker reads on",
+                    conn.export.label()
+                );
+                break true;
+            }
+        } else if idle_since.elapsed() >= READER_WATCH_IDLE {
+            conn.watcher_idle.store(true, Ordering::Release);
+        }
+    };
+    if watching {
+        g.watched = false;
+    }
+    g.parked -= 1;
+    to_read
+}
+
+/// Starts one more worker for this connection (the reader if `reading`), if it has fewer
+/// than the limit. False if none was started.
+fn start_worker<'s, 'a: 's>(
+    scope: &'s std::thread::Scope<'s, '_>,
+    conn: &'s Conn<'a>,
+    reading: bool,
+) -> bool {
     let n = conn.workers.fetch_add(1, Ordering::AcqRel);
     if n >= CONNECTION_WORKER_THREADS {
         conn.workers.fetch_sub(1, Ordering::AcqRel);
-        return;
+        return false;
     }
     let name = format!("{}-w{n}", conn.thread_name);
     let spawned = std::thread::Builder::new()
         .name(name)
-        .spawn_scoped(scope, move || worker(scope, conn));
+        .spawn_scoped(scope, move || worker(scope, conn, reading));
     if let Err(e) = spawned {
         conn.workers.fetch_sub(1, Ordering::AcqRel);
         log::warn!("{}: cannot start a worker thread: {e}", conn.export.label());
+        return false;
     }
+    true
 }
 
 fn in_flight_bytes(r: &Request) -> u64 {
@@ -556,7 +728,7 @@ fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) 
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        if let Err(e) = input.read_exact(&mut buf[..len]) {
+        if let Err(e) = read_payload(input, &mut buf[..len]) {
             conn.in_flight.release(in_flight_bytes(&r));
             return Next::End(Some(e));
         }
@@ -564,6 +736,22 @@ fn read_request(input: &mut BufReader<&Stream>, conn: &Conn, buf: &mut Vec<u8>) 
     // Read without waiting for the client again: replies may wait for a batch.
     conn.hold_replies(true);
     Next::Serve(r)
+}
+
+/// Reads a WRITE's payload: what the read buffer holds, then the rest, straight from the
+/// socket if it is large (one copy), else through the buffer (one receive call also takes
+/// in the requests after it).
+fn read_payload(input: &mut BufReader<&Stream>, payload: &mut [u8]) -> io::Result<()> {
+    let buffered = input.buffer();
+    let have = buffered.len().min(payload.len());
+    payload[..have].copy_from_slice(&buffered[..have]);
+    input.consume(have);
+    let rest = &mut payload[have..];
+    if rest.len() >= PAYLOAD_DIRECT_MIN_BYTES {
+        input.get_mut().read_exact(rest)
+    } else {
+        input.read_exact(rest)
+    }
 }
 
 fn txn_command(kind: u16) -> Option<TxnCommand> {
