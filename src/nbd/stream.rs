@@ -32,7 +32,7 @@ impl Stream {
     }
     /// Writes a message whose first `header_len` bytes are its header: on TCP the header is
     /// queued with MSG_MORE and the rest written after it (for large payloads that halves
-    /// how often the reader wakes, see REPLY_HEADER_CORKED_MIN_BYTES); on a unix socket, one
+    /// how often the reader wakes, see REPLY_QUEUED_MAX_BYTES in transmission.rs); on a unix socket, one
     /// write.
     pub fn write_all_header_corked(&self, message: &[u8], header_len: usize) -> io::Result<()> {
         let Stream::Tcp(s) = self else {
