@@ -185,7 +185,10 @@ impl Session {
             if b.index.is_empty() || self.version.manifest().is_none() {
                 return Ok((None, false));
             }
-            (b.index.iter().collect(), b.segments.clone())
+            // Sized once: collecting would grow it by doubling, up to twice the bytes.
+            let mut extents = Vec::with_capacity(b.index.len());
+            extents.extend(b.index.iter());
+            (extents, b.segments.clone())
         };
         let mut snap = Snapshot {
             extents,
@@ -207,48 +210,37 @@ impl Session {
     /// Writes the snapshot as layer blobs of at most CHECKPOINT_LAYER_PAGES_MAX pages each.
     fn upload_layers(&self, snap: &Snapshot) -> Result<Vec<LayerRef>> {
         let mut refs = Vec::new();
-        let mut group: Vec<&Extent<BufVal>> = Vec::new();
-        let mut group_pages = 0;
-        for e in &snap.extents {
-            group.push(e);
+        let (mut first, mut group_pages) = (0, 0);
+        for (i, e) in snap.extents.iter().enumerate() {
             group_pages += e.len;
             if group_pages >= CHECKPOINT_LAYER_PAGES_MAX {
-                refs.push(self.upload_layer(snap, &group)?);
-                group.clear();
-                group_pages = 0;
+                refs.push(self.upload_layer(snap, &snap.extents[first..=i])?);
+                (first, group_pages) = (i + 1, 0);
             }
         }
-        if !group.is_empty() {
-            refs.push(self.upload_layer(snap, &group)?);
+        if first < snap.extents.len() {
+            refs.push(self.upload_layer(snap, &snap.extents[first..])?);
         }
         Ok(refs)
     }
 
-    fn upload_layer(&self, snap: &Snapshot, group: &[&Extent<BufVal>]) -> Result<LayerRef> {
-        let sources: Vec<SourceExtent> = group
-            .iter()
-            .map(|e| {
-                if e.value.is_zero() {
-                    SourceExtent::Zero {
-                        start: e.start,
-                        len: e.len,
-                    }
-                } else {
-                    SourceExtent::Data {
-                        start: e.start,
-                        len: e.len,
-                    }
-                }
-            })
-            .collect();
+    fn upload_layer(&self, snap: &Snapshot, group: &[Extent<BufVal>]) -> Result<LayerRef> {
+        let sources = group.iter().map(|e| {
+            let (start, len) = (e.start, e.len);
+            if e.value.is_zero() {
+                SourceExtent::Zero { start, len }
+            } else {
+                SourceExtent::Data { start, len }
+            }
+        });
         let mut next_extent = 0;
         let bits = self.page_size_bits;
-        self.write_and_upload(&sources, |start, n, buf, crcs| {
+        self.write_and_upload(sources, |start, n, buf, crcs| {
             // Extents are visited in order; find the one holding `start`.
             while group[next_extent].end() <= start {
                 next_extent += 1;
             }
-            let e = group[next_extent];
+            let e = &group[next_extent];
             let (seg, off) = wal::split_position(e.value.advance(start - e.start).pos);
             debug_assert!(start + n <= e.end());
             let file = snap.segments.get(&seg).ok_or_else(|| {
@@ -272,7 +264,7 @@ impl Session {
     /// Writes a layer blob from `sources` into the buffer store's tmp directory and uploads it.
     pub(super) fn write_and_upload(
         &self,
-        sources: &[SourceExtent],
+        sources: impl Iterator<Item = SourceExtent> + Clone,
         read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> std::io::Result<()>,
     ) -> Result<LayerRef> {
         let blob_id = keys::new_blob_id();

@@ -340,22 +340,16 @@ impl Session {
 
     /// Writes one merged layer from `extents` (in page order) of the layers `run`.
     fn write_merged(&self, run: &[Arc<Layer>], extents: &[Extent<Src>]) -> Result<LayerRef> {
-        let sources: Vec<SourceExtent> = extents
-            .iter()
-            .map(|e| match e.value.1 {
-                LayerVal::Zero => SourceExtent::Zero {
-                    start: e.start,
-                    len: e.len,
-                },
-                LayerVal::Data(_) => SourceExtent::Data {
-                    start: e.start,
-                    len: e.len,
-                },
-            })
-            .collect();
+        let sources = extents.iter().map(|e| {
+            let (start, len) = (e.start, e.len);
+            match e.value.1 {
+                LayerVal::Zero => SourceExtent::Zero { start, len },
+                LayerVal::Data(_) => SourceExtent::Data { start, len },
+            }
+        });
         let mut next = 0;
         // Pages are copied after their checksums are verified, so those checksums carry over.
-        self.write_and_upload(&sources, |start, _n, buf, crcs| {
+        self.write_and_upload(sources, |start, _n, buf, crcs| {
             if self.is_stopped() {
                 // A merge can take seconds: a stopping server does not wait for it.
                 return Err(std::io::Error::other("the session stopped"));

@@ -21,6 +21,7 @@ use super::checksum::crc32c;
 use super::extent::{Extent, ExtentMap, ExtentValue};
 use crate::store::cache::ScanWindow;
 use crate::store::{self, BlobReader};
+use std::borrow::Borrow;
 use std::io;
 use std::path::Path;
 
@@ -49,51 +50,75 @@ impl ExtentValue for LayerVal {
 }
 
 /// What a checkpoint writes: extents in ascending page order; data extents have their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceExtent {
     Data { start: u64, len: u64 },
     Zero { start: u64, len: u64 },
 }
 
-/// Writes a layer file at `path`. `read_pages(start, len, buf, crcs)` fills the data of `len`
-/// pages of a data extent; it may also push their `len` CRC-32Cs onto `crcs` when it knows
-/// them already (a compaction copying verified pages), or push none (they are computed here).
-/// Returns (size in bytes, data page count). The file is fsynced.
-pub fn write_layer(
-    path: &Path,
-    page_size_bits: u32,
-    extents: &[SourceExtent],
-    mut read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> io::Result<()>,
-) -> io::Result<(u64, u64)> {
-    let page_size = 1usize << page_size_bits;
-    let data_pages: u64 = extents
-        .iter()
-        .map(|e| {
-            if let SourceExtent::Data { len, .. } = e {
-                *len
-            } else {
-                0
-            }
-        })
-        .sum();
-    // Neighbouring extents of one kind become one index entry (data pages are written in
-    // extent order, so their data is contiguous too): a checkpoint of scattered 4 KiB writes
-    // has many neighbours, and every entry costs memory in each server that opens the layer.
-    let mut entries: Vec<(u64, u64, u32, u64)> = Vec::with_capacity(extents.len());
+/// One index entry of a layer: (first page, page count, kind, first data page).
+type IndexEntry = (u64, u64, u32, u64);
+
+/// The index entries of `extents`: neighbouring extents of one kind become one entry (data
+/// pages are written in extent order, so their data is contiguous too). A checkpoint of
+/// scattered 4 KiB writes has many neighbours, and every entry costs memory in each server
+/// that opens the layer. Computed as it goes, so that a layer write holds no list of them.
+fn index_entries<T: Borrow<SourceExtent>>(
+    extents: impl Iterator<Item = T>,
+) -> impl Iterator<Item = IndexEntry> {
     let mut data_page = 0u64;
-    for e in extents {
-        let (start, len, kind) = match e {
-            SourceExtent::Data { start, len } => (*start, *len, KIND_DATA),
-            SourceExtent::Zero { start, len } => (*start, *len, KIND_ZERO),
+    let mut pending: Option<IndexEntry> = None;
+    let mut extents = extents.map(|e| match *e.borrow() {
+        SourceExtent::Data { start, len } => (start, len, KIND_DATA),
+        SourceExtent::Zero { start, len } => (start, len, KIND_ZERO),
+    });
+    std::iter::from_fn(move || loop {
+        let Some((start, len, kind)) = extents.next() else {
+            return pending.take();
         };
-        match entries.last_mut() {
-            Some(last) if last.2 == kind && last.0 + last.1 == start => last.1 += len,
-            _ => entries.push((start, len, kind, data_page)),
-        }
+        let first_data_page = data_page;
         if kind == KIND_DATA {
             data_page += len;
         }
+        match &mut pending {
+            Some(p) if p.2 == kind && p.0 + p.1 == start => p.1 += len,
+            _ => {
+                let done = pending.replace((start, len, kind, first_data_page));
+                if done.is_some() {
+                    return done;
+                }
+            }
+        }
+    })
+}
+
+/// Writes a layer file at `path` from `extents` (in ascending page order; walked three
+/// times, so that a checkpoint of 100 000s of extents holds no copies of them).
+/// `read_pages(start, len, buf, crcs)` fills the data of `len` pages of a data extent; it
+/// may also push their `len` CRC-32Cs onto `crcs` when it knows them already (a compaction
+/// copying verified pages), or push none (they are computed here).
+/// Returns (size in bytes, data page count). The file is fsynced.
+pub fn write_layer<I>(
+    path: &Path,
+    page_size_bits: u32,
+    extents: I,
+    mut read_pages: impl FnMut(u64, u64, &mut [u8], &mut Vec<u32>) -> io::Result<()>,
+) -> io::Result<(u64, u64)>
+where
+    I: IntoIterator,
+    I::Item: Borrow<SourceExtent>,
+    I::IntoIter: Clone,
+{
+    let extents = extents.into_iter();
+    let page_size = 1usize << page_size_bits;
+    let (mut entry_count, mut data_pages) = (0u64, 0u64);
+    for (_, len, kind, _) in index_entries(extents.clone()) {
+        entry_count += 1;
+        if kind == KIND_DATA {
+            data_pages += len;
+        }
     }
-    let index_len = entries.len() as u64 * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
+    let index_len = entry_count * EXTENT_ENTRY_SIZE + data_pages * 4 + 4;
     let data_offset = HEADER_SIZE + index_len;
     let mut w = BlobFile::create(
         path,
@@ -101,8 +126,8 @@ pub fn write_layer(
         data_offset + (data_pages << page_size_bits),
     )?;
     let mut crcs = Vec::with_capacity(data_pages as usize);
-    for e in extents {
-        if let SourceExtent::Data { start, len } = *e {
+    for e in extents.clone() {
+        if let SourceExtent::Data { start, len } = *e.borrow() {
             // Read straight into the file's buffer, a bounded piece at a time: an extent can
             // be large.
             let mut done = 0;
@@ -126,8 +151,14 @@ pub fn write_layer(
             }
         }
     }
-    let mut head = encode_header(page_size_bits, entries.len() as u64, data_pages, index_len);
-    for (start, len, kind, data_page) in entries {
+    let mut head = Vec::with_capacity(data_offset as usize);
+    head.extend_from_slice(&encode_header(
+        page_size_bits,
+        entry_count,
+        data_pages,
+        index_len,
+    ));
+    for (start, len, kind, data_page) in index_entries(extents) {
         head.extend_from_slice(&start.to_le_bytes());
         head.extend_from_slice(&len.to_le_bytes());
         head.extend_from_slice(&kind.to_le_bytes());
@@ -374,6 +405,47 @@ mod tests {
         assert!(Layer::open("bad2", store.open_blob("blobs/bad2").unwrap()).is_err());
     }
 
+    #[test]
+    fn neighbouring_extents_of_one_kind_share_an_index_entry() {
+        use SourceExtent::{Data, Zero};
+        let exts = [
+            Data { start: 0, len: 2 },
+            Data { start: 2, len: 3 },
+            Zero { start: 5, len: 1 },
+            Zero { start: 6, len: 4 },
+            Data { start: 20, len: 1 },
+            Data { start: 21, len: 1 },
+            Data { start: 23, len: 1 },
+        ];
+        let entries: Vec<IndexEntry> = index_entries(exts.iter()).collect();
+        assert_eq!(
+            entries,
+            [
+                (0, 5, KIND_DATA, 0),
+                (5, 5, KIND_ZERO, 5),
+                (20, 2, KIND_DATA, 5),
+                (23, 1, KIND_DATA, 7)
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("s")).unwrap();
+        let path = dir.path().join("layer");
+        let (_, pages) = write_layer(&path, 9, exts, |start, _, buf, _| {
+            for (i, p) in buf.chunks_mut(512).enumerate() {
+                p.fill((start + i as u64) as u8);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(pages, 8);
+        store.put_file("blobs/n", &path).unwrap();
+        let layer = Layer::open("n", store.open_blob("blobs/n").unwrap()).unwrap();
+        assert_eq!(layer.index.len(), 4);
+        let mut page = vec![0u8; 512];
+        layer.read_data(6, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 21), "data page 6 holds image page 21");
+    }
+
     /// Passes reads through, flipping the byte at `at` in the next `flips` reads that cover
     /// it (a bad answer from the store, or a cached copy gone bad).
     struct FlipReads {
@@ -412,7 +484,7 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("s")).unwrap();
         let path = dir.path().join("layer");
         let exts = [SourceExtent::Data { start: 0, len: 8 }];
-        let (size, _) = write_layer(&path, 12, &exts, |_, _, buf, _| {
+        let (size, _) = write_layer(&path, 12, exts, |_, _, buf, _| {
             buf.fill(9);
             Ok(())
         })
@@ -448,7 +520,7 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("s")).unwrap();
         let path = dir.path().join("layer");
         let exts = [SourceExtent::Data { start: 0, len: 2 }];
-        write_layer(&path, 9, &exts, |_, _, buf, _| {
+        write_layer(&path, 9, exts, |_, _, buf, _| {
             buf.fill(1);
             Ok(())
         })

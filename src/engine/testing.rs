@@ -25,7 +25,7 @@ pub fn write_image(
         let path = tmp.join(format!("layer{i}"));
         let extents = [SourceExtent::Data { start, len }];
         let (size_bytes, data_pages) =
-            write_layer(&path, page_size_bits, &extents, |first, _, buf, _| {
+            write_layer(&path, page_size_bits, extents, |first, _, buf, _| {
                 for (j, p) in buf.chunks_mut(page_size).enumerate() {
                     p.fill(page_byte(first + j as u64));
                 }

@@ -248,7 +248,7 @@ fn layers_open_with_one_request_and_read_through_the_cache() {
         },
     ];
     let fill = |page: u64| (page % 253) as u8;
-    write_layer(&path, 12, &extents, |start, _, buf, _crcs| {
+    write_layer(&path, 12, extents, |start, _, buf, _crcs| {
         for (i, p) in buf.chunks_mut(4096).enumerate() {
             p.fill(fill(start + i as u64));
         }
