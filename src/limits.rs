@@ -50,6 +50,9 @@ pub const WAL_SEGMENT_CHECKPOINT_BYTES: u64 = 1 << 30;
 /// of them at most, covering 4 GiB of 4 KiB pages; a bigger segment's later pages are
 /// checksummed again by the checkpoint.
 pub const PAGE_CRCS_PER_SEGMENT_MAX: usize = 1 << 20;
+/// Page slots (segment bytes ÷ page size) that index those checksums, 8 bytes each: 16 MiB
+/// at most, covering the first 8 GiB of a segment of 4 KiB pages (1 GiB of 512-byte pages).
+pub const PAGE_CRC_SLOTS_PER_SEGMENT_MAX: usize = 2 << 20;
 
 /// Handshake must complete within this long, or the connection is dropped.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;

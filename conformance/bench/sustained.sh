@@ -23,8 +23,10 @@
 #        permutation: fio's default random map, each block once per pass)
 #   SEQ_SIZE=8G  JOBS="rand seq"  BENCH_TMPDIR=/tmp  BENCH_OUT=DIR  MVPS_BIN_DIR=DIR
 #   DISK_FREE_FLOOR_GB=8  (a job is stopped, and says so, if free space falls below it)
-#   GC_INTERVAL=60  GC_MIN_BLOB_AGE_SECS=120  (test-only lower bound of the collector, see
-#       mvps-s3-gc(8); the default 15 minutes would hold more garbage than this disk has)
+#   GC_INTERVAL=20  GC_MIN_BLOB_AGE_SECS=30  (test-only lower bound of the collector, see
+#       mvps-s3-gc(8); garbage peaks near the blob write rate × (age + interval): at ~320 MB/s
+#       the collector's default 15 minutes, or even 120 s and 60 s, hold more than this disk
+#       has free)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +37,7 @@ SUSTAIN_PATTERN=${SUSTAIN_PATTERN:-repeats}
 SEQ_SIZE=${SEQ_SIZE:-8G}
 JOBS=${JOBS:-"rand seq"}
 FLOOR_GB=${DISK_FREE_FLOOR_GB:-8}
-GC_INTERVAL=${GC_INTERVAL:-60}
+GC_INTERVAL=${GC_INTERVAL:-20}
 SECRET="bench-secret-$$-$RANDOM"
 IMAGE=sustain.mvps-image
 
@@ -142,7 +144,7 @@ sampler() { # fio-pid server
 
 gc_loop() { # runs the collector every GC_INTERVAL s until killed
     while sleep "$GC_INTERVAL"; do
-        MVPS_MIN_BLOB_AGE_SECS=${GC_MIN_BLOB_AGE_SECS:-120} "$GC_BIN" --image-store-local-path "$TMP/mvps/image-store" \
+        MVPS_MIN_BLOB_AGE_SECS=${GC_MIN_BLOB_AGE_SECS:-30} "$GC_BIN" --image-store-local-path "$TMP/mvps/image-store" \
             --threshold-inactive-days 0 --threshold-inactive-count 1 --manifest-retention 0s --json \
             >>"$OUT/gc-$JOB.jsonl" 2>>"$OUT/gc-$JOB.log" || true
     done

@@ -348,6 +348,8 @@ impl Session {
             }
         });
         let mut next = 0;
+        // Each input is read once, in page order: past the page cache where the store can.
+        let mut streams: Vec<_> = run.iter().map(|l| l.data_stream()).collect();
         // Pages are copied after their checksums are verified, so those checksums carry over.
         self.write_and_upload(sources, |start, _n, buf, crcs| {
             if self.is_stopped() {
@@ -362,7 +364,7 @@ impl Session {
                 unreachable!("only data extents are read");
             };
             run[i]
-                .read_data_with_crcs(page, buf, crcs)
+                .read_data_streamed(streams[i].as_deref_mut(), page, buf, crcs)
                 .map_err(std::io::Error::other)
         })
     }

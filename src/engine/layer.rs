@@ -310,6 +310,33 @@ impl Layer {
         Ok(())
     }
 
+    /// A reader for one pass over this layer's data in page order (a merge), where the store
+    /// has a cheaper way to do that than `read_at` (`BlobReader::stream`).
+    pub fn data_stream(&self) -> Option<Box<dyn store::BlobStream + '_>> {
+        self.reader.stream()
+    }
+
+    /// `read_data_with_crcs` through `stream` (from `data_stream`) when there is one. Pages
+    /// that fail their checksums that way, or a failed read, are read again by `read_data`.
+    pub fn read_data_streamed(
+        &self,
+        stream: Option<&mut (dyn store::BlobStream + '_)>,
+        data_page: u64,
+        buf: &mut [u8],
+        crcs: &mut Vec<u32>,
+    ) -> store::Result<()> {
+        if let Some(stream) = stream {
+            let offset = self.data_offset + (data_page << self.page_size_bits);
+            if stream.read_at(offset, buf).is_ok() && self.verify(data_page, buf).is_ok() {
+                let first = data_page as usize;
+                let n = buf.len() >> self.page_size_bits;
+                crcs.extend_from_slice(&self.crcs[first..first + n]);
+                return Ok(());
+            }
+        }
+        self.read_data_with_crcs(data_page, buf, crcs)
+    }
+
     /// Asks the blob's reader to fetch data pages `[data_page, +pages)` ahead for `scan`
     /// (see `engine::scan`); false if its readahead budget stopped it short.
     pub fn prefetch_data(&self, data_page: u64, pages: u64, scan: &ScanWindow) -> bool {
@@ -443,7 +470,10 @@ mod tests {
         assert_eq!(layer.index.len(), 4);
         let mut page = vec![0u8; 512];
         layer.read_data(6, &mut page).unwrap();
-        assert!(page.iter().all(|&b| b == 21), "data page 6 holds image page 21");
+        assert!(
+            page.iter().all(|&b| b == 21),
+            "data page 6 holds image page 21"
+        );
     }
 
     /// Passes reads through, flipping the byte at `at` in the next `flips` reads that cover

@@ -155,6 +155,8 @@ impl LocalStore {
 
 struct LocalBlob {
     file: File,
+    /// Where it was opened, to open it again for a direct-I/O pass (`stream`).
+    path: PathBuf,
     size: u64,
     key: String,
 }
@@ -172,6 +174,10 @@ impl BlobReader for LocalBlob {
     fn size_bytes(&self) -> u64 {
         self.size
     }
+    fn stream(&self) -> Option<Box<dyn super::BlobStream + '_>> {
+        let s = super::direct_read::DirectStream::open(&self.path, &self.key, self)?;
+        Some(Box::new(s))
+    }
 }
 
 impl ImageStore for LocalStore {
@@ -180,10 +186,12 @@ impl ImageStore for LocalStore {
     }
 
     fn open_blob(&self, key: &str) -> Result<Box<dyn BlobReader>> {
-        let file = File::open(self.path_of(key)?).map_err(io_err(key, "open"))?;
+        let path = self.path_of(key)?;
+        let file = File::open(&path).map_err(io_err(key, "open"))?;
         let size = file.metadata().map_err(io_err(key, "stat"))?.len();
         Ok(Box::new(LocalBlob {
             file,
+            path,
             size,
             key: key.to_string(),
         }))

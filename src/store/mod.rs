@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub use crate::catalog::keys;
+pub mod direct_read;
 pub mod disk_cache;
 pub mod local;
 
@@ -98,6 +99,19 @@ pub trait BlobReader: Send + Sync {
     fn refetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_at(offset, buf)
     }
+    /// A reader for one pass over the blob in ascending offsets (a merge reading its input
+    /// layers), where the store has a cheaper way to do that than `read_at`; None where it
+    /// has not.
+    fn stream(&self) -> Option<Box<dyn BlobStream + '_>> {
+        None
+    }
+}
+
+/// One pass over a blob, mostly in ascending offsets (see [`BlobReader::stream`]). Reading
+/// backwards is allowed, only slower.
+pub trait BlobStream {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
 }
 
 /// The object store. Implementations: [`local::LocalStore`] and `s3::S3Store`.
