@@ -89,14 +89,19 @@ impl<V: ExtentValue> ExtentMap<V> {
         if len == 0 {
             return;
         }
-        // Rewriting exactly an extent that is there (a page written again while buffered):
-        // replace its value in place. Nothing else can start inside it, and nothing before
-        // it reaches into it unless the extent before overlaps, which the check excludes.
-        let before = self.map.range(..start).next_back();
-        if before.is_none_or(|(&s, &(l, _))| s + l <= start) {
-            if let Some((l, v)) = self.map.get_mut(&start) {
-                if *l == len {
-                    *v = value;
+        // The common cases of a 4 KiB write take no more lookups than they need: a page
+        // written again while buffered replaces its extent's value in place (one lookup),
+        // and a page next to nothing mapped is inserted (three).
+        match self.map.range_mut(..=start).next_back() {
+            Some((&s, (l, v))) if s == start && *l == len => {
+                *v = value;
+                return;
+            }
+            Some((&s, (l, _))) if s + *l > start => {}
+            _ => {
+                if self.map.range(start..start + len).next().is_none() {
+                    self.map.insert(start, (len, value));
+                    self.pages += len;
                     return;
                 }
             }
