@@ -208,6 +208,35 @@ struct BlockKey {
     index: u64,
 }
 
+/// Hashes [`BlockKey`]s, several times per block read or fetched: multiply and rotate, far
+/// cheaper than the default SipHash (4 % of a cold scan's CPU). SipHash resists keys chosen
+/// to collide; these are not chosen freely (blob numbers are handed out in order, and block
+/// indices are bounded by the blob's size), and within one blob the hash keeps distinct
+/// indices apart in the table's low bits.
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+
+/// An odd constant with well-mixed bits (2^64 / the golden ratio).
+const BLOCK_HASH_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl std::hash::Hasher for BlockHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(BLOCK_HASH_MULTIPLIER);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type BlockHash = std::hash::BuildHasherDefault<BlockHasher>;
+
 /// The readahead of one sequential stream, shared with the blocks it prefetched: their fate
 /// (read, or evicted unread) sizes the window.
 struct Window {
@@ -262,7 +291,7 @@ impl ScanWindow {
 
 /// A fetch in progress, shared by every reader waiting for its block.
 struct Flight {
-    result: Mutex<Option<std::result::Result<Block, Error>>>,
+    outcome: Mutex<Outcome>,
     done: Condvar,
     /// Started by readahead for this stream, not by a reader: should it fail, waiters fetch
     /// for themselves.
@@ -276,7 +305,7 @@ struct Flight {
 impl Flight {
     fn new(prefetch: Option<Arc<Window>>) -> Arc<Flight> {
         Arc::new(Flight {
-            result: Mutex::new(None),
+            outcome: Mutex::new(Outcome::default()),
             done: Condvar::new(),
             prefetch,
             joined: AtomicBool::new(false),
@@ -285,22 +314,35 @@ impl Flight {
     }
 
     fn finish(&self, r: std::result::Result<Block, Error>) {
-        *self.result.lock().unwrap() = Some(r);
-        self.done.notify_all();
+        let mut g = self.outcome.lock().unwrap();
+        g.result = Some(r);
+        // A wake-up is a system call: most blocks of a scan have nobody waiting for them.
+        if g.waiters > 0 {
+            self.done.notify_all();
+        }
     }
 
     fn wait(&self) -> Result<Block> {
-        let mut g = self.result.lock().unwrap();
+        let mut g = self.outcome.lock().unwrap();
         loop {
-            if let Some(r) = g.as_ref() {
+            if let Some(r) = g.result.as_ref() {
                 return match r {
                     Ok(b) => Ok(b.clone()),
                     Err(e) => Err(clone_error(e)),
                 };
             }
+            g.waiters += 1;
             g = self.done.wait(g).unwrap();
+            g.waiters -= 1;
         }
     }
+}
+
+/// A flight's result once there is one, and the readers asleep waiting for it.
+#[derive(Default)]
+struct Outcome {
+    result: Option<std::result::Result<Block, Error>>,
+    waiters: u32,
 }
 
 enum Slot {
@@ -324,14 +366,14 @@ struct Ready {
 
 #[derive(Default)]
 struct State {
-    map: HashMap<BlockKey, Slot>,
+    map: HashMap<BlockKey, Slot, BlockHash>,
     /// The CLOCK: ready blocks in the order the hand visits them (front first), with the
     /// `seq` of their insertion; entries of blocks since evicted are skipped when reached.
     ring: VecDeque<(BlockKey, u64)>,
     next_seq: u64,
     held_bytes: u64,
     /// Prefetched blocks evicted unread (to count refetches), oldest first.
-    ghosts: HashSet<BlockKey>,
+    ghosts: HashSet<BlockKey, BlockHash>,
     ghost_order: VecDeque<BlockKey>,
 }
 
@@ -367,6 +409,8 @@ pub struct BlockCache {
     readahead_initial_blocks: u64,
     /// Most prefetched blocks not yet read, over all streams.
     readahead_budget_blocks: u64,
+    /// A fetch's buffers: [`SEGMENT_BYTES`] in whole blocks.
+    segment_bytes: u64,
     /// Hits take the read lock; misses, fills and evictions the write lock.
     state: RwLock<State>,
     /// Blob keys → the numbers block keys use, and the blob's size once opened.
@@ -419,6 +463,7 @@ impl BlockCache {
             readahead_max_blocks: max,
             readahead_initial_blocks: initial,
             readahead_budget_blocks: budget,
+            segment_bytes: SEGMENT_BYTES.div_ceil(block_bytes) * block_bytes,
             state: RwLock::new(State::default()),
             ids: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -488,7 +533,7 @@ impl BlockCache {
     /// fetch again, and writing it all out costs the scan CPU and would push the blocks of
     /// random readers (a round trip per block) off the disk.
     fn admit_to_disk(&self, b: &Block) {
-        if self.disk.is_some() && b.run.bytes.len() as u64 <= DISK_ADMIT_PREFETCH_BYTES_MAX {
+        if self.disk.is_some() && b.run.fetch_bytes as u64 <= DISK_ADMIT_PREFETCH_BYTES_MAX {
             let index = b.run.first + (b.start as u64) / self.block_bytes;
             self.offer_to_disk(b.run.blob, index, std::slice::from_ref(b), b.len as u64);
         }
@@ -853,6 +898,8 @@ struct Run {
     blob: u64,
     first: u64,
     blocks: u64,
+    /// Bytes of the fetch this buffer was part of (a fetch fills several buffers).
+    fetch_bytes: usize,
     /// Blocks of this run in the cache. Changed only under the state lock.
     cached: AtomicU64,
 }
@@ -863,29 +910,38 @@ impl Drop for Run {
     }
 }
 
-/// Fetch buffers no longer used by any block, for the next fetches: a fresh multi-megabyte
-/// buffer costs a page fault per 4 KiB and zeroing; a recycled one neither. Bounded by
-/// [`POOL_BUFFERS_MAX`] buffers (extra memory beyond the cache's bound).
+/// Fetch buffers no longer used by any block, for the next fetches: a fresh buffer of a
+/// megabyte or more comes from the kernel (`memory::MMAP_THRESHOLD_BYTES`) and costs a page
+/// fault and a zeroed page per 4 KiB on first write (a fifth of the CPU of a cold
+/// sequential read, measured); a recycled one neither. Fetches are cut into segments of
+/// one size ([`SEGMENT_BYTES`]) so that any freed buffer fits any later fetch. Bounded by
+/// [`POOL_BYTES_MAX`] (extra memory beyond the cache's bound).
 static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// Most buffers kept for reuse (a sequential stream uses about as many as readahead threads).
-pub const POOL_BUFFERS_MAX: usize = 6;
+/// Bytes of free buffers kept for reuse: what the readahead threads have in flight
+/// ([`READAHEAD_THREADS`] GETs of [`FETCH_BYTES_MAX`]), which is about what the evictions
+/// that make room for them hand back.
+pub const POOL_BYTES_MAX: usize = READAHEAD_THREADS * FETCH_BYTES_MAX as usize;
 
-/// Buffers smaller than this are not worth keeping.
+/// Buffers smaller than this are not worth keeping (they come from the allocator's heap,
+/// which reuses them anyway).
 pub const POOL_BUFFER_BYTES_MIN: usize = 1 << 20;
 
-/// A buffer of `len` bytes for a fetch (contents unspecified): recycled when one fits (at
-/// most a quarter larger), else new.
+/// A fetch's buffers are segments of this many bytes (rounded up to whole blocks), the last
+/// one shorter: every segment of a cache has one size, so a freed one serves any later fetch
+/// (buffers of the fetch's own length rarely matched the next fetch's).
+pub const SEGMENT_BYTES: u64 = 1 << 20;
+
+/// A buffer of `len` bytes for a fetch (contents unspecified): a recycled one of exactly
+/// that capacity if there is one, else new.
 pub fn take_buffer(len: usize) -> Vec<u8> {
     if len >= POOL_BUFFER_BYTES_MIN {
         let mut pool = BUFFERS.lock().unwrap();
-        // A buffer much larger than needed would be counted whole against the cache bound.
-        let fits = (pool.iter().enumerate())
-            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= len + len / 4);
-        if let Some(i) = fits.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
+        // Exactly: a larger buffer would be counted whole against the cache bound.
+        if let Some(i) = pool.iter().position(|b| b.capacity() == len) {
             let mut b = pool.swap_remove(i);
             drop(pool);
-            // Only bytes never initialized are zeroed (none, for same-sized fetches).
+            // Only bytes never initialized are zeroed (none: pooled buffers were full).
             b.resize(len, 0);
             return b;
         }
@@ -896,7 +952,8 @@ pub fn take_buffer(len: usize) -> Vec<u8> {
 fn give_buffer(b: Vec<u8>) {
     if b.capacity() >= POOL_BUFFER_BYTES_MIN {
         let mut pool = BUFFERS.lock().unwrap();
-        if pool.len() < POOL_BUFFERS_MAX {
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + b.capacity() <= POOL_BYTES_MAX {
             pool.push(b);
         }
     }
@@ -917,10 +974,23 @@ impl Block {
     /// `bytes` (blocks `first..`, the last possibly short) cut into blocks of `block_bytes`.
     fn cut(blob: u64, first: u64, bytes: Vec<u8>, block_bytes: usize) -> Vec<Block> {
         let len = bytes.len();
+        Block::cut_part(blob, first, bytes, block_bytes, len)
+    }
+
+    /// [`Block::cut`] for one buffer of a fetch of `fetch_bytes`.
+    fn cut_part(
+        blob: u64,
+        first: u64,
+        bytes: Vec<u8>,
+        block_bytes: usize,
+        fetch_bytes: usize,
+    ) -> Vec<Block> {
+        let len = bytes.len();
         let run = Arc::new(Run {
             blob,
             first,
             blocks: len.div_ceil(block_bytes) as u64,
+            fetch_bytes,
             bytes,
             cached: AtomicU64::new(0),
         });
@@ -948,12 +1018,13 @@ impl Block {
 }
 
 /// Where a cached blob's bytes come from: [`BlockCache::wrap`] adapts any [`BlobReader`];
-/// a store that receives bytes into a buffer of its own (S3) implements this to hand that
-/// buffer over instead of copying it.
+/// a store that receives bytes itself (S3) implements this to read them straight into the
+/// cache's buffers.
 pub trait Source: Send + Sync {
-    /// `len` bytes at `offset` (inside the blob), in a buffer of exactly that length
-    /// (ideally from [`take_buffer`]; the cache recycles it when its blocks are gone).
-    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Fills `parts` with the bytes at `offset` (inside the blob), back to back, with one
+    /// read of the store, and returns them (each at its length). The cache keeps them as
+    /// its blocks and recycles them once those are gone.
+    fn fetch(&self, offset: u64, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
     /// [`BlobReader::read_at`], for reads that bypass the cache.
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn size_bytes(&self) -> u64;
@@ -961,11 +1032,23 @@ pub trait Source: Send + Sync {
 
 struct ReaderSource(Box<dyn BlobReader>);
 
+/// One `read_at` per fetch (tests count them), then copied into the parts: a reader wrapped
+/// this way is a test's or a local one, not worth a vectored read.
 impl Source for ReaderSource {
-    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = take_buffer(len);
+    fn fetch(&self, offset: u64, mut parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if let [part] = &mut parts[..] {
+            self.0.read_at(offset, part)?;
+            return Ok(parts);
+        }
+        let mut buf = vec![0; parts.iter().map(Vec::len).sum()];
         self.0.read_at(offset, &mut buf)?;
-        Ok(buf)
+        let mut at = 0;
+        for part in &mut parts {
+            let n = part.len();
+            part.copy_from_slice(&buf[at..at + n]);
+            at += n;
+        }
+        Ok(parts)
     }
 
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -1169,20 +1252,31 @@ impl Blob {
         let len = (end - start * bs) as usize;
         let c = &self.cache.counters;
         c.fetches.fetch_add(1, Ordering::Relaxed);
-        let r = self.inner.fetch(start * bs, len).and_then(|buf| {
-            if buf.len() == len {
-                Ok(buf)
+        let seg = self.cache.segment_bytes as usize;
+        let parts: Vec<Vec<u8>> = (0..len)
+            .step_by(seg)
+            .map(|at| take_buffer(seg.min(len - at)))
+            .collect();
+        let lens: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let r = self.inner.fetch(start * bs, parts).and_then(|parts| {
+            if parts.iter().map(Vec::len).eq(lens.iter().copied()) {
+                Ok(parts)
             } else {
+                let got: usize = parts.iter().map(Vec::len).sum();
                 Err(Error::Remote {
                     key: self.key.to_string(),
-                    message: format!("asked for {len} bytes, got {}", buf.len()),
+                    message: format!("asked for {len} bytes, got {got}"),
                 })
             }
         });
         match r {
-            Ok(bytes) => {
+            Ok(parts) => {
                 c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                let blocks = Block::cut(self.id, start, bytes, bs as usize);
+                let mut blocks = Vec::with_capacity(flights.len());
+                for part in parts {
+                    let index = start + blocks.len() as u64;
+                    blocks.extend(Block::cut_part(self.id, index, part, bs as usize, len));
+                }
                 let mut st = self.cache.state.write().unwrap();
                 for (i, (f, data)) in flights.iter().zip(&blocks).enumerate() {
                     self.publish(&mut st, start + i as u64, f, data);
@@ -1194,7 +1288,11 @@ impl Blob {
                 // come first.)
                 let own = flights.iter().take_while(|f| f.prefetch.is_none()).count();
                 if own > 0 {
-                    let cost = blocks[0].run.bytes.capacity() as u64;
+                    // The buffers those blocks keep alive while queued.
+                    let cost = (blocks[..own].iter())
+                        .filter(|b| b.start == 0)
+                        .map(|b| b.run.bytes.capacity() as u64)
+                        .sum();
                     self.cache
                         .offer_to_disk(self.id, start, &blocks[..own], cost);
                 }
@@ -1985,21 +2083,61 @@ mod tests {
 
     #[test]
     fn fetch_buffers_are_recycled_within_a_bound() {
-        for _ in 0..(POOL_BUFFERS_MAX + 4) {
-            give_buffer(vec![7u8; 2 << 20]);
+        // A size no other test uses (the pool is shared by every cache in the process).
+        let len = (3 << 20) + 5 * 4096;
+        let given = vec![7u8; len];
+        let at = given.as_ptr();
+        give_buffer(given);
+        // Only a buffer of exactly the length asked for is handed out again.
+        let other = take_buffer(len + 4096);
+        assert_ne!(other.as_ptr(), at);
+        let again = take_buffer(len);
+        assert_eq!(
+            (again.as_ptr(), again.len(), again.capacity()),
+            (at, len, len)
+        );
+        // The pool keeps at most POOL_BYTES_MAX bytes, and nothing small.
+        for _ in 0..(POOL_BYTES_MAX / len + 4) {
+            give_buffer(vec![7u8; len]);
         }
-        assert!(BUFFERS.lock().unwrap().len() <= POOL_BUFFERS_MAX);
-        give_buffer(vec![0u8; 1000]); // too small to keep
-        assert!(BUFFERS
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|b| b.capacity() >= POOL_BUFFER_BYTES_MIN));
-        let b = take_buffer(3 << 20);
-        assert_eq!(b.len(), 3 << 20);
-        let b = take_buffer(1 << 20);
-        assert_eq!(b.len(), 1 << 20);
-        assert!(b.capacity() >= 1 << 20);
+        give_buffer(vec![0u8; 1000]);
+        let pool = BUFFERS.lock().unwrap();
+        assert!(pool.iter().map(Vec::capacity).sum::<usize>() <= POOL_BYTES_MAX);
+        assert!(pool.iter().all(|b| b.capacity() >= POOL_BUFFER_BYTES_MIN));
+    }
+
+    /// A fetch longer than a segment is still one read of the source, but lands in
+    /// segment-sized buffers (which any later fetch can reuse) and is counted as such:
+    /// a block is never split across two, and the prefetch admission to the disk tier
+    /// looks at the fetch's length, not the segment's.
+    #[test]
+    fn a_long_fetch_is_one_read_into_segments() {
+        let bs = 16 * KIB;
+        let cache = Arc::new(no_readahead(16 << 20, bs));
+        assert_eq!(cache.segment_bytes, SEGMENT_BYTES);
+        let (b, reads) = blob(&cache, "blobs/seg", 5 << 20, 0);
+        let (off, len) = (1000, (5 << 19) + 3000);
+        assert_eq!(read(&b, off, len), expect(off, len));
+        let end = (off + len as u64).div_ceil(bs) * bs;
+        assert_eq!(reads.lock().unwrap().as_slice(), &[(0, end as usize)]);
+        let st = cache.stats();
+        assert_eq!((st.fetches, st.held_bytes), (1, end));
+        let state = cache.state.read().unwrap();
+        let runs: HashSet<usize> = (state.map.values())
+            .map(|s| match s {
+                Slot::Ready(r) => {
+                    assert!(r.data.run.bytes.len() as u64 <= SEGMENT_BYTES);
+                    assert_eq!(r.data.run.fetch_bytes as u64, end);
+                    Arc::as_ptr(&r.data.run) as usize
+                }
+                Slot::Loading(_) => panic!("nothing is in flight"),
+            })
+            .collect();
+        assert_eq!(runs.len() as u64, end.div_ceil(SEGMENT_BYTES));
+        drop(state);
+        // Blocks larger than a segment make segments of one block.
+        let big = BlockCache::new(16 << 20, 3 << 20).unwrap();
+        assert_eq!(big.segment_bytes, 3 << 20);
     }
 
     #[test]
