@@ -38,6 +38,11 @@
 //! layer must not evict everything), as does every read when `capacity_bytes` is 0.
 
 use super::disk_cache::{DiskCache, DiskStats};
+use super::stream::Streams;
+pub use super::stream::{
+    SEQUENTIAL_BEHIND_BYTES, SEQUENTIAL_GAP_BYTES_MAX, SEQUENTIAL_GAP_BYTES_MIN,
+    SEQUENTIAL_GAP_READS, STREAMS_MAX,
+};
 use super::{BlobReader, Error, Result};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,29 +81,12 @@ pub const READAHEAD_BUDGET_DIVISOR: u64 = 4;
 /// Threads per cache that run readahead fetches (each one ranged GET at a time).
 pub const READAHEAD_THREADS: usize = 4;
 
-/// A read continues a sequential stream if it starts at most this many of its own lengths
-/// past the furthest byte the stream read (concurrent readers arrive a little out of order,
-/// and a stream of one layer skips the pages newer layers shadow), within
-/// [`SEQUENTIAL_GAP_BYTES_MIN`]..=[`SEQUENTIAL_GAP_BYTES_MAX`]. Small, so that random reads
-/// seldom look like a stream: 4 KiB reads continue one only within 64 KiB...
-pub const SEQUENTIAL_GAP_READS: u64 = 8;
-pub const SEQUENTIAL_GAP_BYTES_MIN: u64 = 64 << 10;
-pub const SEQUENTIAL_GAP_BYTES_MAX: u64 = 2 << 20;
-
-/// ...or at most this far behind it (concurrent readers of one stream arrive out of order:
-/// nbdcopy keeps 64 reads of 256 KiB in flight per connection). Such a read belongs to the
-/// stream without moving it.
-pub const SEQUENTIAL_BEHIND_BYTES: u64 = 16 << 20;
-
 /// Reads that moved a stream forward before readahead starts for it.
 pub const SEQUENTIAL_READS_MIN: u32 = 3;
 
 /// A block read this often is hot: kept (copied out) when the rest of its fetch buffer goes.
 /// A sequential scan reads each block once or twice (reads straddle block boundaries).
 pub const HOT_READS: u32 = 3;
-
-/// Sequential streams tracked per blob.
-pub const STREAMS_MAX: usize = 4;
 
 /// Smallest block size accepted: smaller blocks cost more requests than they save bytes.
 pub const BLOCK_BYTES_MIN: u64 = 4 << 10;
@@ -599,7 +587,7 @@ impl BlockCache {
                 id,
                 key: Arc::from(key),
                 inner: source,
-                seq: Mutex::new(Sequence::default()),
+                seq: Mutex::new(Streams::default()),
             }),
         }
     }
@@ -1083,25 +1071,8 @@ struct Blob {
     /// The blob's key, for messages.
     key: Arc<str>,
     inner: Box<dyn Source>,
-    seq: Mutex<Sequence>,
-}
-
-/// Sequential-access detection of one blob: a few streams (an NBD client copying an image
-/// with several connections reads several regions at once), each with its frontier.
-#[derive(Default)]
-struct Sequence {
-    streams: Vec<Stream>,
-    clock: u64,
-}
-
-struct Stream {
-    /// Furthest block read so far by this stream.
-    frontier: u64,
-    /// Reads that moved the frontier forward, in a row.
-    streak: u32,
-    /// `Sequence::clock` at the last read: the least recently used stream is replaced.
-    used: u64,
-    window: Arc<Window>,
+    /// Its sequential streams, each with its readahead window.
+    seq: Mutex<Streams<Arc<Window>>>,
 }
 
 /// Readahead to issue for a stream: blocks `[from, to)`.
@@ -1334,12 +1305,9 @@ impl Blob {
         }
     }
 
-    /// Notes a read of blocks `[first, last]`; returns the readahead to issue, if any. A read
-    /// starting at most [`SEQUENTIAL_GAP_READS`] lengths past a stream's frontier (the furthest block
-    /// it read), or [`SEQUENTIAL_BEHIND_BYTES`] behind it, belongs to it, and extends its
-    /// streak if it moves the frontier forward (and shortens it if it lies further behind
-    /// than that gap); a read near no stream starts a new one,
-    /// replacing the least recently used of [`STREAMS_MAX`]. A stream that has read
+    /// Notes a read of blocks `[first, last]`; returns the readahead to issue, if any. Which
+    /// stream a read follows is [`Streams::follows`]' rule (up to [`STREAMS_MAX`] per blob,
+    /// the scan hint's too). A stream that has read
     /// [`SEQUENTIAL_READS_MIN`] times forward keeps its window fetched ahead of it: when less
     /// than half of it is, the rest of the window is issued — unless the stream has not read
     /// as much as a window of what was prefetched for it (it is not consuming).
@@ -1353,55 +1321,29 @@ impl Blob {
         let Ok(mut q) = self.seq.try_lock() else {
             return None;
         };
-        q.clock += 1;
-        let now = q.clock;
-        let bs = c.block_bytes;
         let read_blocks = last - first + 1;
-        let gap = (SEQUENTIAL_GAP_READS * read_blocks)
-            .clamp(SEQUENTIAL_GAP_BYTES_MIN / bs, SEQUENTIAL_GAP_BYTES_MAX / bs);
-        let behind = SEQUENTIAL_BEHIND_BYTES / bs;
-        let near = |f: u64| first <= f + 1 + gap && first + behind >= f;
-        let Some(s) = q.streams.iter_mut().find(|s| near(s.frontier)) else {
-            let fresh = Stream {
-                frontier: last,
-                streak: 1,
-                used: now,
-                window: Window::new(
-                    (READAHEAD_INITIAL_READS * read_blocks)
-                        .clamp(c.readahead_initial_blocks, c.readahead_max_blocks),
-                    last + 1,
-                ),
-            };
-            if q.streams.len() < STREAMS_MAX {
-                q.streams.push(fresh);
-            } else if let Some(s) = q.streams.iter_mut().min_by_key(|s| s.used) {
-                *s = fresh;
-            }
-            return None;
+        let fresh = || {
+            let blocks = (READAHEAD_INITIAL_READS * read_blocks)
+                .clamp(c.readahead_initial_blocks, c.readahead_max_blocks);
+            Window::new(blocks, last + 1)
         };
-        s.used = now;
-        if last > s.frontier {
-            s.streak = s.streak.saturating_add(1);
-            s.frontier = last;
+        let followed = q.follows(first, last, c.block_bytes, fresh)?;
+        let s = followed.stream;
+        if followed.advanced_from.is_some() {
             // The stream's first reads may have been small (a layer's header and index).
             let floor = (READAHEAD_INITIAL_READS * read_blocks).min(c.readahead_max_blocks);
-            s.window.blocks.fetch_max(floor, Ordering::Relaxed);
-        } else if first + gap < s.frontier {
-            // Far behind: out of step. A sequential stream's late reads arrive within a few
-            // reads of its frontier; random reads land behind it far more often than just
-            // ahead, and so never build a streak.
-            s.streak = s.streak.saturating_sub(1);
+            s.state.blocks.fetch_max(floor, Ordering::Relaxed);
         }
         if s.streak < SEQUENTIAL_READS_MIN {
             return None;
         }
-        let w = &s.window;
+        let w = &s.state;
         let size = w.blocks.load(Ordering::Relaxed);
         let from = w.ahead_until.load(Ordering::Relaxed).max(last + 1);
         let mut to = (last + 1 + size).min(self.blocks());
         // Whole GETs only: a window's ragged end waits for the next round, rather than
         // going out as a GET of a block or two.
-        let per_fetch = (FETCH_BYTES_MAX / bs).max(1);
+        let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1);
         if to > from + per_fetch {
             to -= (to - from) % per_fetch;
         }
@@ -2215,7 +2157,8 @@ mod tests {
         }
         let stream_window = || {
             let q = b.shared.seq.lock().unwrap();
-            q.streams[0].window.blocks.load(Ordering::SeqCst)
+            let blocks = q.iter().next().unwrap().state.blocks.load(Ordering::SeqCst);
+            blocks
         };
         wait_for_readahead(&cache);
         let grown = stream_window();
