@@ -709,7 +709,7 @@ impl BlockCache {
         second_chance: bool,
     ) {
         hold(st, &data);
-        if st.ghosts.remove(&k) {
+        if !st.ghosts.is_empty() && st.ghosts.remove(&k) {
             self.counters
                 .refetched_blocks
                 .fetch_add(1, Ordering::Relaxed);
@@ -1172,12 +1172,16 @@ impl Blob {
         if out.iter().all(Option::is_none) {
             return self.fetch_remote(start, flights);
         }
-        {
-            let mut st = self.cache.state.write().unwrap();
-            for (i, data) in out.iter().enumerate() {
-                if let Some(data) = data {
-                    self.publish(&mut st, start + i as u64, &flights[i], data);
-                }
+        let mut st = self.cache.state.write().unwrap();
+        for (i, data) in out.iter().enumerate() {
+            if let Some(data) = data {
+                self.publish(&mut st, start + i as u64, &flights[i], data);
+            }
+        }
+        drop(st);
+        for (f, data) in flights.iter().zip(&out) {
+            if let Some(data) = data {
+                f.finish(Ok(data.clone()));
             }
         }
         // The rest, in contiguous runs; after a failure the remaining runs fail unfetched.
@@ -1253,6 +1257,9 @@ impl Blob {
                     self.publish(&mut st, start + i as u64, f, data);
                 }
                 drop(st);
+                for (f, data) in flights.iter().zip(&blocks) {
+                    f.finish(Ok(data.clone()));
+                }
                 // Readahead's blocks go to the disk tier only once read (`admit_to_disk`):
                 // a prefetch that nobody reads must not push a reader's blocks off the disk.
                 // (A reader's run may go on with readahead merged into it: its own blocks
@@ -1276,7 +1283,9 @@ impl Blob {
         }
     }
 
-    /// Puts a fetched block in the cache and hands it to the readers waiting for it.
+    /// Puts a fetched block in the cache. The caller then finishes its flight, handing the
+    /// block to the readers waiting for it, once the state lock is released (waking them is
+    /// a system call, and they would wake to find the lock held).
     fn publish(&self, st: &mut State, index: u64, f: &Flight, data: &Block) {
         let mut prefetch = f.prefetch.clone();
         // A reader already waits for it: read on arrival.
@@ -1289,7 +1298,6 @@ impl Blob {
         let again = f.read_again.load(Ordering::Relaxed);
         let k = self.key(index);
         self.cache.put_ready(st, k, data.clone(), prefetch, again);
-        f.finish(Ok(data.clone()));
     }
 
     /// Fails the flights of blocks `[start, start + n)`: nothing is cached, their waiters get
@@ -1494,6 +1502,13 @@ impl BlobReader for CachedBlob {
                     *p = Plan::Have(data);
                 }
             }
+        }
+        // Blocks of one fetch are handed over in order: waiting for the last one first means
+        // one wake-up for the lot, not one per block.
+        if let Some(Plan::Wait(f) | Plan::Fetch(f)) =
+            (plans.iter()).rfind(|p| matches!(p, Plan::Wait(_) | Plan::Fetch(_)))
+        {
+            let _ = f.wait();
         }
         for (i, p) in plans.iter().enumerate() {
             let index = first + i as u64;
