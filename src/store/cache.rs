@@ -16,7 +16,8 @@
 //!   block's reference bit (under the read lock only, so warm hits never contend for an
 //!   exclusive lock); when the buffers held exceed `capacity_bytes` the hand passes over the
 //!   ring, clearing set bits and evicting the first block whose bit was clear. Blocks cut
-//!   from one GET share its buffer, which counts whole while any of them is cached; once
+//!   from one GET share its buffers ([`SEGMENT_BYTES`] each, recycled once free), each
+//!   counted whole while any of its blocks is cached; once
 //!   fewer than half remain, the hot ones are copied out and the rest evicted, so that the
 //!   buffer can go. Blocks being fetched, and blocks a reader is still copying out of, are
 //!   not counted (they are transient, bounded by the reads in flight);
