@@ -41,7 +41,7 @@ impl Session {
         let last = (offset + buf.len() as u64 - 1) / ps;
         let n = last - first + 1;
         let overlay = txn.map(|t| &t.overlay);
-        if self.buffer.store.reads_ahead() {
+        if self.reads_ahead {
             self.scan_hint(first, n);
         }
         if offset.is_multiple_of(ps) && (buf.len() as u64).is_multiple_of(ps) {

@@ -5,7 +5,7 @@
 //! few pages of every stretch, so every layer boundary would start a new blob stream, with a
 //! small first window and its first reads fetched by the readers themselves. A *scan* is a
 //! sequential stream of the image: when a read continues one (by the same rule as a blob's
-//! stream, [`SEQUENTIAL_GAP_READS`] and [`SEQUENTIAL_BEHIND_BYTES`]), the session resolves the
+//! stream, [`Streams::follows`], in pages rather than blocks), the session resolves the
 //! next window of image pages to the layers that hold them, and each layer's reader is asked
 //! to prefetch those data pages ([`crate::store::BlobReader::prefetch`]) within the cache's
 //! global readahead budget. A delta layer's pages, scattered over the image, lie back to back
@@ -18,10 +18,8 @@
 //! random reader never builds a scan (its reads continue none), and pays one `try_lock`.
 
 use super::layer::Layer;
-use crate::store::cache::{
-    ScanWindow, SEQUENTIAL_BEHIND_BYTES, SEQUENTIAL_GAP_BYTES_MAX, SEQUENTIAL_GAP_BYTES_MIN,
-    SEQUENTIAL_GAP_READS, STREAMS_MAX,
-};
+use crate::store::cache::ScanWindow;
+use crate::store::stream::{Streams, STREAMS_MAX};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,24 +60,14 @@ pub const SCAN_RETRY_DIVISOR: u64 = 8;
 /// The scans of one image (a session).
 pub struct Scans {
     page_size_bits: u32,
-    state: Mutex<State>,
+    /// The scans, as sequential streams of pages.
+    state: Mutex<Streams<Scan>>,
     /// Pages asked for ahead, over all scans (for tests and logs).
     issued_pages: AtomicU64,
 }
 
-#[derive(Default)]
-struct State {
-    scans: Vec<Scan>,
-    clock: u64,
-}
-
+/// A scan's readahead (its frontier and streak are its stream's).
 struct Scan {
-    /// Furthest page read.
-    frontier: u64,
-    /// Reads that moved the frontier forward, in a row.
-    streak: u32,
-    /// `State::clock` at its last read.
-    used: u64,
     /// Pages kept asked for ahead of the frontier.
     window: u64,
     /// Pages below this were asked for.
@@ -105,7 +93,7 @@ impl Scans {
     pub fn new(page_size_bits: u32) -> Scans {
         Scans {
             page_size_bits,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Streams::default()),
             issued_pages: AtomicU64::new(0),
         }
     }
@@ -118,10 +106,7 @@ impl Scans {
     /// Scans that have read enough in order to prefetch, now.
     pub fn active(&self) -> usize {
         let q = self.state.lock().unwrap();
-        q.scans
-            .iter()
-            .filter(|s| s.streak >= SCAN_READS_MIN)
-            .count()
+        q.iter().filter(|s| s.streak >= SCAN_READS_MIN).count()
     }
 
     /// Notes a read of pages `[first, first + n)`; returns what to prefetch, if anything.
@@ -131,56 +116,33 @@ impl Scans {
         let Ok(mut q) = self.state.try_lock() else {
             return None;
         };
-        q.clock += 1;
-        let now = q.clock;
         let bits = self.page_size_bits;
         let last = first + n - 1;
-        let gap = (SEQUENTIAL_GAP_READS * n).clamp(
-            SEQUENTIAL_GAP_BYTES_MIN >> bits,
-            SEQUENTIAL_GAP_BYTES_MAX >> bits,
-        );
-        let behind = SEQUENTIAL_BEHIND_BYTES >> bits;
         let max = (SCAN_WINDOW_BYTES_MAX >> bits).max(1);
         let initial = (SCAN_WINDOW_INITIAL_READS * n).min(max);
-        let near = |f: u64| first <= f + 1 + gap && first + behind >= f;
-        let Some(s) = q.scans.iter_mut().find(|s| near(s.frontier)) else {
-            let fresh = Scan {
-                frontier: last,
-                streak: 1,
-                used: now,
-                window: initial,
-                ahead_until: last + 1,
-                retry_at: 0,
-                hint: Arc::default(),
-                wasted_seen: 0,
-                layers: HashMap::new(),
-            };
-            if q.scans.len() < SCANS_MAX {
-                q.scans.push(fresh);
-            } else if let Some(s) = q.scans.iter_mut().min_by_key(|s| s.used) {
-                *s = fresh;
-            }
-            return None;
+        let fresh = || Scan {
+            window: initial,
+            ahead_until: last + 1,
+            retry_at: 0,
+            hint: Arc::default(),
+            wasted_seen: 0,
+            layers: HashMap::new(),
         };
-        s.used = now;
-        if last > s.frontier {
-            s.streak = s.streak.saturating_add(1);
-            if s.streak > SCAN_READS_MIN {
-                s.window = (s.window + SCAN_GROWTH * (last - s.frontier)).min(max);
+        let followed = q.follows(first, last, 1 << bits, fresh)?;
+        let streak = followed.stream.streak;
+        let s = &mut followed.stream.state;
+        if let Some(before) = followed.advanced_from {
+            if streak > SCAN_READS_MIN {
+                s.window = (s.window + SCAN_GROWTH * (last - before)).min(max);
             }
-            s.frontier = last;
             s.window = s.window.max(initial);
-        } else if first + gap < s.frontier {
-            // Far behind: out of step (random reads land behind a frontier more often than
-            // just ahead of it, and so never build a streak).
-            s.streak = s.streak.saturating_sub(1);
         }
         let wasted = s.hint.wasted_blocks();
         if wasted > s.wasted_seen {
             s.wasted_seen = wasted;
             s.window = (s.window / 2).max(initial);
         }
-        if s.streak < SCAN_READS_MIN || last < s.retry_at {
+        if streak < SCAN_READS_MIN || last < s.retry_at {
             return None;
         }
         let from = s.ahead_until.max(last + 1);
@@ -223,7 +185,8 @@ impl Scans {
         let min = SCAN_LAYER_RUN_BYTES_MIN >> self.page_size_bits;
         {
             let mut q = self.state.lock().unwrap();
-            let Some(s) = q.scans.iter_mut().find(|s| Arc::ptr_eq(&s.hint, &a.hint)) else {
+            let scan = q.iter_mut().find(|s| Arc::ptr_eq(&s.state.hint, &a.hint));
+            let Some(s) = scan.map(|s| &mut s.state) else {
                 return; // replaced by another scan meanwhile
             };
             runs.retain_mut(|r| {
@@ -251,15 +214,17 @@ impl Scans {
             return;
         };
         let mut q = self.state.lock().unwrap();
-        if let Some(s) = q.scans.iter_mut().find(|s| Arc::ptr_eq(&s.hint, &a.hint)) {
+        if let Some(scan) = q.iter_mut().find(|s| Arc::ptr_eq(&s.state.hint, &a.hint)) {
+            let frontier = scan.frontier;
+            let s = &mut scan.state;
             s.ahead_until = s.ahead_until.min(at);
-            s.retry_at = s.frontier + s.window / SCAN_RETRY_DIVISOR;
+            s.retry_at = frontier + s.window / SCAN_RETRY_DIVISOR;
             for (layer, data, _) in stopped {
                 if let Some(until) = s.layers.get_mut(&layer.blob_id) {
                     *until = (*until).min(data);
                 }
             }
-        }
+        };
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Session {
     connections: AtomicUsize,
     /// Scan hint: image readers reading in order (src/engine/scan.rs).
     pub(super) scans: super::scan::Scans,
+    /// The image store reads ahead (`ImageStore::reads_ahead`), so scans are worth noting:
+    /// asked once, not on every read.
+    pub(super) reads_ahead: bool,
     /// Last field, so dropped last: hands the session's memory back to the system.
     _release: crate::memory::ReleaseOnDrop,
 }
@@ -62,6 +65,7 @@ impl Session {
         log: Log,
         version: Version,
     ) -> Session {
+        let reads_ahead = buffer.store.reads_ahead();
         Session {
             image_id: image_id.to_string(),
             page_size_bits,
@@ -76,6 +80,7 @@ impl Session {
             closed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             scans: super::scan::Scans::new(page_size_bits),
+            reads_ahead,
             _release: crate::memory::ReleaseOnDrop,
         }
     }

@@ -11,7 +11,7 @@
 use super::client::{Client, Response};
 use super::error::Error;
 use super::{request, store_error};
-use crate::store::cache::{self, Source};
+use crate::store::cache::Source;
 use crate::store::{self, BlobReader};
 use std::sync::Arc;
 
@@ -67,23 +67,30 @@ impl S3Blob {
         let sign = |b: &_, c: &_| request::get(b, c, full, Some((offset, len)));
         self.client
             .call("ranged get", sign, &[], len, |r| {
-                check_range(r, offset, len, self.size)
+                check_range(&r, offset, len, self.size).map(|()| r.body)
             })
             .map_err(|f| store_error(&self.client, &self.key, full, f))
     }
 }
 
-/// The block cache fetches through here: the body is read straight into a recycled buffer,
-/// which the cache keeps.
+/// The block cache fetches through here: the body is read straight into its (recycled)
+/// buffers, which it keeps.
 impl Source for S3Blob {
-    fn fetch(&self, offset: u64, len: usize) -> store::Result<Vec<u8>> {
-        debug_assert!(len > 0 && offset + len as u64 <= self.size);
+    fn fetch(&self, offset: u64, parts: Vec<Vec<u8>>) -> store::Result<Vec<Vec<u8>>> {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        debug_assert!(len > 0 && offset + len <= self.size);
         let full = self.full_key.as_str();
-        let len64 = len as u64;
-        let sign = |b: &_, c: &_| request::get(b, c, full, Some((offset, len64)));
+        let sign = |b: &_, c: &_| request::get(b, c, full, Some((offset, len)));
         self.client
-            .call_into("ranged get", sign, cache::take_buffer(len), |r| {
-                check_range(r, offset, len64, self.size)
+            .call_into("ranged get", sign, parts, |r| {
+                check_range(&r, offset, len, self.size)?;
+                if r.parts.is_empty() {
+                    return Err(Error::Parse {
+                        what: "ranged GET",
+                        message: format!("the {len} bytes at {offset} did not reach the buffers"),
+                    });
+                }
+                Ok(r.parts)
             })
             .map_err(|f| store_error(&self.client, &self.key, full, f))
     }
@@ -97,21 +104,20 @@ impl Source for S3Blob {
     }
 }
 
-/// Accepts a ranged GET's answer only if it carries exactly the bytes asked for: a 206 of the
-/// right length, or a 200 with the whole object when the whole object was asked for (a store
-/// may ignore `Range` then).
-fn check_range(r: Response, offset: u64, len: u64, size: u64) -> Result<Vec<u8>, Error> {
+/// Accepts a ranged GET's answer only if it carries exactly the bytes asked for (in `body`
+/// or `parts`): a 206 of the right length, or a 200 with the whole object when the whole
+/// object was asked for (a store may ignore `Range` then).
+fn check_range(r: &Response, offset: u64, len: u64, size: u64) -> Result<(), Error> {
     let whole = offset == 0 && len == size;
+    let got = r.body.len() as u64 + r.parts.iter().map(|p| p.len() as u64).sum::<u64>();
     match r.status {
-        206 if r.body.len() as u64 == len => Ok(r.body),
-        200 if whole && r.body.len() as u64 == len => Ok(r.body),
+        206 if got == len => Ok(()),
+        200 if whole && got == len => Ok(()),
         200 | 206 => Err(Error::Parse {
             what: "ranged GET",
             message: format!(
-                "asked for {len} bytes at {offset}, got HTTP {} with {} bytes (Content-Range {:?})",
-                r.status,
-                r.body.len(),
-                r.content_range
+                "asked for {len} bytes at {offset}, got HTTP {} with {got} bytes (Content-Range {:?})",
+                r.status, r.content_range
             ),
         }),
         _ => Err(super::xml::status_error(r.status, &r.body)),
@@ -186,12 +192,19 @@ mod tests {
 
     #[test]
     fn range_answers() {
-        assert_eq!(check_range(resp(206, 4), 10, 4, 100).unwrap().len(), 4);
-        assert!(check_range(resp(206, 3), 10, 4, 100).is_err());
+        assert!(check_range(&resp(206, 4), 10, 4, 100).is_ok());
+        assert!(check_range(&resp(206, 3), 10, 4, 100).is_err());
+        // Read into buffers: they count as the body.
+        let parts = Response {
+            parts: vec![vec![1; 3], vec![2; 1]],
+            ..resp(206, 0)
+        };
+        assert!(check_range(&parts, 10, 4, 100).is_ok());
+        assert!(check_range(&parts, 10, 5, 100).is_err());
         // A store that ignores Range is fine only when we wanted everything.
-        assert!(check_range(resp(200, 100), 0, 100, 100).is_ok());
-        assert!(check_range(resp(200, 4), 10, 4, 100).is_err());
-        let e = check_range(resp(416, 0), 10, 4, 100).unwrap_err();
+        assert!(check_range(&resp(200, 100), 0, 100, 100).is_ok());
+        assert!(check_range(&resp(200, 4), 10, 4, 100).is_err());
+        let e = check_range(&resp(416, 0), 10, 4, 100).unwrap_err();
         assert_eq!(e.status(), Some(416));
     }
 

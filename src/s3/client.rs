@@ -50,6 +50,9 @@ pub struct Response {
     pub content_length: Option<u64>,
     pub content_range: Option<String>,
     pub body: Vec<u8>,
+    /// The success body read into the caller's buffers, back to back ([`Client::call_into`]);
+    /// `body` is then empty.
+    pub parts: Vec<Vec<u8>>,
 }
 
 impl Response {
@@ -187,18 +190,19 @@ impl Client {
         self.call_inner(what, sign, body, body_limit, None, accept)
     }
 
-    /// [`Client::call`] for a request whose success body has exactly `buf.len()` bytes (a
-    /// ranged GET): the body is read into `buf` (a recycled buffer: no allocation, no zeroing)
-    /// and handed to `accept` as `Response::body`.
+    /// [`Client::call`] for a request whose success body has exactly as many bytes as
+    /// `parts` together (a ranged GET): the body is read into them in turn (recycled
+    /// buffers: no allocation, no zeroing, no page faults) and handed to `accept` as
+    /// `Response::parts`.
     pub fn call_into<T>(
         &self,
         what: &str,
         sign: impl Fn(&Bucket, &Credentials) -> Request,
-        buf: Vec<u8>,
+        parts: Vec<Vec<u8>>,
         accept: impl FnMut(Response) -> Result<T, Error>,
     ) -> Result<T, Failure> {
-        let limit = buf.len() as u64;
-        self.call_inner(what, sign, &[], limit, Some(buf), accept)
+        let limit = parts.iter().map(|p| p.len() as u64).sum();
+        self.call_inner(what, sign, &[], limit, Some(parts), accept)
             .map(|(v, _)| v)
     }
 
@@ -208,7 +212,7 @@ impl Client {
         sign: impl Fn(&Bucket, &Credentials) -> Request,
         body: &[u8],
         body_limit: u64,
-        mut into: Option<Vec<u8>>,
+        mut into: Option<Vec<Vec<u8>>>,
         mut accept: impl FnMut(Response) -> Result<T, Error>,
     ) -> Result<(T, bool), Failure> {
         let mut maybe_applied = false;
@@ -244,14 +248,15 @@ impl Client {
         unreachable!("the last attempt returns")
     }
 
-    /// One attempt: send, then read the whole (bounded) body — into `into`'s buffer if it
-    /// has exactly the success body's announced length (the buffer is then used up).
+    /// One attempt: send, then read the whole (bounded) body — into `into`'s buffers if
+    /// they hold exactly the success body (they are then used up; a failed attempt leaves
+    /// them for the next).
     fn send_once(
         &self,
         r: &Request,
         body: &[u8],
         body_limit: u64,
-        into: &mut Option<Vec<u8>>,
+        into: &mut Option<Vec<Vec<u8>>>,
     ) -> Result<Response, Error> {
         let a = &self.agent;
         self.requests_sent.fetch_add(1, Ordering::Relaxed);
@@ -276,6 +281,7 @@ impl Client {
             content_length: header("content-length").and_then(|v| v.parse().ok()),
             content_range: header("content-range"),
             body: Vec::new(),
+            parts: Vec::new(),
         };
         if r.method == Method::Head {
             return Ok(out);
@@ -289,12 +295,14 @@ impl Client {
             retryable: true,
             message: format!("reading body: {e}"),
         };
-        let exact = into.as_ref().map(|b| b.len() as u64);
+        let exact = (into.as_ref()).map(|p| p.iter().map(|b| b.len() as u64).sum::<u64>());
         if out.is_success() && exact.is_some() && out.content_length == exact {
             // ureq stops at Content-Length and fails on a short body.
-            let mut buf = into.take().expect("checked above");
+            let parts = into.as_mut().expect("checked above");
             let mut body = response.into_body().into_reader();
-            body.read_exact(&mut buf).map_err(reading)?;
+            for part in parts.iter_mut() {
+                body.read_exact(part).map_err(reading)?;
+            }
             // ureq hands the connection back to its pool only on the read that finds the
             // body's end; `read_exact` stops one read short of it, and dropping the reader
             // then closes the connection (a new TCP handshake per ranged GET).
@@ -305,7 +313,7 @@ impl Client {
                     message: "response body longer than its Content-Length".into(),
                 });
             }
-            out.body = buf;
+            out.parts = into.take().expect("checked above");
             return Ok(out);
         }
         // Trust Content-Length only as a hint for the allocation, never past the limit.
@@ -330,6 +338,18 @@ impl Client {
                 });
             }
             out.body.truncate(limit as usize);
+        }
+        // A body without Content-Length that still fills the buffers exactly goes there too.
+        let fits = out.is_success() && exact == Some(out.body.len() as u64);
+        if let Some(mut parts) = into.take_if(|_| fits) {
+            let mut at = 0;
+            for part in parts.iter_mut() {
+                let n = part.len();
+                part.copy_from_slice(&out.body[at..at + n]);
+                at += n;
+            }
+            out.body = Vec::new();
+            out.parts = parts;
         }
         Ok(out)
     }

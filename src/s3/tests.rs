@@ -222,6 +222,29 @@ fn ranged_gets_reuse_pooled_connections() {
     assert!(s.connections_opened() - c1 <= 1);
 }
 
+/// A ranged GET longer than the cache's fetch segment (`cache::SEGMENT_BYTES`) is read
+/// straight into several of the cache's buffers, in turn.
+#[test]
+fn a_ranged_get_fills_several_cache_buffers() {
+    let (_server, s) = cached_store();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    s.put("blobs/seg.mvps-blob", &data).unwrap();
+    let b = s.open_blob("blobs/seg.mvps-blob").unwrap();
+    let n0 = s.requests_sent();
+    // Blocks 4..=33 (the open fetched 0..=3): 1.9 MiB, in two segments.
+    read_exact(b.as_ref(), 300_000, &data[300_000..2_200_000]);
+    assert_eq!(s.requests_sent() - n0, 1);
+    let st = s.cache_stats().unwrap();
+    assert_eq!((st.fetches, st.fetched_bytes), (1, 30 << 16));
+    // Served from the cache afterwards, every byte right across the segments' seam.
+    read_exact(
+        b.as_ref(),
+        (1 << 20) + (4 << 16) - 7,
+        &data[1_310_713..1_310_813],
+    );
+    assert_eq!(s.requests_sent() - n0, 1);
+}
+
 fn read_exact(b: &dyn BlobReader, off: u64, want: &[u8]) {
     let mut buf = vec![0u8; want.len()];
     b.read_at(off, &mut buf).unwrap();

@@ -16,7 +16,8 @@
 //!   block's reference bit (under the read lock only, so warm hits never contend for an
 //!   exclusive lock); when the buffers held exceed `capacity_bytes` the hand passes over the
 //!   ring, clearing set bits and evicting the first block whose bit was clear. Blocks cut
-//!   from one GET share its buffer, which counts whole while any of them is cached; once
+//!   from one GET share its buffers ([`SEGMENT_BYTES`] each, recycled once free), each
+//!   counted whole while any of its blocks is cached; once
 //!   fewer than half remain, the hot ones are copied out and the rest evicted, so that the
 //!   buffer can go. Blocks being fetched, and blocks a reader is still copying out of, are
 //!   not counted (they are transient, bounded by the reads in flight);
@@ -38,6 +39,11 @@
 //! layer must not evict everything), as does every read when `capacity_bytes` is 0.
 
 use super::disk_cache::{DiskCache, DiskStats};
+use super::stream::Streams;
+pub use super::stream::{
+    SEQUENTIAL_BEHIND_BYTES, SEQUENTIAL_GAP_BYTES_MAX, SEQUENTIAL_GAP_BYTES_MIN,
+    SEQUENTIAL_GAP_READS, STREAMS_MAX,
+};
 use super::{BlobReader, Error, Result};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,29 +82,12 @@ pub const READAHEAD_BUDGET_DIVISOR: u64 = 4;
 /// Threads per cache that run readahead fetches (each one ranged GET at a time).
 pub const READAHEAD_THREADS: usize = 4;
 
-/// A read continues a sequential stream if it starts at most this many of its own lengths
-/// past the furthest byte the stream read (concurrent readers arrive a little out of order,
-/// and a stream of one layer skips the pages newer layers shadow), within
-/// [`SEQUENTIAL_GAP_BYTES_MIN`]..=[`SEQUENTIAL_GAP_BYTES_MAX`]. Small, so that random reads
-/// seldom look like a stream: 4 KiB reads continue one only within 64 KiB...
-pub const SEQUENTIAL_GAP_READS: u64 = 8;
-pub const SEQUENTIAL_GAP_BYTES_MIN: u64 = 64 << 10;
-pub const SEQUENTIAL_GAP_BYTES_MAX: u64 = 2 << 20;
-
-/// ...or at most this far behind it (concurrent readers of one stream arrive out of order:
-/// nbdcopy keeps 64 reads of 256 KiB in flight per connection). Such a read belongs to the
-/// stream without moving it.
-pub const SEQUENTIAL_BEHIND_BYTES: u64 = 16 << 20;
-
 /// Reads that moved a stream forward before readahead starts for it.
 pub const SEQUENTIAL_READS_MIN: u32 = 3;
 
 /// A block read this often is hot: kept (copied out) when the rest of its fetch buffer goes.
 /// A sequential scan reads each block once or twice (reads straddle block boundaries).
 pub const HOT_READS: u32 = 3;
-
-/// Sequential streams tracked per blob.
-pub const STREAMS_MAX: usize = 4;
 
 /// Smallest block size accepted: smaller blocks cost more requests than they save bytes.
 pub const BLOCK_BYTES_MIN: u64 = 4 << 10;
@@ -208,6 +197,35 @@ struct BlockKey {
     index: u64,
 }
 
+/// Hashes [`BlockKey`]s, several times per block read or fetched: multiply and rotate, far
+/// cheaper than the default SipHash (4 % of a cold scan's CPU). SipHash resists keys chosen
+/// to collide; these are not chosen freely (blob numbers are handed out in order, and block
+/// indices are bounded by the blob's size), and within one blob the hash keeps distinct
+/// indices apart in the table's low bits.
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+
+/// An odd constant with well-mixed bits (2^64 / the golden ratio).
+const BLOCK_HASH_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl std::hash::Hasher for BlockHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(BLOCK_HASH_MULTIPLIER);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type BlockHash = std::hash::BuildHasherDefault<BlockHasher>;
+
 /// The readahead of one sequential stream, shared with the blocks it prefetched: their fate
 /// (read, or evicted unread) sizes the window.
 struct Window {
@@ -262,7 +280,7 @@ impl ScanWindow {
 
 /// A fetch in progress, shared by every reader waiting for its block.
 struct Flight {
-    result: Mutex<Option<std::result::Result<Block, Error>>>,
+    outcome: Mutex<Outcome>,
     done: Condvar,
     /// Started by readahead for this stream, not by a reader: should it fail, waiters fetch
     /// for themselves.
@@ -276,7 +294,7 @@ struct Flight {
 impl Flight {
     fn new(prefetch: Option<Arc<Window>>) -> Arc<Flight> {
         Arc::new(Flight {
-            result: Mutex::new(None),
+            outcome: Mutex::new(Outcome::default()),
             done: Condvar::new(),
             prefetch,
             joined: AtomicBool::new(false),
@@ -285,22 +303,35 @@ impl Flight {
     }
 
     fn finish(&self, r: std::result::Result<Block, Error>) {
-        *self.result.lock().unwrap() = Some(r);
-        self.done.notify_all();
+        let mut g = self.outcome.lock().unwrap();
+        g.result = Some(r);
+        // A wake-up is a system call: most blocks of a scan have nobody waiting for them.
+        if g.waiters > 0 {
+            self.done.notify_all();
+        }
     }
 
     fn wait(&self) -> Result<Block> {
-        let mut g = self.result.lock().unwrap();
+        let mut g = self.outcome.lock().unwrap();
         loop {
-            if let Some(r) = g.as_ref() {
+            if let Some(r) = g.result.as_ref() {
                 return match r {
                     Ok(b) => Ok(b.clone()),
                     Err(e) => Err(clone_error(e)),
                 };
             }
+            g.waiters += 1;
             g = self.done.wait(g).unwrap();
+            g.waiters -= 1;
         }
     }
+}
+
+/// A flight's result once there is one, and the readers asleep waiting for it.
+#[derive(Default)]
+struct Outcome {
+    result: Option<std::result::Result<Block, Error>>,
+    waiters: u32,
 }
 
 enum Slot {
@@ -324,14 +355,14 @@ struct Ready {
 
 #[derive(Default)]
 struct State {
-    map: HashMap<BlockKey, Slot>,
+    map: HashMap<BlockKey, Slot, BlockHash>,
     /// The CLOCK: ready blocks in the order the hand visits them (front first), with the
     /// `seq` of their insertion; entries of blocks since evicted are skipped when reached.
     ring: VecDeque<(BlockKey, u64)>,
     next_seq: u64,
     held_bytes: u64,
     /// Prefetched blocks evicted unread (to count refetches), oldest first.
-    ghosts: HashSet<BlockKey>,
+    ghosts: HashSet<BlockKey, BlockHash>,
     ghost_order: VecDeque<BlockKey>,
 }
 
@@ -367,6 +398,8 @@ pub struct BlockCache {
     readahead_initial_blocks: u64,
     /// Most prefetched blocks not yet read, over all streams.
     readahead_budget_blocks: u64,
+    /// A fetch's buffers: [`SEGMENT_BYTES`] in whole blocks.
+    segment_bytes: u64,
     /// Hits take the read lock; misses, fills and evictions the write lock.
     state: RwLock<State>,
     /// Blob keys → the numbers block keys use, and the blob's size once opened.
@@ -419,6 +452,7 @@ impl BlockCache {
             readahead_max_blocks: max,
             readahead_initial_blocks: initial,
             readahead_budget_blocks: budget,
+            segment_bytes: SEGMENT_BYTES.div_ceil(block_bytes) * block_bytes,
             state: RwLock::new(State::default()),
             ids: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -488,7 +522,7 @@ impl BlockCache {
     /// fetch again, and writing it all out costs the scan CPU and would push the blocks of
     /// random readers (a round trip per block) off the disk.
     fn admit_to_disk(&self, b: &Block) {
-        if self.disk.is_some() && b.run.bytes.len() as u64 <= DISK_ADMIT_PREFETCH_BYTES_MAX {
+        if self.disk.is_some() && b.run.fetch_bytes as u64 <= DISK_ADMIT_PREFETCH_BYTES_MAX {
             let index = b.run.first + (b.start as u64) / self.block_bytes;
             self.offer_to_disk(b.run.blob, index, std::slice::from_ref(b), b.len as u64);
         }
@@ -554,7 +588,7 @@ impl BlockCache {
                 id,
                 key: Arc::from(key),
                 inner: source,
-                seq: Mutex::new(Sequence::default()),
+                seq: Mutex::new(Streams::default()),
             }),
         }
     }
@@ -676,7 +710,7 @@ impl BlockCache {
         second_chance: bool,
     ) {
         hold(st, &data);
-        if st.ghosts.remove(&k) {
+        if !st.ghosts.is_empty() && st.ghosts.remove(&k) {
             self.counters
                 .refetched_blocks
                 .fetch_add(1, Ordering::Relaxed);
@@ -853,6 +887,8 @@ struct Run {
     blob: u64,
     first: u64,
     blocks: u64,
+    /// Bytes of the fetch this buffer was part of (a fetch fills several buffers).
+    fetch_bytes: usize,
     /// Blocks of this run in the cache. Changed only under the state lock.
     cached: AtomicU64,
 }
@@ -863,29 +899,38 @@ impl Drop for Run {
     }
 }
 
-/// Fetch buffers no longer used by any block, for the next fetches: a fresh multi-megabyte
-/// buffer costs a page fault per 4 KiB and zeroing; a recycled one neither. Bounded by
-/// [`POOL_BUFFERS_MAX`] buffers (extra memory beyond the cache's bound).
+/// Fetch buffers no longer used by any block, for the next fetches: a fresh buffer of a
+/// megabyte or more comes from the kernel (`memory::MMAP_THRESHOLD_BYTES`) and costs a page
+/// fault and a zeroed page per 4 KiB on first write (a fifth of the CPU of a cold
+/// sequential read, measured); a recycled one neither. Fetches are cut into segments of
+/// one size ([`SEGMENT_BYTES`]) so that any freed buffer fits any later fetch. Bounded by
+/// [`POOL_BYTES_MAX`] (extra memory beyond the cache's bound).
 static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// Most buffers kept for reuse (a sequential stream uses about as many as readahead threads).
-pub const POOL_BUFFERS_MAX: usize = 6;
+/// Bytes of free buffers kept for reuse: what the readahead threads have in flight
+/// ([`READAHEAD_THREADS`] GETs of [`FETCH_BYTES_MAX`]), which is about what the evictions
+/// that make room for them hand back.
+pub const POOL_BYTES_MAX: usize = READAHEAD_THREADS * FETCH_BYTES_MAX as usize;
 
-/// Buffers smaller than this are not worth keeping.
+/// Buffers smaller than this are not worth keeping (they come from the allocator's heap,
+/// which reuses them anyway).
 pub const POOL_BUFFER_BYTES_MIN: usize = 1 << 20;
 
-/// A buffer of `len` bytes for a fetch (contents unspecified): recycled when one fits (at
-/// most a quarter larger), else new.
+/// A fetch's buffers are segments of this many bytes (rounded up to whole blocks), the last
+/// one shorter: every segment of a cache has one size, so a freed one serves any later fetch
+/// (buffers of the fetch's own length rarely matched the next fetch's).
+pub const SEGMENT_BYTES: u64 = 1 << 20;
+
+/// A buffer of `len` bytes for a fetch (contents unspecified): a recycled one of exactly
+/// that capacity if there is one, else new.
 pub fn take_buffer(len: usize) -> Vec<u8> {
     if len >= POOL_BUFFER_BYTES_MIN {
         let mut pool = BUFFERS.lock().unwrap();
-        // A buffer much larger than needed would be counted whole against the cache bound.
-        let fits = (pool.iter().enumerate())
-            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= len + len / 4);
-        if let Some(i) = fits.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
+        // Exactly: a larger buffer would be counted whole against the cache bound.
+        if let Some(i) = pool.iter().position(|b| b.capacity() == len) {
             let mut b = pool.swap_remove(i);
             drop(pool);
-            // Only bytes never initialized are zeroed (none, for same-sized fetches).
+            // Only bytes never initialized are zeroed (none: pooled buffers were full).
             b.resize(len, 0);
             return b;
         }
@@ -896,7 +941,8 @@ pub fn take_buffer(len: usize) -> Vec<u8> {
 fn give_buffer(b: Vec<u8>) {
     if b.capacity() >= POOL_BUFFER_BYTES_MIN {
         let mut pool = BUFFERS.lock().unwrap();
-        if pool.len() < POOL_BUFFERS_MAX {
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + b.capacity() <= POOL_BYTES_MAX {
             pool.push(b);
         }
     }
@@ -917,10 +963,23 @@ impl Block {
     /// `bytes` (blocks `first..`, the last possibly short) cut into blocks of `block_bytes`.
     fn cut(blob: u64, first: u64, bytes: Vec<u8>, block_bytes: usize) -> Vec<Block> {
         let len = bytes.len();
+        Block::cut_part(blob, first, bytes, block_bytes, len)
+    }
+
+    /// [`Block::cut`] for one buffer of a fetch of `fetch_bytes`.
+    fn cut_part(
+        blob: u64,
+        first: u64,
+        bytes: Vec<u8>,
+        block_bytes: usize,
+        fetch_bytes: usize,
+    ) -> Vec<Block> {
+        let len = bytes.len();
         let run = Arc::new(Run {
             blob,
             first,
             blocks: len.div_ceil(block_bytes) as u64,
+            fetch_bytes,
             bytes,
             cached: AtomicU64::new(0),
         });
@@ -948,12 +1007,13 @@ impl Block {
 }
 
 /// Where a cached blob's bytes come from: [`BlockCache::wrap`] adapts any [`BlobReader`];
-/// a store that receives bytes into a buffer of its own (S3) implements this to hand that
-/// buffer over instead of copying it.
+/// a store that receives bytes itself (S3) implements this to read them straight into the
+/// cache's buffers.
 pub trait Source: Send + Sync {
-    /// `len` bytes at `offset` (inside the blob), in a buffer of exactly that length
-    /// (ideally from [`take_buffer`]; the cache recycles it when its blocks are gone).
-    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Fills `parts` with the bytes at `offset` (inside the blob), back to back, with one
+    /// read of the store, and returns them (each at its length). The cache keeps them as
+    /// its blocks and recycles them once those are gone.
+    fn fetch(&self, offset: u64, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
     /// [`BlobReader::read_at`], for reads that bypass the cache.
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn size_bytes(&self) -> u64;
@@ -961,11 +1021,23 @@ pub trait Source: Send + Sync {
 
 struct ReaderSource(Box<dyn BlobReader>);
 
+/// One `read_at` per fetch (tests count them), then copied into the parts: a reader wrapped
+/// this way is a test's or a local one, not worth a vectored read.
 impl Source for ReaderSource {
-    fn fetch(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = take_buffer(len);
+    fn fetch(&self, offset: u64, mut parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if let [part] = &mut parts[..] {
+            self.0.read_at(offset, part)?;
+            return Ok(parts);
+        }
+        let mut buf = vec![0; parts.iter().map(Vec::len).sum()];
         self.0.read_at(offset, &mut buf)?;
-        Ok(buf)
+        let mut at = 0;
+        for part in &mut parts {
+            let n = part.len();
+            part.copy_from_slice(&buf[at..at + n]);
+            at += n;
+        }
+        Ok(parts)
     }
 
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -1000,25 +1072,8 @@ struct Blob {
     /// The blob's key, for messages.
     key: Arc<str>,
     inner: Box<dyn Source>,
-    seq: Mutex<Sequence>,
-}
-
-/// Sequential-access detection of one blob: a few streams (an NBD client copying an image
-/// with several connections reads several regions at once), each with its frontier.
-#[derive(Default)]
-struct Sequence {
-    streams: Vec<Stream>,
-    clock: u64,
-}
-
-struct Stream {
-    /// Furthest block read so far by this stream.
-    frontier: u64,
-    /// Reads that moved the frontier forward, in a row.
-    streak: u32,
-    /// `Sequence::clock` at the last read: the least recently used stream is replaced.
-    used: u64,
-    window: Arc<Window>,
+    /// Its sequential streams, each with its readahead window.
+    seq: Mutex<Streams<Arc<Window>>>,
 }
 
 /// Readahead to issue for a stream: blocks `[from, to)`.
@@ -1118,12 +1173,16 @@ impl Blob {
         if out.iter().all(Option::is_none) {
             return self.fetch_remote(start, flights);
         }
-        {
-            let mut st = self.cache.state.write().unwrap();
-            for (i, data) in out.iter().enumerate() {
-                if let Some(data) = data {
-                    self.publish(&mut st, start + i as u64, &flights[i], data);
-                }
+        let mut st = self.cache.state.write().unwrap();
+        for (i, data) in out.iter().enumerate() {
+            if let Some(data) = data {
+                self.publish(&mut st, start + i as u64, &flights[i], data);
+            }
+        }
+        drop(st);
+        for (f, data) in flights.iter().zip(&out) {
+            if let Some(data) = data {
+                f.finish(Ok(data.clone()));
             }
         }
         // The rest, in contiguous runs; after a failure the remaining runs fail unfetched.
@@ -1169,32 +1228,50 @@ impl Blob {
         let len = (end - start * bs) as usize;
         let c = &self.cache.counters;
         c.fetches.fetch_add(1, Ordering::Relaxed);
-        let r = self.inner.fetch(start * bs, len).and_then(|buf| {
-            if buf.len() == len {
-                Ok(buf)
+        let seg = self.cache.segment_bytes as usize;
+        let parts: Vec<Vec<u8>> = (0..len)
+            .step_by(seg)
+            .map(|at| take_buffer(seg.min(len - at)))
+            .collect();
+        let lens: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let r = self.inner.fetch(start * bs, parts).and_then(|parts| {
+            if parts.iter().map(Vec::len).eq(lens.iter().copied()) {
+                Ok(parts)
             } else {
+                let got: usize = parts.iter().map(Vec::len).sum();
                 Err(Error::Remote {
                     key: self.key.to_string(),
-                    message: format!("asked for {len} bytes, got {}", buf.len()),
+                    message: format!("asked for {len} bytes, got {got}"),
                 })
             }
         });
         match r {
-            Ok(bytes) => {
+            Ok(parts) => {
                 c.fetched_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                let blocks = Block::cut(self.id, start, bytes, bs as usize);
+                let mut blocks = Vec::with_capacity(flights.len());
+                for part in parts {
+                    let index = start + blocks.len() as u64;
+                    blocks.extend(Block::cut_part(self.id, index, part, bs as usize, len));
+                }
                 let mut st = self.cache.state.write().unwrap();
                 for (i, (f, data)) in flights.iter().zip(&blocks).enumerate() {
                     self.publish(&mut st, start + i as u64, f, data);
                 }
                 drop(st);
+                for (f, data) in flights.iter().zip(&blocks) {
+                    f.finish(Ok(data.clone()));
+                }
                 // Readahead's blocks go to the disk tier only once read (`admit_to_disk`):
                 // a prefetch that nobody reads must not push a reader's blocks off the disk.
                 // (A reader's run may go on with readahead merged into it: its own blocks
                 // come first.)
                 let own = flights.iter().take_while(|f| f.prefetch.is_none()).count();
                 if own > 0 {
-                    let cost = blocks[0].run.bytes.capacity() as u64;
+                    // The buffers those blocks keep alive while queued.
+                    let cost = (blocks[..own].iter())
+                        .filter(|b| b.start == 0)
+                        .map(|b| b.run.bytes.capacity() as u64)
+                        .sum();
                     self.cache
                         .offer_to_disk(self.id, start, &blocks[..own], cost);
                 }
@@ -1207,7 +1284,9 @@ impl Blob {
         }
     }
 
-    /// Puts a fetched block in the cache and hands it to the readers waiting for it.
+    /// Puts a fetched block in the cache. The caller then finishes its flight, handing the
+    /// block to the readers waiting for it, once the state lock is released (waking them is
+    /// a system call, and they would wake to find the lock held).
     fn publish(&self, st: &mut State, index: u64, f: &Flight, data: &Block) {
         let mut prefetch = f.prefetch.clone();
         // A reader already waits for it: read on arrival.
@@ -1220,7 +1299,6 @@ impl Blob {
         let again = f.read_again.load(Ordering::Relaxed);
         let k = self.key(index);
         self.cache.put_ready(st, k, data.clone(), prefetch, again);
-        f.finish(Ok(data.clone()));
     }
 
     /// Fails the flights of blocks `[start, start + n)`: nothing is cached, their waiters get
@@ -1236,12 +1314,9 @@ impl Blob {
         }
     }
 
-    /// Notes a read of blocks `[first, last]`; returns the readahead to issue, if any. A read
-    /// starting at most [`SEQUENTIAL_GAP_READS`] lengths past a stream's frontier (the furthest block
-    /// it read), or [`SEQUENTIAL_BEHIND_BYTES`] behind it, belongs to it, and extends its
-    /// streak if it moves the frontier forward (and shortens it if it lies further behind
-    /// than that gap); a read near no stream starts a new one,
-    /// replacing the least recently used of [`STREAMS_MAX`]. A stream that has read
+    /// Notes a read of blocks `[first, last]`; returns the readahead to issue, if any. Which
+    /// stream a read follows is [`Streams::follows`]' rule (up to [`STREAMS_MAX`] per blob,
+    /// the scan hint's too). A stream that has read
     /// [`SEQUENTIAL_READS_MIN`] times forward keeps its window fetched ahead of it: when less
     /// than half of it is, the rest of the window is issued — unless the stream has not read
     /// as much as a window of what was prefetched for it (it is not consuming).
@@ -1255,55 +1330,29 @@ impl Blob {
         let Ok(mut q) = self.seq.try_lock() else {
             return None;
         };
-        q.clock += 1;
-        let now = q.clock;
-        let bs = c.block_bytes;
         let read_blocks = last - first + 1;
-        let gap = (SEQUENTIAL_GAP_READS * read_blocks)
-            .clamp(SEQUENTIAL_GAP_BYTES_MIN / bs, SEQUENTIAL_GAP_BYTES_MAX / bs);
-        let behind = SEQUENTIAL_BEHIND_BYTES / bs;
-        let near = |f: u64| first <= f + 1 + gap && first + behind >= f;
-        let Some(s) = q.streams.iter_mut().find(|s| near(s.frontier)) else {
-            let fresh = Stream {
-                frontier: last,
-                streak: 1,
-                used: now,
-                window: Window::new(
-                    (READAHEAD_INITIAL_READS * read_blocks)
-                        .clamp(c.readahead_initial_blocks, c.readahead_max_blocks),
-                    last + 1,
-                ),
-            };
-            if q.streams.len() < STREAMS_MAX {
-                q.streams.push(fresh);
-            } else if let Some(s) = q.streams.iter_mut().min_by_key(|s| s.used) {
-                *s = fresh;
-            }
-            return None;
+        let fresh = || {
+            let blocks = (READAHEAD_INITIAL_READS * read_blocks)
+                .clamp(c.readahead_initial_blocks, c.readahead_max_blocks);
+            Window::new(blocks, last + 1)
         };
-        s.used = now;
-        if last > s.frontier {
-            s.streak = s.streak.saturating_add(1);
-            s.frontier = last;
+        let followed = q.follows(first, last, c.block_bytes, fresh)?;
+        let s = followed.stream;
+        if followed.advanced_from.is_some() {
             // The stream's first reads may have been small (a layer's header and index).
             let floor = (READAHEAD_INITIAL_READS * read_blocks).min(c.readahead_max_blocks);
-            s.window.blocks.fetch_max(floor, Ordering::Relaxed);
-        } else if first + gap < s.frontier {
-            // Far behind: out of step. A sequential stream's late reads arrive within a few
-            // reads of its frontier; random reads land behind it far more often than just
-            // ahead, and so never build a streak.
-            s.streak = s.streak.saturating_sub(1);
+            s.state.blocks.fetch_max(floor, Ordering::Relaxed);
         }
         if s.streak < SEQUENTIAL_READS_MIN {
             return None;
         }
-        let w = &s.window;
+        let w = &s.state;
         let size = w.blocks.load(Ordering::Relaxed);
         let from = w.ahead_until.load(Ordering::Relaxed).max(last + 1);
         let mut to = (last + 1 + size).min(self.blocks());
         // Whole GETs only: a window's ragged end waits for the next round, rather than
         // going out as a GET of a block or two.
-        let per_fetch = (FETCH_BYTES_MAX / bs).max(1);
+        let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1);
         if to > from + per_fetch {
             to -= (to - from) % per_fetch;
         }
@@ -1454,6 +1503,13 @@ impl BlobReader for CachedBlob {
                     *p = Plan::Have(data);
                 }
             }
+        }
+        // Blocks of one fetch are handed over in order: waiting for the last one first means
+        // one wake-up for the lot, not one per block.
+        if let Some(Plan::Wait(f) | Plan::Fetch(f)) =
+            (plans.iter()).rfind(|p| matches!(p, Plan::Wait(_) | Plan::Fetch(_)))
+        {
+            let _ = f.wait();
         }
         for (i, p) in plans.iter().enumerate() {
             let index = first + i as u64;
@@ -1985,21 +2041,61 @@ mod tests {
 
     #[test]
     fn fetch_buffers_are_recycled_within_a_bound() {
-        for _ in 0..(POOL_BUFFERS_MAX + 4) {
-            give_buffer(vec![7u8; 2 << 20]);
+        // A size no other test uses (the pool is shared by every cache in the process).
+        let len = (3 << 20) + 5 * 4096;
+        let given = vec![7u8; len];
+        let at = given.as_ptr();
+        give_buffer(given);
+        // Only a buffer of exactly the length asked for is handed out again.
+        let other = take_buffer(len + 4096);
+        assert_ne!(other.as_ptr(), at);
+        let again = take_buffer(len);
+        assert_eq!(
+            (again.as_ptr(), again.len(), again.capacity()),
+            (at, len, len)
+        );
+        // The pool keeps at most POOL_BYTES_MAX bytes, and nothing small.
+        for _ in 0..(POOL_BYTES_MAX / len + 4) {
+            give_buffer(vec![7u8; len]);
         }
-        assert!(BUFFERS.lock().unwrap().len() <= POOL_BUFFERS_MAX);
-        give_buffer(vec![0u8; 1000]); // too small to keep
-        assert!(BUFFERS
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|b| b.capacity() >= POOL_BUFFER_BYTES_MIN));
-        let b = take_buffer(3 << 20);
-        assert_eq!(b.len(), 3 << 20);
-        let b = take_buffer(1 << 20);
-        assert_eq!(b.len(), 1 << 20);
-        assert!(b.capacity() >= 1 << 20);
+        give_buffer(vec![0u8; 1000]);
+        let pool = BUFFERS.lock().unwrap();
+        assert!(pool.iter().map(Vec::capacity).sum::<usize>() <= POOL_BYTES_MAX);
+        assert!(pool.iter().all(|b| b.capacity() >= POOL_BUFFER_BYTES_MIN));
+    }
+
+    /// A fetch longer than a segment is still one read of the source, but lands in
+    /// segment-sized buffers (which any later fetch can reuse) and is counted as such:
+    /// a block is never split across two, and the prefetch admission to the disk tier
+    /// looks at the fetch's length, not the segment's.
+    #[test]
+    fn a_long_fetch_is_one_read_into_segments() {
+        let bs = 16 * KIB;
+        let cache = Arc::new(no_readahead(16 << 20, bs));
+        assert_eq!(cache.segment_bytes, SEGMENT_BYTES);
+        let (b, reads) = blob(&cache, "blobs/seg", 5 << 20, 0);
+        let (off, len) = (1000, (5 << 19) + 3000);
+        assert_eq!(read(&b, off, len), expect(off, len));
+        let end = (off + len as u64).div_ceil(bs) * bs;
+        assert_eq!(reads.lock().unwrap().as_slice(), &[(0, end as usize)]);
+        let st = cache.stats();
+        assert_eq!((st.fetches, st.held_bytes), (1, end));
+        let state = cache.state.read().unwrap();
+        let runs: HashSet<usize> = (state.map.values())
+            .map(|s| match s {
+                Slot::Ready(r) => {
+                    assert!(r.data.run.bytes.len() as u64 <= SEGMENT_BYTES);
+                    assert_eq!(r.data.run.fetch_bytes as u64, end);
+                    Arc::as_ptr(&r.data.run) as usize
+                }
+                Slot::Loading(_) => panic!("nothing is in flight"),
+            })
+            .collect();
+        assert_eq!(runs.len() as u64, end.div_ceil(SEGMENT_BYTES));
+        drop(state);
+        // Blocks larger than a segment make segments of one block.
+        let big = BlockCache::new(16 << 20, 3 << 20).unwrap();
+        assert_eq!(big.segment_bytes, 3 << 20);
     }
 
     #[test]
@@ -2077,7 +2173,8 @@ mod tests {
         }
         let stream_window = || {
             let q = b.shared.seq.lock().unwrap();
-            q.streams[0].window.blocks.load(Ordering::SeqCst)
+            let blocks = q.iter().next().unwrap().state.blocks.load(Ordering::SeqCst);
+            blocks
         };
         wait_for_readahead(&cache);
         let grown = stream_window();

@@ -9,6 +9,7 @@ pub use crate::catalog::keys;
 pub mod direct_read;
 pub mod disk_cache;
 pub mod local;
+pub mod stream;
 
 use std::fmt;
 use std::path::Path;
