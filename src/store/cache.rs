@@ -1115,7 +1115,10 @@ impl Blob {
     }
 
     /// Decides, under the write lock, which blocks are present, awaited or ours to fetch.
-    fn plan(&self, first: u64, last: u64) -> Vec<Plan> {
+    /// `ends_inside`: the read ends inside block `last`, so the block gets a second chance
+    /// once it lands (`put_ready`), also when it was a prefetch this read joined; marked
+    /// under the lock, before the flight can land.
+    fn plan(&self, first: u64, last: u64, ends_inside: bool) -> Vec<Plan> {
         if let Some(p) = self.hits(first, last) {
             return p;
         }
@@ -1133,10 +1136,16 @@ impl Blob {
                 Some(Slot::Loading(f)) => {
                     c.counters.joined_blocks.fetch_add(1, Ordering::Relaxed);
                     f.joined.store(true, Ordering::Relaxed);
+                    if ends_inside && index == last {
+                        f.read_again.store(true, Ordering::Relaxed);
+                    }
                     Plan::Wait(f.clone())
                 }
                 None => {
                     let f = Flight::new(None);
+                    if ends_inside && index == last {
+                        f.read_again.store(true, Ordering::Relaxed);
+                    }
                     st.map.insert(k, Slot::Loading(f.clone()));
                     c.counters.miss_blocks.fetch_add(1, Ordering::Relaxed);
                     Plan::Fetch(f)
@@ -1471,10 +1480,7 @@ impl BlobReader for CachedBlob {
             c.counters.bypass_reads.fetch_add(1, Ordering::Relaxed);
             return b.inner.read_into(offset, buf);
         }
-        let mut plans = b.plan(first, last);
-        if let (Some(Plan::Fetch(f)), true) = (plans.last(), !end.is_multiple_of(bs)) {
-            f.read_again.store(true, Ordering::Relaxed);
-        }
+        let mut plans = b.plan(first, last, !end.is_multiple_of(bs));
         // Runs of blocks to fetch: (first block, flights), each at most FETCH_BYTES_MAX.
         let per_fetch = (FETCH_BYTES_MAX / bs).max(1) as usize;
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
