@@ -90,9 +90,8 @@ impl AlignedBuf {
         unsafe { std::alloc::dealloc(this.ptr.as_ptr(), Self::layout(this.len)) }
     }
 
-    /// A chunk buffer of at least `len` bytes: a pooled one if one is big enough, else a new
-    /// one, rounded up to `POOLED_BUFFER_GRANULE` so that it fits the next layers too (their
-    /// head sizes vary). Its contents are unspecified.
+    /// A buffer of at least `len` bytes: a pooled chunk if one is big enough, else a new one,
+    /// rounded up to `POOLED_BUFFER_GRANULE`. Its contents are unspecified.
     fn chunk(len: usize) -> AlignedBuf {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         match pool.iter().position(|b| b.len >= len) {
@@ -123,22 +122,16 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let (mut ptr, mut len) = (self.ptr, self.len);
-        if len >= CHUNK_BYTES {
+        let (ptr, len) = (self.ptr, self.len);
+        // Only chunk-sized buffers are pooled: a layer's first buffer also has room for its
+        // head (up to 6 MiB for a checkpoint of scattered pages), and pooled it would serve
+        // as a whole chunk afterwards, five of them 40 MiB (docs/PERFORMANCE.md).
+        if len == CHUNK_BYTES {
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             if pool.len() < POOLED_BUFFERS_MAX {
                 // The allocation moves into the pool; this value no longer owns it.
                 pool.push(AlignedBuf { ptr, len });
                 return;
-            }
-            // Full: the pool keeps the larger of this and its smallest, the other is freed.
-            if let Some(small) = pool
-                .iter_mut()
-                .min_by_key(|b| b.len)
-                .filter(|b| b.len < len)
-            {
-                std::mem::swap(&mut small.ptr, &mut ptr);
-                std::mem::swap(&mut small.len, &mut len);
             }
         }
         // SAFETY: allocated in `zeroed` with this very layout, and owned by nothing else now.
@@ -224,6 +217,7 @@ impl BlobFile {
             reserved,
             head_len,
             head: None,
+            // Not pooled (see `Drop`): allocated for this layer's head, freed after it.
             buf: AlignedBuf::chunk(head_len + CHUNK_BYTES),
             buf_at: 0,
             buf_len: reserved,
@@ -338,9 +332,11 @@ impl BlobFile {
         let mut next = if may_allocate(self.in_flight, held) {
             CHUNKS_HELD.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.in_flight += 1;
-            AlignedBuf::chunk(self.buf.len())
+            AlignedBuf::chunk(CHUNK_BYTES)
         } else {
             match self.done.recv() {
+                // The first buffer (head room and a chunk) is done with: a chunk replaces it.
+                Ok(Ok(b)) if b.len != CHUNK_BYTES => AlignedBuf::chunk(CHUNK_BYTES),
                 Ok(r) => r?,
                 Err(_) => return Err(io::Error::other("blob writer thread stopped")),
             }
@@ -567,13 +563,13 @@ mod tests {
         // Poison more buffers than the pool keeps, then hand them back.
         let poisoned: Vec<AlignedBuf> = (0..POOLED_BUFFERS_MAX + 2)
             .map(|_| {
-                let mut b = AlignedBuf::chunk(CHUNK_BYTES + DIRECT_IO_ALIGN);
+                let mut b = AlignedBuf::chunk(CHUNK_BYTES);
                 b.fill(0xee);
                 b
             })
             .collect();
-        // New ones are sized to fit the next layers' varying heads too.
-        assert!(poisoned[POOLED_BUFFERS_MAX + 1]
+        // Only chunk-sized buffers are pooled; others are sized to the granule.
+        assert!(AlignedBuf::chunk(CHUNK_BYTES + 5)
             .len
             .is_multiple_of(POOLED_BUFFER_GRANULE));
         drop(poisoned);

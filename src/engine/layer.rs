@@ -18,7 +18,7 @@
 
 use super::blob_file::BlobFile;
 use super::checksum::crc32c;
-use super::extent::{Extent, ExtentMap, ExtentValue};
+use super::extent::{Extent, ExtentValue, SortedExtents};
 use crate::store::cache::ScanWindow;
 use crate::store::{self, BlobReader};
 use std::borrow::Borrow;
@@ -194,7 +194,7 @@ fn encode_header(bits: u32, extent_count: u64, data_pages: u64, index_len: u64) 
 pub struct Layer {
     pub blob_id: String,
     pub page_size_bits: u32,
-    pub index: ExtentMap<LayerVal>,
+    pub index: SortedExtents<LayerVal>,
     crcs: Vec<u32>,
     data_offset: u64,
     reader: Box<dyn BlobReader>,
@@ -253,7 +253,7 @@ impl Layer {
         if u32::from_le_bytes(index[index.len() - 4..].try_into().unwrap()) != crc32c(body) {
             return Err(corrupt(blob_id, "index checksum mismatch"));
         }
-        let mut map = ExtentMap::new();
+        let mut map = SortedExtents::with_capacity(extents as usize);
         for e in body[..(extents * EXTENT_ENTRY_SIZE) as usize].chunks(EXTENT_ENTRY_SIZE as usize) {
             let (start, len) = (u64_at(e, 0), u64_at(e, 8));
             let val = match u32::from_le_bytes(e[16..20].try_into().unwrap()) {
@@ -266,7 +266,9 @@ impl Layer {
                     return Err(corrupt(blob_id, "extent points past the data"));
                 }
             }
-            map.insert(start, len, val);
+            if !map.push(start, len, val) {
+                return Err(corrupt(blob_id, "extents out of order or overlapping"));
+            }
         }
         let crcs = body[(extents * EXTENT_ENTRY_SIZE) as usize..]
             .chunks(4)
