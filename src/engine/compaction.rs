@@ -14,6 +14,7 @@ use super::manifest::{LayerRef, Manifest};
 use super::session::Session;
 use super::Result;
 use crate::catalog::Edit;
+use crate::store::BlobStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -331,15 +332,24 @@ impl Session {
         // One output layer's extents at a time, taken out of the map as they go: a merge
         // holds its extent map once, not also a copy of it (RSS, docs/PERFORMANCE.md).
         let mut refs = Vec::with_capacity(cuts.len() + 1);
+        // Each input is read once, in page order, across all output layers: past the page
+        // cache where the store can.
+        let mut streams: Vec<_> = run.iter().map(|l| l.data_stream()).collect();
         for_each_group(map.into_extents(), &cuts, |group| {
-            refs.push(self.write_merged(run, &group)?);
+            refs.push(self.write_merged(run, &mut streams, &group)?);
             Ok(())
         })?;
         Ok(refs)
     }
 
-    /// Writes one merged layer from `extents` (in page order) of the layers `run`.
-    fn write_merged(&self, run: &[Arc<Layer>], extents: &[Extent<Src>]) -> Result<LayerRef> {
+    /// Writes one merged layer from `extents` (in page order) of the layers `run`, read
+    /// through `streams` (one per layer of `run`, from `Layer::data_stream`).
+    fn write_merged(
+        &self,
+        run: &[Arc<Layer>],
+        streams: &mut [Option<Box<dyn BlobStream + '_>>],
+        extents: &[Extent<Src>],
+    ) -> Result<LayerRef> {
         let sources = extents.iter().map(|e| {
             let (start, len) = (e.start, e.len);
             match e.value.1 {
@@ -348,8 +358,6 @@ impl Session {
             }
         });
         let mut next = 0;
-        // Each input is read once, in page order: past the page cache where the store can.
-        let mut streams: Vec<_> = run.iter().map(|l| l.data_stream()).collect();
         // Pages are copied after their checksums are verified, so those checksums carry over.
         self.write_and_upload(sources, |start, _n, buf, crcs| {
             if self.is_stopped() {
@@ -364,7 +372,7 @@ impl Session {
                 unreachable!("only data extents are read");
             };
             run[i]
-                .read_data_streamed(streams[i].as_deref_mut(), page, buf, crcs)
+                .read_data_with_crcs(streams[i].as_deref_mut(), page, buf, crcs)
                 .map_err(std::io::Error::other)
         })
     }

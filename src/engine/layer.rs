@@ -298,45 +298,32 @@ impl Layer {
         self.index.lookup(start, len)
     }
 
-    /// `read_data`, and pushes the (verified) checksums of the pages read onto `crcs`.
-    pub fn read_data_with_crcs(
-        &self,
-        data_page: u64,
-        buf: &mut [u8],
-        crcs: &mut Vec<u32>,
-    ) -> store::Result<()> {
-        self.read_data(data_page, buf)?;
-        let n = buf.len() >> self.page_size_bits;
-        let first = data_page as usize;
-        crcs.extend_from_slice(&self.crcs[first..first + n]);
-        Ok(())
-    }
-
     /// A reader for one pass over this layer's data in page order (a merge), where the store
     /// has a cheaper way to do that than `read_at` (`BlobReader::stream`).
     pub fn data_stream(&self) -> Option<Box<dyn store::BlobStream + '_>> {
         self.reader.stream()
     }
 
-    /// `read_data_with_crcs` through `stream` (from `data_stream`) when there is one. Pages
-    /// that fail their checksums that way, or a failed read, are read again by `read_data`.
-    pub fn read_data_streamed(
+    /// `read_data` (through `stream`, from `data_stream`, when there is one), and pushes the
+    /// verified checksums of the pages read onto `crcs`. Pages that fail their checksums
+    /// through the stream, or a failed stream read, are read again by `read_data`.
+    pub fn read_data_with_crcs(
         &self,
         stream: Option<&mut (dyn store::BlobStream + '_)>,
         data_page: u64,
         buf: &mut [u8],
         crcs: &mut Vec<u32>,
     ) -> store::Result<()> {
-        if let Some(stream) = stream {
-            let offset = self.data_offset + (data_page << self.page_size_bits);
-            if stream.read_at(offset, buf).is_ok() && self.verify(data_page, buf).is_ok() {
-                let first = data_page as usize;
-                let n = buf.len() >> self.page_size_bits;
-                crcs.extend_from_slice(&self.crcs[first..first + n]);
-                return Ok(());
-            }
+        let offset = self.data_offset + (data_page << self.page_size_bits);
+        let streamed = stream
+            .is_some_and(|s| s.read_at(offset, buf).is_ok() && self.verify(data_page, buf).is_ok());
+        if !streamed {
+            self.read_data(data_page, buf)?;
         }
-        self.read_data_with_crcs(data_page, buf, crcs)
+        let first = data_page as usize;
+        let n = buf.len() >> self.page_size_bits;
+        crcs.extend_from_slice(&self.crcs[first..first + n]);
+        Ok(())
     }
 
     /// Asks the blob's reader to fetch data pages `[data_page, +pages)` ahead for `scan`
@@ -605,7 +592,9 @@ mod tests {
         assert!(layer.read_data(0, &mut page).is_err());
         layer.read_data(1, &mut page).unwrap();
         let mut crcs = Vec::new();
-        layer.read_data_with_crcs(1, &mut page, &mut crcs).unwrap();
+        layer
+            .read_data_with_crcs(None, 1, &mut page, &mut crcs)
+            .unwrap();
         assert_eq!(crcs, vec![crc32c(&[7u8; 512])]);
         let short = dir.path().join("short");
         let bad = write_layer(&short, 9, &exts, |_, _, _, crcs| {

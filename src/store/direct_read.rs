@@ -32,8 +32,10 @@ pub struct DirectStream<'a> {
     key: &'a str,
     /// None once direct reads failed.
     file: Option<File>,
-    /// `DIRECT_READ_BYTES + DIRECT_READ_ALIGN`, so that an aligned window fits in it.
+    /// `DIRECT_READ_BYTES + DIRECT_READ_ALIGN`, so that an aligned window fits in it...
     mem: Vec<u8>,
+    /// ...at this offset.
+    skip: usize,
     /// File offset of the window's first byte, and how many bytes it holds.
     at: u64,
     len: usize,
@@ -47,19 +49,21 @@ impl<'a> DirectStream<'a> {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()?;
+        let mem = vec![0; DIRECT_READ_BYTES + DIRECT_READ_ALIGN];
+        let skip = mem.as_ptr().align_offset(DIRECT_READ_ALIGN);
         Some(DirectStream {
             blob,
             key,
             file: Some(file),
-            mem: vec![0; DIRECT_READ_BYTES + DIRECT_READ_ALIGN],
+            mem,
+            skip,
             at: 0,
             len: 0,
         })
     }
 
     fn window(&mut self) -> &mut [u8] {
-        let skip = self.mem.as_ptr().align_offset(DIRECT_READ_ALIGN);
-        &mut self.mem[skip..skip + DIRECT_READ_BYTES]
+        &mut self.mem[self.skip..self.skip + DIRECT_READ_BYTES]
     }
 
     /// Reads the aligned window holding `offset`; returns false (and gives direct reads up)
@@ -103,8 +107,8 @@ impl BlobStream for DirectStream<'_> {
             }
             let from = (offset - self.at) as usize;
             let n = buf.len().min(self.len - from);
-            let skip = self.mem.as_ptr().align_offset(DIRECT_READ_ALIGN);
-            buf[..n].copy_from_slice(&self.mem[skip + from..skip + from + n]);
+            let at = self.skip + from;
+            buf[..n].copy_from_slice(&self.mem[at..at + n]);
             buf = &mut buf[n..];
             offset += n as u64;
         }
