@@ -1081,6 +1081,9 @@ struct Ahead {
     window: Arc<Window>,
     from: u64,
     to: u64,
+    /// The stream's whole window, in blocks (at least `to - from`): whether its GETs are
+    /// aligned ([`aligned_end`]).
+    span: u64,
 }
 
 impl Blob {
@@ -1359,11 +1362,11 @@ impl Blob {
         let size = w.blocks.load(Ordering::Relaxed);
         let from = w.ahead_until.load(Ordering::Relaxed).max(last + 1);
         let mut to = (last + 1 + size).min(self.blocks());
-        // Whole GETs only: a window's ragged end waits for the next round, rather than
-        // going out as a GET of a block or two.
+        // Whole, aligned GETs only (see `read_ahead`): a window's ragged end waits for the
+        // next round, rather than going out as a GET of a block or two.
         let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1);
         if to > from + per_fetch {
-            to -= (to - from) % per_fetch;
+            to -= to % per_fetch;
         }
         let enough = from - (last + 1) >= size / 2;
         let spent =
@@ -1375,6 +1378,7 @@ impl Blob {
             window: w.clone(),
             from,
             to,
+            span: size,
         })
     }
 
@@ -1393,15 +1397,26 @@ impl Blob {
         reader_run: Option<&mut (u64, Vec<Arc<Flight>>)>,
     ) -> (u64, u64) {
         let c = &self.cache;
-        let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1) as usize;
+        let per_fetch = (FETCH_BYTES_MAX / c.block_bytes).max(1);
+        let budget = c.readahead_budget_blocks;
+        let blocks = self.blocks();
+        let to = aligned_end(a.from, a.to, a.span, per_fetch, blocks);
         let mut runs: Vec<(u64, Vec<Arc<Flight>>)> = Vec::new();
         let mut issued_to = a.from;
         {
             let mut st = c.state.write().unwrap();
-            for index in a.from..a.to {
+            for index in a.from..to {
+                let unread = c.counters.readahead_unread_blocks.load(Ordering::Relaxed);
+                if index == a.from || run_starts_at(index, per_fetch, blocks) {
+                    // A large GET the budget would cut short waits for the next round, whole
+                    // (unless it is longer than the whole budget).
+                    let n = (index + 1).next_multiple_of(per_fetch).min(to) - index;
+                    if n * 2 >= per_fetch && unread + n > budget && n <= budget {
+                        break;
+                    }
+                }
                 if let Entry::Vacant(slot) = st.map.entry(self.key(index)) {
-                    let unread = c.counters.readahead_unread_blocks.load(Ordering::Relaxed);
-                    if unread >= c.readahead_budget_blocks {
+                    if unread >= budget {
                         break;
                     }
                     c.counters
@@ -1411,7 +1426,10 @@ impl Blob {
                     let f = Flight::new(Some(a.window.clone()));
                     slot.insert(Slot::Loading(f.clone()));
                     match runs.last_mut() {
-                        Some((s, fs)) if *s + fs.len() as u64 == index && fs.len() < per_fetch => {
+                        Some((s, fs))
+                            if *s + fs.len() as u64 == index
+                                && !run_starts_at(index, per_fetch, blocks) =>
+                        {
                             fs.push(f)
                         }
                         _ => runs.push((index, vec![f])),
@@ -1426,7 +1444,9 @@ impl Blob {
         if let (Some((start, fs)), Some((next, _))) = (reader_run, runs.peek()) {
             if *start + fs.len() as u64 == *next {
                 let (_, mut ahead) = runs.next().expect("peeked");
-                let room = per_fetch.saturating_sub(fs.len()).min(ahead.len());
+                let room = (per_fetch as usize)
+                    .saturating_sub(fs.len())
+                    .min(ahead.len());
                 let rest = ahead.split_off(room);
                 c.counters
                     .readahead_blocks
@@ -1590,11 +1610,42 @@ impl BlobReader for CachedBlob {
             window: scan.window.clone(),
             from: offset / bs,
             to,
+            span: to - offset / bs,
         };
         let (issued_to, issued) = b.read_ahead(a, None);
         (c.counters.scan_blocks).fetch_add(issued, Ordering::Relaxed);
         issued_to >= to
     }
+}
+
+/// Where readahead of blocks `[from, to)` ends, for a stream whose window is `span` blocks.
+/// Once the window is at least half a GET (`per_fetch` blocks), at a multiple of
+/// `per_fetch` (or at the blob's end, `blocks`, if that is a short tail away); before, as
+/// asked. With runs split at the same multiples ([`run_starts_at`]), a sequential stream's
+/// GETs are whole and aligned once its window has grown, however its windows fall: each GET
+/// costs the object store a fixed amount besides its bytes (SeaweedFS spends about as much
+/// CPU on a ragged 1 MiB GET as on half an 8 MiB one). Small windows are not lengthened:
+/// with many streams sharing the budget, or a delta layer's few pages of each stretch of the
+/// image, what they would add would sit unread in the cache until evicted.
+fn aligned_end(from: u64, to: u64, span: u64, per_fetch: u64, blocks: u64) -> u64 {
+    if to <= from || span.max(to - from) * 2 < per_fetch {
+        return to;
+    }
+    let end = to.next_multiple_of(per_fetch);
+    if blocks.saturating_sub(end) <= per_fetch / TAIL_DIVISOR {
+        return blocks.max(to.min(blocks));
+    }
+    end
+}
+
+/// A blob's last `per_fetch / TAIL_DIVISOR` blocks or fewer past a GET boundary (a layer's
+/// trailer) join the GET before them rather than going as one of their own.
+const TAIL_DIVISOR: u64 = 8;
+
+/// Whether readahead starts a new run (a new GET) at block `index`: at multiples of
+/// `per_fetch`, except before a short tail of the blob.
+fn run_starts_at(index: u64, per_fetch: u64, blocks: u64) -> bool {
+    index.is_multiple_of(per_fetch) && blocks - index > per_fetch / TAIL_DIVISOR
 }
 
 /// Fetches several runs at once, at most [`FETCH_PARALLEL_MAX`] at a time.
@@ -2051,6 +2102,8 @@ mod tests {
         let len = (3 << 20) + 5 * 4096;
         let given = vec![7u8; len];
         let at = given.as_ptr();
+        // Room for it (other tests' fetches fill the pool with segments).
+        BUFFERS.lock().unwrap().clear();
         give_buffer(given);
         // Only a buffer of exactly the length asked for is handed out again.
         let other = take_buffer(len + 4096);
@@ -2213,6 +2266,53 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("readahead still in flight after 5 s");
+    }
+
+    /// A sequential reader whose window has grown gets whole GETs that start and end at
+    /// multiples of FETCH_BYTES_MAX (a blob's short tail joins the last), whatever the size
+    /// of its reads; and it fetches nothing twice.
+    #[test]
+    fn a_grown_streams_readahead_fetches_whole_aligned_gets() {
+        let bs = 4 * KIB;
+        let cache = Arc::new(BlockCache::new(256 << 20, bs).unwrap());
+        let tail = 12 * KIB as usize;
+        let size = (48 << 20) + tail;
+        let (b, reads) = blob(&cache, "blobs/aligned", size, 0);
+        // Reads of 96 KiB do not divide 8 MiB: unaligned windows unless readahead aligns.
+        let step = 96 * KIB as usize;
+        let mut off = 0;
+        while off < size {
+            let n = step.min(size - off);
+            assert_eq!(read(&b, off as u64, n), expect(off as u64, n));
+            off += n;
+        }
+        wait_for_readahead(&cache);
+        assert_no_range_fetched_twice(&reads);
+        let mut r = reads.lock().unwrap().clone();
+        r.sort();
+        let fetch = FETCH_BYTES_MAX as usize;
+        // Past the first GET boundary every GET is one whole aligned GET (the last one with
+        // the tail).
+        let late: Vec<_> = r.iter().filter(|(o, _)| *o >= FETCH_BYTES_MAX).collect();
+        assert!(!late.is_empty(), "{r:?}");
+        for &&(o, len) in &late {
+            assert!(
+                o.is_multiple_of(FETCH_BYTES_MAX),
+                "unaligned GET at {o}: {r:?}"
+            );
+            let whole = if o as usize + fetch + tail == size {
+                fetch + tail
+            } else {
+                fetch
+            };
+            assert_eq!(len, whole, "a GET of {len} at {o}: {r:?}");
+        }
+        // What the stream fetched while its window grew, before the first boundary.
+        assert!(
+            r.len() - late.len() <= 12,
+            "{} GETs before 8 MiB: {r:?}",
+            r.len() - late.len()
+        );
     }
 
     /// Eight threads read one blob as one sequential stream, out of order (as NBD requests
