@@ -934,8 +934,32 @@ pub fn take_buffer(len: usize) -> Vec<u8> {
             b.resize(len, 0);
             return b;
         }
+        let b = vec![0; len];
+        populate(&b);
+        return b;
     }
     vec![0; len]
+}
+
+/// Maps a fresh buffer's pages in one system call instead of one page fault each as a GET's
+/// body lands in it (a cold read's buffers are mostly fresh until the cache is full: at
+/// ~3 µs a fault, a fifth of the read path's CPU). Best effort: on kernels without
+/// `MADV_POPULATE_WRITE` (before 5.14) the pages fault in as before.
+fn populate(b: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = (b.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (b.as_ptr() as usize + b.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the range lies inside `b`'s allocation, which stays mapped; populating
+        // pages changes no contents (they are zero already, as `vec![0; n]` left them).
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+    }
 }
 
 fn give_buffer(b: Vec<u8>) {
