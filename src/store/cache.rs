@@ -50,8 +50,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 
-/// Longest single ranged read the cache issues. A longer run of missing blocks is split into
-/// reads of this size, fetched in parallel (a single stream rarely fills a link to S3).
+/// Longest single ranged read the cache issues (but for readahead's last GET of a blob, which
+/// takes along a tail of up to an eighth of this: see `aligned_end`). A longer run of missing
+/// blocks is split into reads of this size, fetched in parallel (a single stream rarely fills
+/// a link to S3). Readahead of a grown window fetches whole, aligned reads of this size.
 pub const FETCH_BYTES_MAX: u64 = 8 << 20;
 
 /// Most parallel reads one cache read issues for a long run of missing blocks.
@@ -2337,6 +2339,47 @@ mod tests {
             "{} GETs before 8 MiB: {r:?}",
             r.len() - late.len()
         );
+    }
+
+    /// `aligned_end` never ends before what was asked nor past the blob; a grown window
+    /// ends on a GET boundary or at the blob's end, at most a GET (plus a short tail) further;
+    /// a small one ends as asked.
+    #[test]
+    fn readahead_ends_where_whole_gets_end() {
+        let per_fetch = 64;
+        for blocks in [1, 63, 64, 65, 72, 73, 200, 1000] {
+            for from in (0..blocks).step_by(3) {
+                for to in from..=blocks {
+                    for span in [1, 31, 32, 64, 500] {
+                        let end = aligned_end(from, to, span, per_fetch, blocks);
+                        let what = format!("from {from} to {to} span {span} blocks {blocks}");
+                        assert!(end >= to && end <= blocks, "{end}: {what}");
+                        if to == from || span.max(to - from) * 2 < per_fetch {
+                            assert_eq!(end, to, "{what}");
+                            continue;
+                        }
+                        assert!(
+                            end.is_multiple_of(per_fetch) || end == blocks,
+                            "{end}: {what}"
+                        );
+                        assert!(
+                            end - to < per_fetch + per_fetch / TAIL_DIVISOR,
+                            "{end}: {what}"
+                        );
+                        if end == blocks && !blocks.is_multiple_of(per_fetch) {
+                            // Stopped short of the end only if more than a tail was left.
+                            let boundary = to.next_multiple_of(per_fetch).min(blocks);
+                            assert!(blocks - boundary <= per_fetch / TAIL_DIVISOR, "{what}");
+                        }
+                        // A run never starts on the tail.
+                        let tail_start = blocks / per_fetch * per_fetch;
+                        if blocks - tail_start <= per_fetch / TAIL_DIVISOR && tail_start > 0 {
+                            assert!(!run_starts_at(tail_start, per_fetch, blocks), "{what}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Eight threads read one blob as one sequential stream, out of order (as NBD requests
