@@ -342,12 +342,7 @@ impl Client {
         // A body without Content-Length that still fills the buffers exactly goes there too.
         let fits = out.is_success() && exact == Some(out.body.len() as u64);
         if let Some(mut parts) = into.take_if(|_| fits) {
-            let mut at = 0;
-            for part in parts.iter_mut() {
-                let n = part.len();
-                part.copy_from_slice(&out.body[at..at + n]);
-                at += n;
-            }
+            crate::store::cache::fill_parts(&mut parts, &out.body);
             out.body = Vec::new();
             out.parts = parts;
         }
